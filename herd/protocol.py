@@ -1,0 +1,194 @@
+"""The control protocol, shared by the daemon and `herd`.
+
+Standard library only: `herd` imports this module and must start fast and
+never import trio or the engine.  The daemon imports it too, so the shapes
+and error codes below are the single source of truth (documented for
+dashboard authors in ``docs/protocol.md``).
+
+Wire format: newline-delimited JSON objects over a Unix stream socket.
+
+* On connect the server sends ``{"hello": "supervisor", "protocol": 1,
+  "version": "…", "read-only": bool}``.
+* Request: ``{"id": 7, "action": "start", "service": "libvirtd", "args": []}``.
+* Reply: ``{"id": 7, "ok": true, "result": …, "messages": […]}`` or
+  ``{"id": 7, "ok": false, "error": {"code": "…", "message": "…"}, "messages": […]}``.
+* After a successful ``subscribe`` (or ``log`` with ``follow``) the server
+  also sends event objects, which carry an ``"event"`` key and no ``"id"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAX_LINE_BYTES",
+    "READ_ACTIONS",
+    "WRITE_ACTIONS",
+    "ERROR_CODES",
+    "EXIT_OK",
+    "EXIT_FAILED",
+    "EXIT_USAGE",
+    "EXIT_UNREACHABLE",
+    "ProtocolError",
+    "Request",
+    "DefaultPaths",
+    "default_paths",
+    "encode",
+    "decode_request",
+    "exit_code_for",
+]
+
+PROTOCOL_VERSION: Final = 1
+
+#: Longest request line the server accepts (bytes, newline included).
+MAX_LINE_BYTES: Final = 1024 * 1024
+
+#: Actions served on the read-only socket too.
+READ_ACTIONS: Final = frozenset(
+    {"status", "detailed-status", "doc", "log", "graph", "subscribe", "ping"}
+)
+#: Built-in actions that change something; refused on the read-only socket.
+WRITE_ACTIONS: Final = frozenset(
+    {"start", "stop", "restart", "enable", "disable", "reload", "reexec"}
+)
+
+# herd exit statuses.
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1  # the action failed
+EXIT_USAGE: Final = 2  # usage error, unknown service or unknown action
+EXIT_UNREACHABLE: Final = 3  # no daemon reachable
+
+#: Every error code the server sends, with the herd exit status it maps to
+#: and its meaning.  Documented in docs/protocol.md.
+ERROR_CODES: Final[dict[str, tuple[int, str]]] = {
+    "bad-request": (EXIT_USAGE, "the line is not a JSON object of the request shape"),
+    "line-too-long": (EXIT_USAGE, f"a request line exceeded {MAX_LINE_BYTES} bytes; the connection is closed"),
+    "timeout": (EXIT_FAILED, "a request line was not completed in time, or an action ran out of time"),
+    "too-many-requests": (EXIT_FAILED, "too many requests in flight on this connection"),
+    "too-many-clients": (EXIT_FAILED, "the server has too many connections; try again"),
+    "unknown-action": (EXIT_USAGE, "no such action, built-in or of this service"),
+    "unknown-service": (EXIT_USAGE, "no service provides this name"),
+    "bad-arguments": (EXIT_USAGE, "the action's arguments are wrong"),
+    "read-only": (EXIT_FAILED, "a write action was sent to the read-only socket"),
+    "disabled": (EXIT_FAILED, "the service is disabled; `herd enable` it first"),
+    "start-failed": (EXIT_FAILED, "the service (or one of its requirements) failed to start"),
+    "stop-failed": (EXIT_FAILED, "the service could not be stopped"),
+    "action-failed": (EXIT_FAILED, "a custom action failed"),
+    "config-error": (EXIT_FAILED, "the configuration is invalid; nothing was changed"),
+    "unsupported": (EXIT_FAILED, "this daemon does not support the request"),
+    "shutting-down": (EXIT_FAILED, "the daemon is shutting down"),
+    "internal": (EXIT_FAILED, "a bug in the daemon; the message says where"),
+}
+
+
+class ProtocolError(Exception):
+    """An error that is sent to the client as ``{"code", "message"}``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        if code not in ERROR_CODES:
+            raise ValueError(f"unknown error code {code!r}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def to_json(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A parsed request line."""
+
+    id: Any
+    action: str
+    service: str | None = None
+    args: list[Any] = field(default_factory=list)
+
+
+def encode(obj: Any) -> bytes:
+    """One protocol line: compact JSON, UTF-8, newline-terminated."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def decode_request(line: bytes) -> Request:
+    """Parse one request line.
+
+    Raises:
+        ProtocolError: ``bad-request`` naming what is wrong.  When the line is
+            an object with an ``id``, the caller can still address the reply:
+            the id is attached as the ``request_id`` attribute.
+    """
+    try:
+        obj = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError("bad-request", f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad-request", f"expected a JSON object, got {type(obj).__name__}")
+    req_id = obj.get("id")
+
+    def bad(message: str) -> ProtocolError:
+        err = ProtocolError("bad-request", message)
+        err.request_id = req_id  # type: ignore[attr-defined]
+        return err
+
+    if req_id is not None and not isinstance(req_id, (int, str)) or isinstance(req_id, bool):
+        raise bad("'id' must be an integer or a string")
+    action = obj.get("action")
+    if not isinstance(action, str) or not action:
+        raise bad("'action' must be a non-empty string")
+    service = obj.get("service")
+    if service is not None and not isinstance(service, str):
+        raise bad("'service' must be a string or null")
+    args = obj.get("args", [])
+    if not isinstance(args, list):
+        raise bad("'args' must be an array")
+    unknown = set(obj) - {"id", "action", "service", "args"}
+    if unknown:
+        raise bad(f"unknown request keys: {', '.join(sorted(unknown))}")
+    return Request(id=req_id, action=action, service=service or None, args=args)
+
+
+def exit_code_for(error_code: str) -> int:
+    """The herd exit status for an error code (unknown codes count as failure)."""
+    return ERROR_CODES.get(error_code, (EXIT_FAILED, ""))[0]
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultPaths:
+    config: Path
+    socket: Path
+    status_socket: Path
+    state_dir: Path
+    log_dir: Path
+
+
+def default_paths(uid: int | None = None, env: dict[str, str] | None = None) -> DefaultPaths:
+    """Default locations: FHS paths for root, XDG paths for anyone else."""
+    uid = os.getuid() if uid is None else uid
+    env = dict(os.environ) if env is None else env
+    if uid == 0:
+        run = Path("/run/supervisor")
+        return DefaultPaths(
+            config=Path("/etc/supervisor/init.toml"),
+            socket=run / "control.sock",
+            status_socket=run / "status.sock",
+            state_dir=Path("/var/lib/supervisor"),
+            log_dir=Path("/var/log/supervisor"),
+        )
+    home = Path(env.get("HOME") or "/")
+    config_home = Path(env.get("XDG_CONFIG_HOME") or home / ".config")
+    state_home = Path(env.get("XDG_STATE_HOME") or home / ".local" / "state")
+    runtime = env.get("XDG_RUNTIME_DIR")
+    run = Path(runtime) / "supervisor" if runtime else Path(f"/tmp/supervisor-{uid}")
+    return DefaultPaths(
+        config=config_home / "supervisor" / "init.toml",
+        socket=run / "control.sock",
+        status_socket=run / "status.sock",
+        state_dir=state_home / "supervisor",
+        log_dir=state_home / "supervisor" / "log",
+    )

@@ -1,0 +1,40 @@
+"""A process supervisor for virtualization hosts, on Trio.
+
+The engine's public API, for service types under ``services/``: specs
+(`ServiceSpec` and friends), the TOML `Table` reader with its errors, and the
+`ServiceType` registration record.  The engine itself knows nothing of any
+particular daemon.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .config import BuildContext as BuildContext
+from .config import ServiceType as ServiceType
+from .config import parse_signal as parse_signal
+from .config import read_service_table as read_service_table
+from .schema import ConfigError as ConfigError
+from .schema import ConfigErrors as ConfigErrors
+from .schema import Table as Table
+from .spec import ActionContext as ActionContext
+from .spec import ActionSpec as ActionSpec
+from .spec import ReadySpec as ReadySpec
+from .spec import RespawnLimit as RespawnLimit
+from .spec import ServiceSpec as ServiceSpec
+
+__all__ = [
+    "__version__",
+    "ActionContext",
+    "ActionSpec",
+    "BuildContext",
+    "ConfigError",
+    "ConfigErrors",
+    "ReadySpec",
+    "RespawnLimit",
+    "ServiceSpec",
+    "ServiceType",
+    "Table",
+    "parse_signal",
+    "read_service_table",
+]

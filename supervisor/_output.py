@@ -1,0 +1,162 @@
+"""Service output: pipes → timestamped lines → log file, ring buffer, followers.
+
+Each service has one pipe for stdout and one for stderr, created once and
+kept across restarts, so nothing a service writes between two runs is lost
+and a future re-exec can hand the read ends over.  Lines longer than
+`MAX_LINE` are split; bytes that are not UTF-8 are replaced.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Final
+
+import structlog
+import trio
+
+__all__ = ["LogLine", "LogHub", "ServiceOutput", "MAX_LINE"]
+
+MAX_LINE: Final = 64 * 1024
+log = structlog.get_logger("supervisor.output")
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    time: float
+    service: str
+    stream: str  # "stdout" | "stderr" | "supervisor"
+    line: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"time": self.time, "service": self.service, "stream": self.stream, "line": self.line}
+
+
+class LogHub:
+    """All services' recent lines, and the clients following them."""
+
+    def __init__(self, maxlen: int = 5000) -> None:
+        self.lines: deque[LogLine] = deque(maxlen=maxlen)
+        self._followers: dict[trio.MemorySendChannel[LogLine], str | None] = {}
+
+    def add(self, line: LogLine) -> None:
+        self.lines.append(line)
+        for chan, service in list(self._followers.items()):
+            if service is not None and service != line.service:
+                continue
+            try:
+                chan.send_nowait(line)
+            except trio.WouldBlock:  # a follower that does not keep up is dropped
+                self._followers.pop(chan, None)
+                chan.close()
+            except trio.BrokenResourceError:
+                self._followers.pop(chan, None)
+
+    def recent(self, n: int) -> list[LogLine]:
+        return list(self.lines)[-n:] if n > 0 else []
+
+    @contextmanager
+    def follow(self, service: str | None, buffer: int = 1000) -> Iterator[trio.MemoryReceiveChannel[LogLine]]:
+        send, recv = trio.open_memory_channel[LogLine](buffer)
+        self._followers[send] = service
+        try:
+            yield recv
+        finally:
+            self._followers.pop(send, None)
+            send.close()
+
+
+class ServiceOutput:
+    """One service's output: its pipes, its log file, its recent lines."""
+
+    def __init__(self, service: str, path: Path, hub: LogHub, ring: int = 200) -> None:
+        self.service = service
+        self.path = path
+        self.hub = hub
+        self.ring: deque[LogLine] = deque(maxlen=ring)
+        self._fd = -1
+        self._write_failed = False
+        self._pipes: dict[str, tuple[int, int]] = {}
+
+    # -- pipes ---------------------------------------------------------------------
+
+    def writers(self, nursery: trio.Nursery) -> tuple[int, int]:
+        """Write ends for a child's stdout and stderr (pipes made on first use)."""
+        for stream in ("stdout", "stderr"):
+            if stream not in self._pipes:
+                r, w = os.pipe2(os.O_CLOEXEC)
+                self._pipes[stream] = (r, w)
+                nursery.start_soon(self._pump, stream, r)
+        return self._pipes["stdout"][1], self._pipes["stderr"][1]
+
+    async def _pump(self, stream: str, fd: int) -> None:
+        buf = b""
+        async with trio.lowlevel.FdStream(fd) as pipe:
+            while True:
+                try:
+                    data = await pipe.receive_some(65536)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    break
+                if not data:
+                    break
+                buf += data
+                while (i := buf.find(b"\n")) >= 0:
+                    self.emit(stream, buf[:i])
+                    buf = buf[i + 1:]
+                while len(buf) >= MAX_LINE:
+                    self.emit(stream, buf[:MAX_LINE])
+                    buf = buf[MAX_LINE:]
+        if buf:
+            self.emit(stream, buf)
+
+    def close(self) -> None:
+        for r, w in self._pipes.values():
+            os.close(w)
+        self._pipes.clear()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # -- lines ---------------------------------------------------------------------
+
+    def note(self, text: str) -> None:
+        """A line from the supervisor about this service (start, exit, …)."""
+        self.emit("supervisor", text.encode())
+
+    def emit(self, stream: str, raw: bytes) -> None:
+        now = datetime.now().astimezone()
+        text = raw.rstrip(b"\r").decode("utf-8", errors="replace")
+        line = LogLine(now.timestamp(), self.service, stream, text)
+        self.ring.append(line)
+        self.hub.add(line)
+        self._write(f"{now.isoformat(timespec='microseconds')} {stream} {text}\n".encode())
+
+    def recent(self, n: int) -> list[LogLine]:
+        return list(self.ring)[-n:] if n > 0 else []
+
+    def _write(self, data: bytes) -> None:
+        if self._fd < 0:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            except OSError as exc:
+                self._report(exc)
+                return
+        try:
+            os.write(self._fd, data)
+            self._write_failed = False
+        except OSError as exc:
+            self._report(exc)
+
+    def _report(self, exc: OSError) -> None:
+        # Reported once per failure streak; the service keeps running regardless.
+        if not self._write_failed:
+            self._write_failed = True
+            log.warning("log file not writable", service=self.service, path=str(self.path),
+                        error=exc.strerror or str(exc))
+

@@ -1,0 +1,326 @@
+"""Processes: spawn with credentials and limits, wait on pidfds, kill trees.
+
+Rules this module keeps (see docs/design-brief.md and style.md):
+
+* Every spawned child is a `Child`: pid + pidfd.  Its exit is collected with
+  ``waitid(P_PIDFD)`` on that pidfd only; nothing here ever calls
+  ``waitpid(-1)``, which would steal exit statuses.
+* Orphans that the kernel re-parents to us (we are a child subreaper, or
+  PID 1) are reaped by `reap_orphans`, which skips every pid we own.
+* `subprocess.Popen` does the fork/exec (it is fast and closes fds); its
+  `returncode` is set at once so that it never waits on the pid itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import grp
+import os
+import pwd
+import resource
+import signal
+import subprocess
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final, final
+
+import trio
+
+from .spec import RLIMIT_NAMES, ServiceSpec
+
+__all__ = ["Child", "ExitStatus", "SpawnError", "spawn", "owned_pids", "reap_orphans",
+           "descendants", "own_children", "process_group_members", "set_child_subreaper", "pidfd_or_none",
+           "wait_pidfds_gone"]
+
+#: pid → Child for every process we spawned and have not reaped yet.
+_owned: dict[int, "Child"] = {}
+
+_PR_SET_CHILD_SUBREAPER: Final = 36
+
+
+class SpawnError(Exception):
+    """The command could not be started (not found, bad user, …)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExitStatus:
+    code: int | None  # exit code, or None when killed by a signal
+    signal: int | None
+    time: float  # wall clock (epoch)
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = str(self.signal)
+            return f"terminated by {name}"
+        if self.code is None:
+            return "exited (status unknown)"
+        return f"exited with code {self.code}"
+
+    def to_json(self) -> dict[str, object]:
+        sig = None
+        if self.signal is not None:
+            try:
+                sig = signal.Signals(self.signal).name
+            except ValueError:
+                sig = str(self.signal)
+        return {"code": self.code, "signal": sig, "time": self.time}
+
+
+@final
+class Child:
+    """One process we supervise: its pid, a pidfd, and its exit once known."""
+
+    __slots__ = ("pid", "_pidfd", "exited", "status", "started_at")
+
+    def __init__(self, pid: int, pidfd: int) -> None:
+        self.pid = pid
+        self._pidfd = pidfd
+        self.exited = trio.Event()
+        self.status: ExitStatus | None = None
+        self.started_at = time.time()
+        _owned[pid] = self
+
+    @property
+    def alive(self) -> bool:
+        return self.status is None
+
+    def signal(self, sig: int) -> None:
+        """Signal this process only (via its pidfd: never a recycled pid)."""
+        if self._pidfd < 0:
+            return
+        try:
+            signal.pidfd_send_signal(self._pidfd, sig)
+        except ProcessLookupError:
+            pass
+
+    def signal_group(self, sig: int) -> None:
+        """Signal the process group this child leads (it is a session leader)."""
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            self.signal(sig)
+
+    async def wait(self) -> ExitStatus:
+        """Wait for the exit, reap the child, and return its status.
+
+        Only one task may call this (the service's monitor); others wait on
+        `exited`.
+        """
+        if self.status is not None:
+            return self.status
+        await trio.lowlevel.wait_readable(self._pidfd)
+        code: int | None = None
+        sig: int | None = None
+        try:
+            res = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED)
+        except ChildProcessError:
+            res = None  # not our child (adopted): no status to collect
+        if res is not None:
+            if res.si_code == os.CLD_EXITED:
+                code = res.si_status
+            else:
+                sig = res.si_status
+        self.status = ExitStatus(code, sig, time.time())
+        _owned.pop(self.pid, None)
+        fd, self._pidfd = self._pidfd, -1
+        os.close(fd)
+        self.exited.set()
+        return self.status
+
+
+def owned_pids() -> set[int]:
+    return set(_owned)
+
+
+def _lookup_user(user: str | int) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(user) if isinstance(user, str) else pwd.getpwuid(user)
+    except KeyError:
+        raise SpawnError(f"user {user!r} does not exist") from None
+
+
+def _lookup_group(group: str | int) -> int:
+    try:
+        return grp.getgrnam(group).gr_gid if isinstance(group, str) else grp.getgrgid(group).gr_gid
+    except KeyError:
+        raise SpawnError(f"group {group!r} does not exist") from None
+
+
+def _rlimit_setter(limits: Sequence[tuple[str, int, int]]):
+    resolved = [(getattr(resource, RLIMIT_NAMES[name]), soft, hard) for name, soft, hard in limits]
+
+    def apply() -> None:  # runs in the child between fork and exec
+        for res, soft, hard in resolved:
+            inf = resource.RLIM_INFINITY
+            resource.setrlimit(res, (inf if soft < 0 else soft, inf if hard < 0 else hard))
+
+    return apply
+
+
+def spawn(spec: ServiceSpec, *, stdout: int, stderr: int, extra_env: dict[str, str] | None = None,
+          pass_fds: Iterable[int] = ()) -> Child:
+    """Start `spec.command` in a new session, with the spec's credentials.
+
+    The child gets /dev/null as stdin, `stdout`/`stderr` as given, and no other
+    descriptor but `pass_fds`.
+
+    Raises:
+        SpawnError: naming the reason (command not found, no such user, …).
+    """
+    assert spec.command, "spawn() needs a command"
+    env = {} if spec.clear_environment else dict(os.environ)
+    kwargs: dict[str, object] = {}
+    if spec.user is not None:
+        pw = _lookup_user(spec.user)
+        gid = _lookup_group(spec.group) if spec.group is not None else pw.pw_gid
+        kwargs["user"] = pw.pw_uid
+        kwargs["group"] = gid
+        if spec.supplementary_groups is not None:
+            kwargs["extra_groups"] = [_lookup_group(g) for g in spec.supplementary_groups]
+        else:
+            kwargs["extra_groups"] = os.getgrouplist(pw.pw_name, gid)
+        if not spec.clear_environment:
+            env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
+    elif spec.group is not None:
+        kwargs["group"] = _lookup_group(spec.group)
+        if spec.supplementary_groups is not None:
+            kwargs["extra_groups"] = [_lookup_group(g) for g in spec.supplementary_groups]
+    elif spec.supplementary_groups is not None:
+        kwargs["extra_groups"] = [_lookup_group(g) for g in spec.supplementary_groups]
+    env.update(spec.environment)
+    if extra_env:
+        env.update(extra_env)
+    if spec.resource_limits:
+        kwargs["preexec_fn"] = _rlimit_setter(spec.resource_limits)
+    try:
+        popen = subprocess.Popen(
+            list(spec.command),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            close_fds=True,
+            pass_fds=tuple(pass_fds),
+            cwd=spec.directory,
+            env=env,
+            start_new_session=True,
+            umask=spec.umask,
+            **kwargs,  # type: ignore[arg-type]
+        )
+    except FileNotFoundError as exc:
+        missing = exc.filename or spec.command[0]
+        if missing == spec.directory:
+            raise SpawnError(f"directory {spec.directory} does not exist") from None
+        raise SpawnError(f"command not found: {spec.command[0]}") from None
+    except PermissionError as exc:
+        raise SpawnError(f"permission denied: {exc.filename or spec.command[0]}") from None
+    except subprocess.SubprocessError as exc:
+        raise SpawnError(f"could not set up the process: {exc}") from None
+    except OSError as exc:
+        raise SpawnError(f"could not start {spec.command[0]}: {exc.strerror or exc}") from None
+    # We reap this pid ourselves through its pidfd: tell Popen hands off, so its
+    # __del__/_cleanup never waitpid()s a pid that may be reused later.
+    popen.returncode = 0
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except OSError as exc:  # pragma: no cover - the pid is our unreaped child
+        raise SpawnError(f"pidfd_open failed: {exc}") from None
+    return Child(popen.pid, pidfd)
+
+
+# -- process trees -------------------------------------------------------------------
+
+
+def _children_of(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(x) for x in f.read().split())
+        except OSError:
+            continue
+    return out
+
+
+def own_children() -> list[int]:
+    """Our direct children (including orphans re-parented to us)."""
+    return _children_of(os.getpid())
+
+
+def descendants(pid: int) -> list[int]:
+    """All living descendants of `pid` (children first), read from /proc."""
+    seen: list[int] = []
+    stack = _children_of(pid)
+    while stack:
+        child = stack.pop()
+        if child in seen:
+            continue
+        seen.append(child)
+        stack.extend(_children_of(child))
+    return seen
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, process group) of `pid`, or None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    rest = data[data.rfind(b")") + 2:].split()
+    return rest[0].decode(), int(rest[2])
+
+
+def process_group_members(pgid: int, candidates: Iterable[int]) -> list[int]:
+    return [pid for pid in candidates if (st := _stat(pid)) is not None and st[1] == pgid and st[0] != "Z"]
+
+
+def pidfd_or_none(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
+
+
+async def wait_pidfds_gone(fds: Iterable[int]) -> None:
+    """Wait until every process behind these pidfds has exited (not reaped)."""
+    async with trio.open_nursery() as nursery:
+        for fd in fds:
+            nursery.start_soon(trio.lowlevel.wait_readable, fd)
+
+
+# -- orphans ---------------------------------------------------------------------------
+
+
+def set_child_subreaper() -> bool:
+    """Make orphaned descendants ours (so double-forking daemons stay reapable)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except OSError:
+        return False
+
+
+def reap_orphans() -> list[tuple[int, int]]:
+    """Reap zombie children that no `Child` owns; return (pid, raw status)."""
+    reaped = []
+    for pid in own_children():
+        if pid in _owned:
+            continue
+        st = _stat(pid)
+        if st is None or st[0] != "Z":
+            continue
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            continue
+        if got:
+            reaped.append((got, status))
+    return reaped

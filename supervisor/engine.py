@@ -1,0 +1,308 @@
+"""The engine: the graph of service actors, and operations across it.
+
+Starting pulls requirements first (independent ones in parallel, each
+service's actor deduplicating concurrent starts); stopping takes dependents
+down first.  Reads (`status`, `graph`, logs) are served from the actors'
+current fields and never wait on an actor.  Every state change is published
+to subscribers as an event.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from herd.protocol import ProtocolError
+
+from . import __version__
+from ._output import LogHub
+from .config import Config
+from .graph import Graph
+from .service import Outcome, Service, State
+from .spec import ActionContext
+
+__all__ = ["Engine", "say", "MESSAGES"]
+
+log = structlog.get_logger("supervisor.engine")
+
+#: Human-readable lines for the reply of the request being served.
+MESSAGES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("messages", default=None)
+
+
+def say(text: str) -> None:
+    """Add a line to the current request's reply `messages` (if any)."""
+    messages = MESSAGES.get()
+    if messages is not None:
+        messages.append(text)
+
+
+class Engine:
+    """Owns the service actors; the control server only calls its methods."""
+
+    def __init__(self, config: Config, *, log_dir: Path) -> None:
+        self.config = config
+        self.graph: Graph = config.graph
+        self.log_dir = log_dir
+        self.hub = LogHub()
+        self.services: dict[str, Service] = {}
+        self._subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
+        self._nursery: trio.Nursery | None = None
+        self.shutting_down = False
+        self.started_at = time.time()
+        for spec in config.services:
+            path = Path(spec.log_file) if spec.log_file else log_dir / f"{spec.name}.log"
+            self.services[spec.name] = Service(spec, log_path=path, hub=self.hub, publish=self._on_state)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run every service actor until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for service in self.services.values():
+                await nursery.start(service.run)
+            task_status.started()
+            await trio.sleep_forever()
+
+    # -- events --------------------------------------------------------------------------
+
+    def _on_state(self, service: Service, old: State, new: State, reason: str | None) -> None:
+        event = {
+            "event": "state",
+            "service": service.name,
+            "from": old.value,
+            "to": new.value,
+            "pid": service.child.pid if service.child is not None and service.child.alive else None,
+            "time": service.since if old is not new else time.time(),
+            "reason": reason,
+            "enabled": service.enabled,
+        }
+        if old is not new:
+            log.info("state", service=service.name, old=old.value, new=new.value, reason=reason)
+        for chan in list(self._subscribers):
+            try:
+                chan.send_nowait(event)
+            except trio.WouldBlock:  # a subscriber that does not keep up is dropped
+                self._subscribers.discard(chan)
+                chan.close()
+            except trio.BrokenResourceError:
+                self._subscribers.discard(chan)
+
+    @contextmanager
+    def subscribe(self, buffer: int = 1000) -> Iterator[trio.MemoryReceiveChannel[dict[str, Any]]]:
+        send, recv = trio.open_memory_channel[dict[str, Any]](buffer)
+        self._subscribers.add(send)
+        try:
+            yield recv
+        finally:
+            self._subscribers.discard(send)
+            send.close()
+
+    # -- lookups -------------------------------------------------------------------------
+
+    def lookup(self, name: str | None) -> Service:
+        """The service a name or provision designates.
+
+        Raises:
+            ProtocolError: ``unknown-service``.
+        """
+        if not name:
+            raise ProtocolError("bad-arguments", "this action needs a service name")
+        canonical = self.graph.resolve(name)
+        if canonical is None:
+            raise ProtocolError("unknown-service", f"service {name!r} does not exist")
+        return self.services[canonical]
+
+    # -- operations ----------------------------------------------------------------------
+
+    async def start(self, name: str) -> dict[str, Any]:
+        """Start a service and, first, what it requires.
+
+        Raises:
+            ProtocolError: ``disabled`` or ``start-failed``.
+        """
+        self._check_running()
+        service = self.lookup(name)
+        started: list[str] = []
+        outcome = await self._start(service, started, as_requirement=False, chain=())
+        if not outcome.ok:
+            raise ProtocolError(outcome.code or "start-failed", outcome.message)
+        if not started:
+            say(f"Service {service.name} is already running." if service.state is State.RUNNING
+                else f"Service {service.name} has already completed.")
+        return {"service": service.name, "started": started, "state": service.state.value,
+                "pid": service.child.pid if service.child is not None else None}
+
+    async def _start(self, service: Service, started: list[str], *, as_requirement: bool,
+                     chain: tuple[str, ...]) -> Outcome:
+        if as_requirement and service.is_up:
+            return Outcome(True)
+        failures: list[Outcome] = []
+        requirements = [self.services[r] for r in self.graph.requirements(service.name)]
+        if requirements:
+            async def one(req: Service) -> None:
+                outcome = await self._start(req, started, as_requirement=True, chain=(*chain, service.name))
+                if not outcome.ok:
+                    failures.append(Outcome(False, code="start-failed", message=(
+                        f"{service.name}: requirement {req.name} failed to start: {outcome.message}")))
+
+            async with trio.open_nursery() as nursery:
+                for req in requirements:
+                    nursery.start_soon(one, req)
+        if failures:
+            return failures[0]
+        not_up = [r.name for r in requirements if not r.is_up]
+        if not_up:  # stopped again meanwhile by a concurrent request
+            return Outcome(False, code="start-failed",
+                           message=f"{service.name}: requirement {', '.join(not_up)} is not running")
+        if self.shutting_down:
+            return Outcome(False, code="shutting-down", message="the supervisor is shutting down")
+        outcome = await service.start(as_requirement=as_requirement)
+        if outcome.ok and outcome.initiated:
+            started.append(service.name)
+            say(f"Service {service.name} has been started." if not service.spec.one_shot
+                else f"Service {service.name} has run (one-shot).")
+        elif not outcome.ok and not as_requirement:
+            say(f"Service {service.name} could not be started.")
+        return outcome
+
+    async def stop(self, name: str) -> dict[str, Any]:
+        """Stop a service, its running dependents first."""
+        service = self.lookup(name)
+        stopped: list[str] = []
+        await self._stop(service, stopped)
+        if not stopped:
+            say(f"Service {service.name} is not running.")
+        return {"service": service.name, "stopped": stopped}
+
+    async def _stop(self, service: Service, stopped: list[str]) -> None:
+        dependents = [self.services[d] for d in self.graph.dependents(service.name)]
+        active = [d for d in dependents if d.state is not State.STOPPED or d.one_shot_done]
+        if active:
+            async with trio.open_nursery() as nursery:
+                for dep in active:
+                    nursery.start_soon(self._stop, dep, stopped)
+        outcome = await service.stop()
+        if outcome.initiated:
+            stopped.append(service.name)
+            say(f"Service {service.name} has been stopped.")
+
+    async def restart(self, name: str) -> dict[str, Any]:
+        """Stop a service with its dependents, then start all that was stopped."""
+        self._check_running()
+        service = self.lookup(name)
+        stopped: list[str] = []
+        await self._stop(service, stopped)
+        targets = stopped or [service.name]
+        started: list[str] = []
+        failures: list[Outcome] = []
+
+        async def one(svc: Service) -> None:
+            outcome = await self._start(svc, started, as_requirement=False, chain=())
+            if not outcome.ok:
+                failures.append(outcome)
+
+        async with trio.open_nursery() as nursery:
+            for target in targets:
+                nursery.start_soon(one, self.services[target])
+        if failures:
+            raise ProtocolError(failures[0].code or "start-failed", failures[0].message)
+        return {"service": service.name, "stopped": stopped, "started": started}
+
+    async def set_enabled(self, name: str, enabled: bool) -> dict[str, Any]:
+        service = self.lookup(name)
+        await service.set_enabled(enabled)
+        say(f"Enabled service {service.name}." if enabled else f"Disabled service {service.name}.")
+        return {"service": service.name, "enabled": service.enabled}
+
+    async def custom_action(self, name: str, action: str, args: list[Any]) -> Any:
+        service = self.lookup(name)
+        spec = service.spec.action(action)
+        if spec is None:
+            known = ", ".join(a.name for a in service.spec.actions) or "none"
+            raise ProtocolError("unknown-action",
+                                f"service {service.name} has no action {action!r} (its actions: {known})")
+        ctx = ActionContext(service=service.name, pid=service.child.pid if service.child else None,
+                            say=say, engine=self)
+        try:
+            return await spec.handler(ctx, args)
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            log.exception("action failed", action=action, service=service.name)
+            raise ProtocolError("action-failed", f"{service.name} {action}: {exc}") from None
+
+    async def autostart(self) -> None:
+        """Start every auto-start service (in parallel, requirements first)."""
+        async def one(svc: Service) -> None:
+            try:
+                await self.start(svc.name)
+            except ProtocolError as exc:
+                log.warning("auto-start failed", service=svc.name, error=exc.message)
+
+        async with trio.open_nursery() as nursery:
+            for svc in self.services.values():
+                if svc.spec.auto_start and svc.enabled:
+                    nursery.start_soon(one, svc)
+
+    async def shutdown(self) -> list[str]:
+        """Stop every service, dependents first; return the stop order."""
+        self.shutting_down = True
+        stopped: list[str] = []
+        async with trio.open_nursery() as nursery:
+            for svc in self.services.values():
+                if not self.graph.requirements(svc.name):
+                    nursery.start_soon(self._stop, svc, stopped)
+        # Anything left (not reachable from a root, e.g. inside a cycle): stop directly.
+        for svc in self.services.values():
+            if svc.state is not State.STOPPED:
+                await self._stop(svc, stopped)
+        return stopped
+
+    def _check_running(self) -> None:
+        if self.shutting_down:
+            raise ProtocolError("shutting-down", "the supervisor is shutting down")
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def status(self, name: str | None = None, *, log_lines: int = 10) -> dict[str, Any]:
+        if name is not None:
+            return {"services": [self.lookup(name).snapshot(log_lines=log_lines)]}
+        return {"services": [self.services[n].snapshot() for n in sorted(self.services)]}
+
+    def detailed_status(self, log_lines: int = 10) -> dict[str, Any]:
+        return {"services": [self.services[n].snapshot(log_lines=log_lines) for n in sorted(self.services)]}
+
+    def doc(self, name: str, args: list[Any]) -> dict[str, Any]:
+        service = self.lookup(name)
+        spec = service.spec
+        if args:
+            if len(args) != 2 or args[0] != "action" or not isinstance(args[1], str):
+                raise ProtocolError("bad-arguments", "usage: doc SERVICE [action NAME]")
+            action = spec.action(args[1])
+            if action is None:
+                raise ProtocolError("unknown-action", f"service {spec.name} has no action {args[1]!r}")
+            return {"service": spec.name, "action": action.name, "documentation": action.documentation}
+        return {
+            "service": spec.name,
+            "documentation": spec.documentation or _default_doc(spec),
+            "actions": [{"name": a.name, "documentation": a.documentation} for a in spec.actions],
+        }
+
+    def graph_dot(self) -> dict[str, str]:
+        return {"dot": self.graph.to_dot()}
+
+    def ping(self) -> dict[str, Any]:
+        return {"pong": True, "version": __version__, "pid": os.getpid(), "since": self.started_at}
+
+
+def _default_doc(spec: Any) -> str:
+    if spec.command:
+        return f"Runs {' '.join(spec.command)}."
+    return "A service with no process."

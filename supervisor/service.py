@@ -1,0 +1,592 @@
+"""One service: an actor that owns its state and its processes.
+
+The `Service.run` task reads an inbox of messages and is the only code that
+changes the service's state.  It never waits on work itself: starting,
+stopping, readiness probes and respawn delays run as its worker tasks, which
+report back through the same inbox with private message types carrying a
+generation number (a stale report from an abandoned attempt is ignored).
+So `status` is answered during a slow start, and a second `start` joins the
+first one's outcome.
+
+Edges (source → target, and why):
+
+* stopped → starting: start requested, or respawn after a crash
+* starting → running: ready (or one-shot → stopped: it completed)
+* starting → stopping: start failed with a process left, or stop requested
+* starting → stopped: start failed with no process left, or stop requested before spawn
+* running → stopping: stop requested
+* running → starting: the process exited and will be respawned
+* running → stopped: the process exited, no respawn (disabled, limit hit, respawn off)
+* stopping → stopped: every process of the service is gone
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import math
+import os
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from . import _proc
+from ._output import LogHub, LogLine, ServiceOutput
+from .spec import ServiceSpec
+
+__all__ = ["State", "Outcome", "Service"]
+
+log = structlog.get_logger("supervisor.service")
+
+#: After SIGKILL, how long to wait for the processes to vanish.
+KILL_WAIT = 10.0
+
+
+class State(enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The answer to a start or stop request."""
+
+    ok: bool
+    initiated: bool = False  # this request caused the transition
+    code: str | None = None  # protocol error code when not ok
+    message: str = ""
+
+
+class _Reply:
+    __slots__ = ("event", "outcome")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.outcome: Outcome | None = None
+
+    def set(self, outcome: Outcome) -> None:
+        if not self.event.is_set():
+            self.outcome = outcome
+            self.event.set()
+
+    async def wait(self) -> Outcome:
+        await self.event.wait()
+        assert self.outcome is not None
+        return self.outcome
+
+
+# -- messages -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Start:
+    reply: _Reply
+    as_requirement: bool
+
+
+@dataclass(slots=True)
+class _Stop:
+    reply: _Reply
+
+
+@dataclass(slots=True)
+class _SetEnabled:
+    reply: _Reply
+    enabled: bool
+
+
+@dataclass(slots=True)
+class _Exited:  # private: a monitored child exited
+    child: _proc.Child
+
+
+@dataclass(slots=True)
+class _StartDone:  # private: the start worker's verdict
+    gen: int
+    ok: bool
+    reason: str | None
+
+
+@dataclass(slots=True)
+class _StopDone:  # private: the stop worker is finished
+    gen: int
+
+
+StatePublisher = Callable[["Service", State, State, str | None], None]
+
+
+@dataclass(slots=True)
+class _History:
+    respawn_mono: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    respawns: deque[float] = field(default_factory=lambda: deque(maxlen=20))
+    startup_failures: deque[float] = field(default_factory=lambda: deque(maxlen=20))
+    changes: deque[tuple[str, float]] = field(default_factory=lambda: deque(maxlen=30))
+
+
+class Service:
+    """The actor for one service.  Create, then run `run` in a nursery."""
+
+    def __init__(self, spec: ServiceSpec, *, log_path: Path, hub: LogHub, publish: StatePublisher) -> None:
+        self.spec = spec
+        self.state = State.STOPPED
+        self.since = time.time()
+        self.enabled = True
+        self.disabled_reason: str | None = None
+        self.child: _proc.Child | None = None
+        self.last_exit: _proc.ExitStatus | None = None
+        self.last_failure: str | None = None
+        self.status_text: str | None = None
+        self.one_shot_done = False
+        self.history = _History()
+        self.output = ServiceOutput(spec.name, log_path, hub)
+        self._publish = publish
+        self._gen = 0
+        self._start_waiters: list[_Reply] = []
+        self._stop_waiters: list[_Reply] = []
+        self._pending_start = False
+        self._failing: str | None = None  # why we are stopping after a failed start
+        self._work_scope: trio.CancelScope | None = None
+        self._initiator: _Reply | None = None  # the start request that began this attempt
+        self._stop_initiator: _Reply | None = None
+        self._hook_ran = False
+        self._nursery: trio.Nursery | None = None
+        self._inbox_send, self._inbox = trio.open_memory_channel[Any](math.inf)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    # -- the public, thin helpers (called from other tasks) -------------------------
+
+    async def start(self, *, as_requirement: bool = False) -> Outcome:
+        reply = _Reply()
+        self._inbox_send.send_nowait(_Start(reply, as_requirement))
+        return await reply.wait()
+
+    async def stop(self) -> Outcome:
+        reply = _Reply()
+        self._inbox_send.send_nowait(_Stop(reply))
+        return await reply.wait()
+
+    async def set_enabled(self, enabled: bool) -> Outcome:
+        reply = _Reply()
+        self._inbox_send.send_nowait(_SetEnabled(reply, enabled))
+        return await reply.wait()
+
+    @property
+    def is_up(self) -> bool:
+        """Running, or a one-shot that completed: requirements are satisfied."""
+        return self.state is State.RUNNING or (self.spec.one_shot and self.one_shot_done
+                                                 and self.state is State.STOPPED)
+
+    # -- the actor loop --------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        structlog.contextvars.bind_contextvars(service=self.name)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                async for msg in self._inbox:
+                    self._handle(msg)
+        finally:
+            self.output.close()
+
+    def _post(self, msg: object) -> None:
+        self._inbox_send.send_nowait(msg)
+
+    def _handle(self, msg: object) -> None:
+        match msg:
+            case _Start(reply, as_requirement):
+                self._on_start(reply, as_requirement)
+            case _Stop(reply):
+                self._on_stop(reply)
+            case _SetEnabled(reply, enabled):
+                self.enabled = enabled
+                if enabled:
+                    self.disabled_reason = None
+                    self.history.respawn_mono.clear()
+                else:
+                    self.disabled_reason = "disabled by the operator"
+                self._publish(self, self.state, self.state, "enabled" if enabled else "disabled")
+                reply.set(Outcome(True, initiated=True))
+            case _Exited(child):
+                self._on_exited(child)
+            case _StartDone(gen, ok, reason):
+                if gen == self._gen and self.state is State.STARTING:
+                    self._on_start_done(ok, reason)
+            case _StopDone(gen):
+                if gen == self._gen and self.state is State.STOPPING:
+                    self._on_stop_done()
+            case _:
+                raise AssertionError(f"unexpected message {msg!r}")
+
+    def _set_state(self, new: State, reason: str | None = None) -> None:
+        old = self.state
+        self.state = new
+        self.since = time.time()
+        self.history.changes.append((new.value, self.since))
+        self._publish(self, old, new, reason)
+
+    # -- start -------------------------------------------------------------------------
+
+    def _on_start(self, reply: _Reply, as_requirement: bool) -> None:
+        if not self.enabled:
+            reply.set(Outcome(False, code="disabled",
+                              message=f"service {self.name} is disabled ({self.disabled_reason})"))
+        elif self.state is State.RUNNING:
+            reply.set(Outcome(True))
+        elif self.state is State.STARTING:
+            self._start_waiters.append(reply)
+        elif self.state is State.STOPPING:
+            self._start_waiters.append(reply)
+            self._pending_start = True
+        elif as_requirement and self.is_up:  # a completed one-shot satisfies dependents
+            reply.set(Outcome(True))
+        else:  # STOPPED  -> STARTING
+            self._start_waiters.append(reply)
+            self._begin_start(reply, delay=0.0, reason="start requested")
+
+    def _begin_start(self, initiator: _Reply | None, *, delay: float, reason: str) -> None:
+        self._gen += 1
+        self._initiator = initiator
+        self._failing = None
+        self.one_shot_done = False
+        self._set_state(State.STARTING, reason)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._start_worker, self._gen, delay, initiator is None)
+
+    async def _start_worker(self, gen: int, delay: float, respawn: bool) -> None:
+        with trio.CancelScope() as scope:
+            self._work_scope = scope
+            if delay > 0:
+                await trio.sleep(delay)
+            if respawn:
+                self.history.respawns.append(time.time())
+                self.output.note(f"Respawning {self.name}.")
+            ok, reason = await self._attempt_start()
+            self._post(_StartDone(gen, ok, reason))
+
+    async def _attempt_start(self) -> tuple[bool, str | None]:
+        spec = self.spec
+        try:
+            with trio.fail_after(spec.start_timeout):
+                if spec.command is None:
+                    self._hook_ran = True
+                    if spec.start_hook is not None:
+                        await spec.start_hook(spec)
+                    return True, None
+                assert self._nursery is not None
+                out, err = self.output.writers(self._nursery)
+                child = _proc.spawn(spec, stdout=out, stderr=err)
+                self.child = child
+                self._nursery.start_soon(self._monitor, child)
+                log.debug("spawned", pid=child.pid, command=list(spec.command))
+                if spec.one_shot:
+                    await child.exited.wait()
+                    assert child.status is not None
+                    if child.status.code == 0:
+                        return True, None
+                    return False, child.status.describe()
+                return await self._wait_ready(child)
+        except trio.TooSlowError:
+            return False, f"not ready within {spec.start_timeout:g} s (start-timeout)"
+        except _proc.SpawnError as exc:
+            return False, str(exc)
+        except Exception as exc:  # a start hook's own failure
+            log.exception("start hook failed")
+            return False, f"start failed: {exc}"
+
+    async def _monitor(self, child: _proc.Child) -> None:
+        with trio.CancelScope(shield=True):
+            await child.wait()
+        self._post(_Exited(child))
+
+    async def _wait_ready(self, child: _proc.Child) -> tuple[bool, str | None]:
+        ready = self.spec.ready
+        if ready.type == "started":
+            return True, None
+        result: list[tuple[bool, str | None]] = []
+
+        async def probe(cancel: trio.CancelScope) -> None:
+            await _probe_connect(ready.type, ready.address, ready.path)
+            result.append((True, None))
+            cancel.cancel()
+
+        async def died(cancel: trio.CancelScope) -> None:
+            await child.exited.wait()
+            assert child.status is not None
+            result.append((False, f"{child.status.describe()} before it was ready"))
+            cancel.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(probe, nursery.cancel_scope)
+            nursery.start_soon(died, nursery.cancel_scope)
+        return result[0]
+
+    def _on_start_done(self, ok: bool, reason: str | None) -> None:
+        self._work_scope = None
+        if ok:
+            if self.spec.one_shot:
+                self.one_shot_done = True
+                self.output.note(f"One-shot service {self.name} completed.")
+                self._set_state(State.STOPPED, "one-shot completed")
+            else:
+                pid = self.child.pid if self.child else None
+                self.output.note(f"Service {self.name} started" + (f" (PID {pid})." if pid else "."))
+                self._set_state(State.RUNNING, "started")
+            self._reply_starts(Outcome(True))
+            if self.spec.command is not None and not self.spec.one_shot and self.child is None:
+                assert self.last_exit is not None  # exited between readiness and now
+                self._on_crash(self.last_exit)
+            return
+        self.last_failure = reason
+        self.history.startup_failures.append(time.time())
+        self.output.note(f"Service {self.name} failed to start: {reason}")
+        log.warning("start failed", reason=reason)
+        if self.child is not None and self.child.alive:
+            self._failing = reason
+            self._begin_stop(f"failed to start: {reason}")
+        else:
+            self._set_state(State.STOPPED, f"failed to start: {reason}")
+            self._reply_starts(Outcome(False, code="start-failed", message=f"{self.name}: {reason}"))
+
+    def _reply_starts(self, outcome: Outcome) -> None:
+        waiters, self._start_waiters = self._start_waiters, []
+        initiator, self._initiator = self._initiator, None
+        for reply in waiters:
+            if outcome.ok and reply is initiator:
+                reply.set(Outcome(True, initiated=True))
+            else:
+                reply.set(outcome)
+
+    # -- stop ----------------------------------------------------------------------------
+
+    def _on_stop(self, reply: _Reply) -> None:
+        if self._pending_start:
+            self._pending_start = False
+        if self.state is State.STOPPED:
+            self.one_shot_done = False
+            reply.set(Outcome(True))
+            return
+        if self.state is State.STOPPING:
+            self._stop_waiters.append(reply)
+            self._fail_pending_starts("a stop was requested")
+            return
+        if self.state is State.STARTING:
+            if self._work_scope is not None:
+                self._work_scope.cancel()
+                self._work_scope = None
+            self._fail_pending_starts("stopped while starting")
+            if self.child is None and not (self._hook_ran and self.spec.stop_hook):
+                self._set_state(State.STOPPED, "stopped while starting")
+                reply.set(Outcome(True, initiated=True))
+                return
+        self._stop_waiters.append(reply)
+        self._stop_initiator = reply
+        self._begin_stop("stop requested")
+
+    def _fail_pending_starts(self, why: str) -> None:
+        waiters, self._start_waiters = self._start_waiters, []
+        self._initiator = None
+        for r in waiters:
+            r.set(Outcome(False, code="start-failed", message=f"{self.name}: {why}"))
+
+    def _begin_stop(self, reason: str) -> None:
+        self._gen += 1
+        self._set_state(State.STOPPING, reason)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._stop_worker, self._gen, self.child)
+
+    async def _stop_worker(self, gen: int, child: _proc.Child | None) -> None:
+        with trio.CancelScope(shield=True):
+            if child is not None and child.alive:
+                await terminate(child, self.spec, self.output.note)
+            if self.spec.command is None and self._hook_ran and self.spec.stop_hook is not None:
+                try:
+                    with trio.fail_after(self.spec.stop_timeout):
+                        await self.spec.stop_hook(self.spec)
+                except Exception as exc:
+                    log.exception("stop hook failed")
+                    self.output.note(f"Stop of {self.name} failed: {exc}")
+            self._hook_ran = False
+        self._post(_StopDone(gen))
+
+    def _on_stop_done(self) -> None:
+        failing, self._failing = self._failing, None
+        self._set_state(State.STOPPED, f"failed to start: {failing}" if failing else "stopped")
+        if not failing:
+            self.output.note(f"Service {self.name} stopped.")
+        initiator, self._stop_initiator = self._stop_initiator, None
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for reply in waiters:
+            reply.set(Outcome(True, initiated=reply is initiator))
+        if failing:
+            self._reply_starts(Outcome(False, code="start-failed", message=f"{self.name}: {failing}"))
+        elif self._pending_start and self._start_waiters:
+            self._pending_start = False
+            if self.enabled:
+                self._begin_start(self._start_waiters[0], delay=0.0, reason="start requested")
+            else:
+                self._fail_pending_starts(f"disabled ({self.disabled_reason})")
+
+    # -- exits and respawn -------------------------------------------------------------
+
+    def _on_exited(self, child: _proc.Child) -> None:
+        if child is not self.child:
+            return  # a stale child (already replaced)
+        assert child.status is not None
+        self.last_exit = child.status
+        self.child = None
+        if self.state is State.RUNNING:
+            self._on_crash(child.status)
+        # STARTING: the start worker sees it; STOPPING: the stop worker waits for it.
+
+    def _on_crash(self, status: _proc.ExitStatus) -> None:
+        what = status.describe()
+        self.output.note(f"Service {self.name} {what}.")
+        log.info("process exited", status=what)
+        spec = self.spec
+        if not spec.respawn or not self.enabled:
+            self._set_state(State.STOPPED, what)
+            return
+        limit = spec.respawn_limit
+        times = self.history.respawn_mono
+        now = time.monotonic()
+        if limit.count == 0 or (len(times) >= limit.count and now - times[-limit.count] <= limit.seconds):
+            self.enabled = False
+            self.disabled_reason = (f"Respawning too fast: more than {limit.count} respawns "
+                                    f"within {limit.seconds:g} s; last {what}")
+            self.output.note(f"Service {self.name} has been disabled. ({self.disabled_reason})")
+            log.warning("respawning too fast; disabled", limit=limit.count, seconds=limit.seconds)
+            self._set_state(State.STOPPED, self.disabled_reason)
+            return
+        times.append(now)
+        self._begin_start(None, delay=spec.respawn_delay, reason=f"{what}; respawning")
+
+    # -- snapshot ----------------------------------------------------------------------
+
+    def snapshot(self, *, log_lines: int = 0) -> dict[str, Any]:
+        spec = self.spec
+        out: dict[str, Any] = {
+            "name": spec.name,
+            "provides": list(spec.names),
+            "requires": list(spec.requires),
+            "state": self.state.value,
+            "enabled": self.enabled,
+            "disabled-reason": None if self.enabled else self.disabled_reason,
+            "one-shot": spec.one_shot,
+            "respawn": spec.respawn,
+            "auto-start": spec.auto_start,
+            "pid": self.child.pid if self.child is not None and self.child.alive else None,
+            "since": self.since,
+            "command": list(spec.command) if spec.command is not None else None,
+            "ready": spec.ready.to_json(),
+            "status-text": self.status_text,
+            "last-exit": self.last_exit.to_json() if self.last_exit else None,
+            "respawns": list(self.history.respawns),
+            "startup-failures": list(self.history.startup_failures),
+            "last-failure": self.last_failure,
+            "log-file": str(self.output.path) if spec.command is not None else None,
+            "actions": [a.name for a in spec.actions],
+            "documentation": spec.documentation,
+        }
+        if log_lines:
+            out["recent-log"] = [line.to_json() for line in self.output.recent(log_lines)]
+        return out
+
+    def recent_log(self, n: int) -> list[LogLine]:
+        return self.output.recent(n)
+
+
+async def _probe_connect(kind: str, address: str | None, path: str | None) -> None:
+    """Return once a connection to the address succeeds (polls with backoff)."""
+    delay = 0.01
+    while True:
+        if kind == "tcp":
+            assert address is not None
+            host, _, port = address.rpartition(":")
+            family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+            sock = trio.socket.socket(family, socket.SOCK_STREAM)
+            target: Any = (host.strip("[]"), int(port))
+        else:
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target = path
+        with sock:
+            try:
+                await sock.connect(target)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN, errno.ECONNRESET,
+                                     errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    raise
+        await trio.sleep(delay)
+        delay = min(delay * 2, 0.25)
+
+
+async def terminate(child: _proc.Child, spec: ServiceSpec, note: Callable[[str], None]) -> None:
+    """Stop a service's processes per its kill-mode; return when they are gone.
+
+    Sends `stop-signal`, waits `stop-timeout`, then SIGKILLs what is left.
+    """
+    mode = spec.kill_mode
+    extra: list[int] = []
+    if mode == "tree":
+        extra = _proc.descendants(child.pid)
+    elif mode == "process-group":
+        candidates = _proc.descendants(child.pid) + [
+            p for p in _proc.own_children() if p != child.pid
+        ]
+        extra = _proc.process_group_members(child.pid, candidates)
+    fds = [fd for fd in map(_proc.pidfd_or_none, extra) if fd is not None]
+    try:
+        _signal_all(child, mode, fds, spec.stop_signal)
+        with trio.move_on_after(spec.stop_timeout) as scope:
+            await child.exited.wait()
+            await _proc.wait_pidfds_gone(fds)
+        if scope.cancelled_caught:
+            note(f"Grace period of {spec.stop_timeout:g} s is over; sending SIGKILL to {spec.name}.")
+            if mode == "tree" and child.alive:
+                for pid in _proc.descendants(child.pid):
+                    fd = _proc.pidfd_or_none(pid)
+                    if fd is not None:
+                        fds.append(fd)
+            _signal_all(child, mode, fds, signal.SIGKILL)
+            with trio.move_on_after(KILL_WAIT):
+                await child.exited.wait()
+                await _proc.wait_pidfds_gone(fds)
+    finally:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _signal_all(child: _proc.Child, mode: str, fds: list[int], sig: int) -> None:
+    if mode == "process-group":
+        child.signal_group(sig)
+    else:
+        child.signal(sig)
+    if mode != "process":
+        for fd in fds:
+            try:
+                signal.pidfd_send_signal(fd, sig)
+            except OSError:
+                pass
+    if sig != signal.SIGKILL:
+        # a stopped (SIGSTOP) process must run to act on the signal
+        if mode == "process-group":
+            child.signal_group(signal.SIGCONT)
+        else:
+            child.signal(signal.SIGCONT)

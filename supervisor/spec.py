@@ -1,0 +1,147 @@
+"""Service specifications: what the engine is asked to run.
+
+A `ServiceSpec` is frozen data built from configuration (by `config.py` for
+generic ``[services.NAME]`` tables, by the modules under ``services/`` for the
+service types).  The engine never mutates a spec; a changed configuration
+produces a new spec, and spec equality decides what a reload changes.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "KillMode",
+    "ReadySpec",
+    "RespawnLimit",
+    "ActionSpec",
+    "ActionContext",
+    "ServiceSpec",
+    "RLIMIT_NAMES",
+]
+
+KillMode = Literal["process-group", "process", "tree"]
+ReadyType = Literal["started", "notify", "pid-file", "tcp", "unix"]
+
+#: resource-limits keys → `resource` module constants' names.
+RLIMIT_NAMES: Mapping[str, str] = {
+    "as": "RLIMIT_AS",
+    "core": "RLIMIT_CORE",
+    "cpu": "RLIMIT_CPU",
+    "data": "RLIMIT_DATA",
+    "fsize": "RLIMIT_FSIZE",
+    "locks": "RLIMIT_LOCKS",
+    "memlock": "RLIMIT_MEMLOCK",
+    "msgqueue": "RLIMIT_MSGQUEUE",
+    "nice": "RLIMIT_NICE",
+    "nofile": "RLIMIT_NOFILE",
+    "nproc": "RLIMIT_NPROC",
+    "rss": "RLIMIT_RSS",
+    "rtprio": "RLIMIT_RTPRIO",
+    "rttime": "RLIMIT_RTTIME",
+    "sigpending": "RLIMIT_SIGPENDING",
+    "stack": "RLIMIT_STACK",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RespawnLimit:
+    """More than `count` respawns within `seconds` disables the service."""
+
+    count: int = 5
+    seconds: float = 7.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReadySpec:
+    """When a started service counts as up."""
+
+    type: ReadyType = "started"
+    path: str | None = None  # pid-file, unix
+    address: str | None = None  # tcp: "host:port"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type}
+        if self.path is not None:
+            out["path"] = self.path
+        if self.address is not None:
+            out["address"] = self.address
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ActionContext:
+    """What a custom action's handler gets besides its arguments."""
+
+    service: str
+    pid: int | None
+    say: Callable[[str], None]
+    engine: Any  # supervisor.engine.Engine; Any to keep specs free of engine imports
+
+
+ActionHandler = Callable[[ActionContext, list[Any]], Awaitable[Any]]
+Hook = Callable[["ServiceSpec"], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ActionSpec:
+    """A custom action (`herd ACTION SERVICE [ARG...]`)."""
+
+    name: str
+    documentation: str
+    handler: ActionHandler = field(compare=False)
+    read_only: bool = False  # may be called on the read-only socket
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    """Everything the engine needs to run one service.
+
+    Either `command` is set (a process service) or `start_hook` is (a service
+    with no process, e.g. binfmt_misc registrations; `stop_hook` undoes it).
+    """
+
+    name: str
+    command: tuple[str, ...] | None = None
+    provides: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
+    documentation: str = ""
+    auto_start: bool = True
+    respawn: bool = True
+    respawn_limit: RespawnLimit = RespawnLimit()
+    respawn_delay: float = 0.1
+    one_shot: bool = False
+    user: str | int | None = None
+    group: str | int | None = None
+    supplementary_groups: tuple[str | int, ...] | None = None
+    environment: tuple[tuple[str, str], ...] = ()
+    clear_environment: bool = False
+    directory: str = "/"
+    umask: int = 0o022
+    resource_limits: tuple[tuple[str, int, int], ...] = ()  # (name, soft, hard); -1 = infinity
+    stop_signal: int = int(signal.SIGTERM)
+    stop_timeout: float = 5.0
+    kill_mode: KillMode = "process-group"
+    ready: ReadySpec = ReadySpec()
+    start_timeout: float = 60.0
+    log_file: str | None = None
+    schedule: str | None = None
+    actions: tuple[ActionSpec, ...] = ()
+    start_hook: Hook | None = field(default=None, compare=False)
+    stop_hook: Hook | None = field(default=None, compare=False)
+    #: Where the spec came from, for error messages ("services.web", "libvirt").
+    source: str = ""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The canonical name first, then the extra provisions."""
+        return (self.name, *(p for p in self.provides if p != self.name))
+
+    def action(self, name: str) -> ActionSpec | None:
+        for action in self.actions:
+            if action.name == name:
+                return action
+        return None
