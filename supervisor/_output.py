@@ -74,9 +74,13 @@ class LogHub:
 class ServiceOutput:
     """One service's output: its pipes, its log file, its recent lines."""
 
-    def __init__(self, service: str, path: Path, hub: LogHub, ring: int = 200) -> None:
+    def __init__(self, service: str, path: Path, hub: LogHub, ring: int = 200, *,
+                 max_size: int = 2 * 1024 * 1024, max_backups: int = 3) -> None:
         self.service = service
         self.path = path
+        self.max_size = max_size
+        self.max_backups = max_backups
+        self._size = 0
         self.hub = hub
         self.ring: deque[LogLine] = deque(maxlen=ring)
         self._fd = -1
@@ -140,16 +144,43 @@ class ServiceOutput:
         return list(self.ring)[-n:] if n > 0 else []
 
     def _write(self, data: bytes) -> None:
-        if self._fd < 0:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-            except OSError as exc:
-                self._report(exc)
-                return
+        if self._fd >= 0 and self.max_size and self._size and self._size + len(data) > self.max_size:
+            self._rotate()
+        if self._fd < 0 and not self._open():
+            return
         try:
-            os.write(self._fd, data)
+            written = os.write(self._fd, data)
+            while written < len(data):  # a short write (signal, nearly full disk)
+                written += os.write(self._fd, data[written:])
+            self._size += len(data)
             self._write_failed = False
+        except OSError as exc:
+            self._report(exc)
+
+    def _open(self) -> bool:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            self._size = os.fstat(self._fd).st_size
+            return True
+        except OSError as exc:
+            self._report(exc)
+            return False
+
+    def _rotate(self) -> None:
+        """NAME.log → NAME.log.1 → … → NAME.log.N (the oldest is dropped)."""
+        os.close(self._fd)
+        self._fd = -1
+        self._size = 0
+        try:
+            if self.max_backups == 0:
+                os.unlink(self.path)
+                return
+            for i in range(self.max_backups - 1, 0, -1):
+                older = self.path.with_name(f"{self.path.name}.{i}")
+                if older.exists():
+                    os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
         except OSError as exc:
             self._report(exc)
 

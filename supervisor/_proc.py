@@ -84,6 +84,18 @@ class Child:
         self.started_at = time.time()
         _owned[pid] = self
 
+    @classmethod
+    def adopt(cls, pid: int) -> Child:
+        """Watch a process we did not spawn (a daemon's real PID, MAINPID=).
+
+        Raises:
+            ProcessLookupError: it is gone already.
+        """
+        existing = _owned.get(pid)
+        if existing is not None:
+            return existing
+        return cls(pid, os.pidfd_open(pid))
+
     @property
     def alive(self) -> bool:
         return self.status is None
@@ -97,10 +109,22 @@ class Child:
         except ProcessLookupError:
             pass
 
-    def signal_group(self, sig: int) -> None:
-        """Signal the process group this child leads (it is a session leader)."""
+    def pgid(self) -> int | None:
+        """The child's process group, unless it is gone or shares ours."""
         try:
-            os.killpg(self.pid, sig)
+            pgid = os.getpgid(self.pid)
+        except ProcessLookupError:
+            return None
+        return None if pgid in (os.getpgrp(), 0, 1) else pgid
+
+    def signal_group(self, sig: int) -> None:
+        """Signal the child's process group (its own session, as we spawn it)."""
+        pgid = self.pgid()
+        if pgid is None:
+            self.signal(sig)
+            return
+        try:
+            os.killpg(pgid, sig)
         except (ProcessLookupError, PermissionError):
             self.signal(sig)
 

@@ -20,6 +20,7 @@ from herd.protocol import default_paths
 from . import __version__, _proc
 from ._logging import configure_logging
 from ._notify import sd_notify
+from ._notify_server import NotifyServer
 from .config import Config, Settings, describe_services, load_config, with_overrides
 from .control import ControlServer, SocketInUse, bind_unix_socket
 from .engine import Engine
@@ -98,8 +99,15 @@ async def _run(config: Config, settings: Settings) -> int:
             return 1
         if os.getpid() != 1:
             _proc.set_child_subreaper()
-        engine = Engine(config, log_dir=settings.log_dir)
+        notify_path = settings.socket.parent / "notify.sock"
+        engine = Engine(config, log_dir=settings.log_dir, notify_socket=notify_path)
+        try:
+            notify = NotifyServer(notify_path, engine.route_notify)
+        except OSError as exc:
+            log.error("cannot create the notify socket", path=str(notify_path), error=str(exc))
+            return 1
         async with trio.open_nursery() as nursery:
+            await nursery.start(notify.serve)
             await nursery.start(engine.run)
             await nursery.start(ControlServer(engine, rw, read_only=False, path=settings.socket).serve)
             await nursery.start(ControlServer(engine, ro, read_only=True, path=settings.status_socket).serve)

@@ -268,8 +268,13 @@ def read_service_table(t: Table, name: str, settings: Settings) -> ServiceSpec:
         ready=_read_ready(t, "ready"),
         start_timeout=t.number("start-timeout", 60.0, min=0, exclusive_min=True),
         log_file=log_file,  # None: LOG_DIR/NAME.log, resolved by the engine
+        log_max_size=t.int("log-max-size", 2 * 1024 * 1024, min=0),
+        log_max_backups=t.int("log-max-backups", 3, min=0, max=1000),
+        watchdog_sec=t.number("watchdog-sec", None, min=0, exclusive_min=True),
         source=t.path,
     )
+    if spec.watchdog_sec is not None and spec.ready.type != "notify":
+        t.error("watchdog-sec", 'needs ready = { type = "notify" } (the watchdog is fed with WATCHDOG=1)')
     for env_name in dict(spec.environment):
         if not env_name or "=" in env_name or "\0" in env_name:
             t.error(f"environment.{env_name}", "not a valid environment variable name")

@@ -23,6 +23,7 @@ import trio
 from herd.protocol import ProtocolError
 
 from . import __version__
+from ._notify_server import ancestors, session_of
 from ._output import LogHub
 from .config import Config
 from .graph import Graph
@@ -47,7 +48,7 @@ def say(text: str) -> None:
 class Engine:
     """Owns the service actors; the control server only calls its methods."""
 
-    def __init__(self, config: Config, *, log_dir: Path) -> None:
+    def __init__(self, config: Config, *, log_dir: Path, notify_socket: Path | None = None) -> None:
         self.config = config
         self.graph: Graph = config.graph
         self.log_dir = log_dir
@@ -59,7 +60,8 @@ class Engine:
         self.started_at = time.time()
         for spec in config.services:
             path = Path(spec.log_file) if spec.log_file else log_dir / f"{spec.name}.log"
-            self.services[spec.name] = Service(spec, log_path=path, hub=self.hub, publish=self._on_state)
+            self.services[spec.name] = Service(spec, log_path=path, hub=self.hub, publish=self._on_state,
+                                               notify_socket=notify_socket)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run every service actor until cancelled."""
@@ -103,6 +105,28 @@ class Engine:
         finally:
             self._subscribers.discard(send)
             send.close()
+
+    # -- sd_notify -------------------------------------------------------------------------
+
+    def route_notify(self, pid: int, fields: dict[str, str]) -> None:
+        """Hand a notify message to the service the *sender* belongs to.
+
+        The sender is the service's main process, or in its session, or a
+        descendant of it; anything else is ignored.
+        """
+        mains = {s.child.pid: s for s in self.services.values()
+                 if s.child is not None and s.child.alive and s.spec.ready.type == "notify"}
+        service = mains.get(pid)
+        if service is None:
+            sid = session_of(pid)
+            service = mains.get(sid) if sid is not None else None
+        if service is None:
+            service = next((mains[a] for a in ancestors(pid) if a in mains), None)
+        if service is None:
+            log.warning("notify message from a process of no notify service ignored", pid=pid,
+                        keys=sorted(fields))
+            return
+        service.notify(pid, fields)
 
     # -- lookups -------------------------------------------------------------------------
 

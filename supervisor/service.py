@@ -111,6 +111,12 @@ class _Exited:  # private: a monitored child exited
 
 
 @dataclass(slots=True)
+class _Notify:  # an sd_notify datagram from one of this service's processes
+    pid: int
+    fields: dict[str, str]
+
+
+@dataclass(slots=True)
 class _StartDone:  # private: the start worker's verdict
     gen: int
     ok: bool
@@ -136,8 +142,10 @@ class _History:
 class Service:
     """The actor for one service.  Create, then run `run` in a nursery."""
 
-    def __init__(self, spec: ServiceSpec, *, log_path: Path, hub: LogHub, publish: StatePublisher) -> None:
+    def __init__(self, spec: ServiceSpec, *, log_path: Path, hub: LogHub, publish: StatePublisher,
+                 notify_socket: Path | None = None) -> None:
         self.spec = spec
+        self.notify_socket = notify_socket
         self.state = State.STOPPED
         self.since = time.time()
         self.enabled = True
@@ -148,7 +156,11 @@ class Service:
         self.status_text: str | None = None
         self.one_shot_done = False
         self.history = _History()
-        self.output = ServiceOutput(spec.name, log_path, hub)
+        self.output = ServiceOutput(spec.name, log_path, hub, max_size=spec.log_max_size,
+                                    max_backups=spec.log_max_backups)
+        self._ready = trio.Event()  # set by READY=1 during the current start attempt
+        self._watchdog_deadline = math.inf
+        self._watchdog_scope: trio.CancelScope | None = None
         self._publish = publish
         self._gen = 0
         self._start_waiters: list[_Reply] = []
@@ -182,6 +194,10 @@ class Service:
         reply = _Reply()
         self._inbox_send.send_nowait(_SetEnabled(reply, enabled))
         return await reply.wait()
+
+    def notify(self, pid: int, fields: dict[str, str]) -> None:
+        """Deliver an sd_notify message (already checked to come from our processes)."""
+        self._inbox_send.send_nowait(_Notify(pid, fields))
 
     @property
     def is_up(self) -> bool:
@@ -222,6 +238,8 @@ class Service:
                 reply.set(Outcome(True, initiated=True))
             case _Exited(child):
                 self._on_exited(child)
+            case _Notify(pid, fields):
+                self._on_notify(pid, fields)
             case _StartDone(gen, ok, reason):
                 if gen == self._gen and self.state is State.STARTING:
                     self._on_start_done(ok, reason)
@@ -233,6 +251,9 @@ class Service:
 
     def _set_state(self, new: State, reason: str | None = None) -> None:
         old = self.state
+        if new is not State.RUNNING and self._watchdog_scope is not None:
+            self._watchdog_scope.cancel()
+            self._watchdog_scope = None
         self.state = new
         self.since = time.time()
         self.history.changes.append((new.value, self.since))
@@ -262,6 +283,8 @@ class Service:
         self._initiator = initiator
         self._failing = None
         self.one_shot_done = False
+        self._ready = trio.Event()
+        self.status_text = None
         self._set_state(State.STARTING, reason)
         assert self._nursery is not None
         self._nursery.start_soon(self._start_worker, self._gen, delay, initiator is None)
@@ -288,7 +311,9 @@ class Service:
                     return True, None
                 assert self._nursery is not None
                 out, err = self.output.writers(self._nursery)
-                child = _proc.spawn(spec, stdout=out, stderr=err)
+                if spec.ready.type == "pid-file":
+                    _remove_stale(spec.ready.path)
+                child = _proc.spawn(spec, stdout=out, stderr=err, extra_env=self._extra_env())
                 self.child = child
                 self._nursery.start_soon(self._monitor, child)
                 log.debug("spawned", pid=child.pid, command=list(spec.command))
@@ -307,25 +332,52 @@ class Service:
             log.exception("start hook failed")
             return False, f"start failed: {exc}"
 
+    def _extra_env(self) -> dict[str, str]:
+        env: dict[str, str] = {}
+        if self.spec.ready.type == "notify" and self.notify_socket is not None:
+            env["NOTIFY_SOCKET"] = str(self.notify_socket)
+            if self.spec.watchdog_sec:
+                env["WATCHDOG_USEC"] = str(int(self.spec.watchdog_sec * 1_000_000))
+        return env
+
     async def _monitor(self, child: _proc.Child) -> None:
         with trio.CancelScope(shield=True):
             await child.wait()
         self._post(_Exited(child))
 
     async def _wait_ready(self, child: _proc.Child) -> tuple[bool, str | None]:
+        """Race the service's readiness against its main process exiting."""
         ready = self.spec.ready
         if ready.type == "started":
             return True, None
         result: list[tuple[bool, str | None]] = []
 
         async def probe(cancel: trio.CancelScope) -> None:
-            await _probe_connect(ready.type, ready.address, ready.path)
+            if ready.type == "notify":
+                await self._ready.wait()
+            elif ready.type == "pid-file":
+                assert ready.path is not None
+                pid = await _wait_pid_file(ready.path)
+                if pid != child.pid:  # a daemon that forked: supervise the real process
+                    try:
+                        adopted = _proc.Child.adopt(pid)
+                    except ProcessLookupError:
+                        result.append((False, f"PID {pid} from {ready.path} is not running"))
+                        cancel.cancel()
+                        return
+                    self.child = adopted
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._monitor, adopted)
+            else:
+                await _probe_connect(ready.type, ready.address, ready.path)
             result.append((True, None))
             cancel.cancel()
 
         async def died(cancel: trio.CancelScope) -> None:
             await child.exited.wait()
             assert child.status is not None
+            if ready.type == "pid-file" and child.status.code == 0:
+                return  # the usual daemon fork: the parent exits 0, the pid file tells the rest
             result.append((False, f"{child.status.describe()} before it was ready"))
             cancel.cancel()
 
@@ -333,6 +385,59 @@ class Service:
             nursery.start_soon(probe, nursery.cancel_scope)
             nursery.start_soon(died, nursery.cancel_scope)
         return result[0]
+
+    def _on_notify(self, pid: int, fields: dict[str, str]) -> None:
+        if "STATUS" in fields:
+            self.status_text = fields["STATUS"] or None
+            self._publish(self, self.state, self.state, "status")
+        if "ERRNO" in fields and fields["ERRNO"].isdigit():
+            err = int(fields["ERRNO"])
+            self.last_failure = f"errno {err}: {os.strerror(err)}"
+        if fields.get("RELOADING") == "1":
+            self.output.note(f"Service {self.name} is reloading.")
+        if fields.get("STOPPING") == "1":
+            self.output.note(f"Service {self.name} is stopping on its own.")
+        if "MAINPID" in fields and fields["MAINPID"].isdigit():
+            self._adopt_main(int(fields["MAINPID"]), sender=pid)
+        if fields.get("READY") == "1" and self.state is State.STARTING:
+            self._ready.set()
+        if fields.get("WATCHDOG") == "1":
+            if self.spec.watchdog_sec:
+                self._watchdog_deadline = trio.current_time() + self.spec.watchdog_sec
+        elif fields.get("WATCHDOG") == "trigger" and self.child is not None:
+            self._watchdog_fire("the service asked for it (WATCHDOG=trigger)")
+
+    def _adopt_main(self, new_pid: int, *, sender: int) -> None:
+        if self.child is not None and self.child.pid == new_pid:
+            return
+        if self.child is not None and self.child.alive and sender != self.child.pid:
+            log.warning("MAINPID= ignored: not sent by the main process", sender=sender)
+            return
+        try:
+            adopted = _proc.Child.adopt(new_pid)
+        except (ProcessLookupError, OSError):
+            log.warning("MAINPID= names no running process", pid=new_pid)
+            return
+        self.child = adopted
+        assert self._nursery is not None
+        self._nursery.start_soon(self._monitor, adopted)
+
+    async def _watchdog(self) -> None:
+        assert self.spec.watchdog_sec
+        with trio.CancelScope() as scope:
+            self._watchdog_scope = scope
+            self._watchdog_deadline = trio.current_time() + self.spec.watchdog_sec
+            while True:
+                await trio.sleep_until(self._watchdog_deadline)
+                if trio.current_time() >= self._watchdog_deadline:
+                    self._watchdog_fire(f"no WATCHDOG=1 within {self.spec.watchdog_sec:g} s")
+                    return
+
+    def _watchdog_fire(self, why: str) -> None:
+        self.last_failure = f"watchdog: {why}"
+        self.output.note(f"Watchdog timeout for {self.name}: {why}; sending SIGABRT.")
+        if self.child is not None:
+            self.child.signal(signal.SIGABRT)
 
     def _on_start_done(self, ok: bool, reason: str | None) -> None:
         self._work_scope = None
@@ -345,6 +450,8 @@ class Service:
                 pid = self.child.pid if self.child else None
                 self.output.note(f"Service {self.name} started" + (f" (PID {pid})." if pid else "."))
                 self._set_state(State.RUNNING, "started")
+                if self.spec.watchdog_sec and self._nursery is not None:
+                    self._nursery.start_soon(self._watchdog)
             self._reply_starts(Outcome(True))
             if self.spec.command is not None and not self.spec.one_shot and self.child is None:
                 assert self.last_exit is not None  # exited between readiness and now
@@ -509,6 +616,29 @@ class Service:
         return self.output.recent(n)
 
 
+def _remove_stale(path: str | None) -> None:
+    if path:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+async def _wait_pid_file(path: str) -> int:
+    """Poll until `path` holds the PID of a running process; return it."""
+    delay = 0.01
+    while True:
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+            if text.isdigit() and int(text) > 1 and os.path.exists(f"/proc/{int(text)}"):
+                return int(text)
+        except OSError:
+            pass
+        await trio.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
 async def _probe_connect(kind: str, address: str | None, path: str | None) -> None:
     """Return once a connection to the address succeeds (polls with backoff)."""
     delay = 0.01
@@ -547,7 +677,8 @@ async def terminate(child: _proc.Child, spec: ServiceSpec, note: Callable[[str],
         candidates = _proc.descendants(child.pid) + [
             p for p in _proc.own_children() if p != child.pid
         ]
-        extra = _proc.process_group_members(child.pid, candidates)
+        pgid = child.pgid()
+        extra = _proc.process_group_members(pgid, candidates) if pgid is not None else []
     fds = [fd for fd in map(_proc.pidfd_or_none, extra) if fd is not None]
     try:
         _signal_all(child, mode, fds, spec.stop_signal)

@@ -128,6 +128,9 @@ class ServiceSpec:
     ready: ReadySpec = ReadySpec()
     start_timeout: float = 60.0
     log_file: str | None = None
+    log_max_size: int = 2 * 1024 * 1024  # bytes; 0 = never rotate (virtlogd's default size)
+    log_max_backups: int = 3
+    watchdog_sec: float | None = None  # notify services: WATCHDOG=1 expected this often
     schedule: str | None = None
     actions: tuple[ActionSpec, ...] = ()
     start_hook: Hook | None = field(default=None, compare=False)

@@ -1,0 +1,112 @@
+"""sd_notify, server side: one datagram socket for every notify service.
+
+Services get ``NOTIFY_SOCKET`` pointing here.  The kernel attaches the
+sender's credentials to each datagram (``SO_PASSCRED``), so a message is
+routed by the *sending pid*, never by what the message claims: a process that
+belongs to no service (not its main process, not in its session, not among
+its descendants) is ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+import structlog
+import trio
+
+__all__ = ["NotifyServer", "parse_notify", "session_of", "ancestors"]
+
+log = structlog.get_logger("supervisor.notify")
+
+_CRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+MAX_DATAGRAM: Final = 4096
+
+
+def parse_notify(data: bytes) -> dict[str, str]:
+    """``b"READY=1\\nSTATUS=up"`` → ``{"READY": "1", "STATUS": "up"}`` (bad lines skipped)."""
+    fields: dict[str, str] = {}
+    for raw in data.split(b"\n"):
+        key, sep, value = raw.partition(b"=")
+        if not sep or not key:
+            continue
+        try:
+            fields[key.decode("ascii")] = value.decode("utf-8", errors="replace")
+        except UnicodeDecodeError:
+            continue
+    return fields
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rfind(b")") + 2:].split()
+
+
+def session_of(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[3]) if fields else None
+
+
+def ancestors(pid: int, limit: int = 64) -> list[int]:
+    """Parent, grandparent, … of `pid` (stops at pid 1 or a vanished process)."""
+    out: list[int] = []
+    while len(out) < limit:
+        fields = _stat_fields(pid)
+        if not fields:
+            break
+        ppid = int(fields[1])
+        if ppid <= 1:
+            break
+        out.append(ppid)
+        pid = ppid
+    return out
+
+
+class NotifyServer:
+    """Receives notify datagrams and hands (sender pid, fields) to `route`."""
+
+    def __init__(self, path: Path, route: Callable[[int, dict[str, str]], None]) -> None:
+        self.path = path
+        self.route = route
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock._sock.bind(str(path))
+        # Anyone may send (services run as other users); the credentials decide.
+        os.chmod(path, 0o666)
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            with self.sock:
+                while True:
+                    data, ancdata, _flags, _addr = await self.sock.recvmsg(
+                        MAX_DATAGRAM, socket.CMSG_SPACE(_CRED.size))
+                    pid = None
+                    for level, kind, payload in ancdata:
+                        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                            pid = _CRED.unpack(payload[:_CRED.size])[0]
+                    if not pid:
+                        continue
+                    fields = parse_notify(data)
+                    if fields:
+                        self.route(pid, fields)
+        finally:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
