@@ -610,6 +610,11 @@ class Service:
         }
         if log_lines:
             out["recent-log"] = [line.to_json() for line in self.output.recent(log_lines)]
+            if spec.details_hook is not None:
+                try:
+                    out["details"] = spec.details_hook(spec)
+                except Exception as exc:  # a details hook must never break status
+                    out["details"] = {"error": f"{type(exc).__name__}: {exc}"}
         return out
 
     def recent_log(self, n: int) -> list[LogLine]:

@@ -84,6 +84,7 @@ class ActionContext:
 
 ActionHandler = Callable[[ActionContext, list[Any]], Awaitable[Any]]
 Hook = Callable[["ServiceSpec"], Awaitable[None]]
+DetailsHook = Callable[["ServiceSpec"], dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +136,8 @@ class ServiceSpec:
     actions: tuple[ActionSpec, ...] = ()
     start_hook: Hook | None = field(default=None, compare=False)
     stop_hook: Hook | None = field(default=None, compare=False)
+    #: Extra facts for `status SERVICE` (under "details"); must be quick and not block.
+    details_hook: DetailsHook | None = field(default=None, compare=False)
     #: Where the spec came from, for error messages ("services.web", "libvirt").
     source: str = ""
 
