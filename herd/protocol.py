@@ -27,6 +27,11 @@ from typing import Any, Final
 __all__ = [
     "PROTOCOL_VERSION",
     "MAX_LINE_BYTES",
+    "LINE_TIMEOUT",
+    "MAX_IN_FLIGHT",
+    "MAX_CLIENTS",
+    "MAX_QUEUED_BYTES",
+    "MAX_LOG_LINES",
     "READ_ACTIONS",
     "WRITE_ACTIONS",
     "ERROR_CODES",
@@ -47,6 +52,17 @@ PROTOCOL_VERSION: Final = 1
 
 #: Longest request line the server accepts (bytes, newline included).
 MAX_LINE_BYTES: Final = 1024 * 1024
+
+#: A request line that has begun must be completed within this many seconds.
+LINE_TIMEOUT: Final = 10.0
+#: Requests in flight at once on one connection.
+MAX_IN_FLIGHT: Final = 64
+#: Connections at once on one socket.
+MAX_CLIENTS: Final = 256
+#: Reply bytes queued for a client that does not read; past it, it is disconnected.
+MAX_QUEUED_BYTES: Final = 1024 * 1024
+#: Most log lines one `log`/`status` request may ask for.
+MAX_LOG_LINES: Final = 10000
 
 #: Actions served on the read-only socket too.
 READ_ACTIONS: Final = frozenset(

@@ -23,7 +23,12 @@ import structlog
 import trio
 
 from herd.protocol import (
+    LINE_TIMEOUT,
+    MAX_CLIENTS,
+    MAX_IN_FLIGHT,
     MAX_LINE_BYTES,
+    MAX_LOG_LINES,
+    MAX_QUEUED_BYTES,
     PROTOCOL_VERSION,
     READ_ACTIONS,
     WRITE_ACTIONS,
@@ -40,11 +45,6 @@ __all__ = ["ControlServer", "bind_unix_socket", "SocketInUse"]
 
 log = structlog.get_logger("supervisor.control")
 
-LINE_TIMEOUT: Final = 10.0
-MAX_IN_FLIGHT: Final = 64
-MAX_QUEUED_BYTES: Final = 1024 * 1024
-MAX_CLIENTS: Final = 256
-MAX_LOG_LINES: Final = 10000
 
 
 class SocketInUse(Exception):
@@ -296,8 +296,8 @@ class _Connection:
             if action == "restart":
                 return await engine.restart(name)  # type: ignore[arg-type]
             return await engine.set_enabled(name, action == "enable")  # type: ignore[arg-type]
-        if action in ("reload", "reexec"):
-            raise ProtocolError("unsupported", f"{action!r} is not supported by this version yet")
+        if action in ("reload", "reexec") and (name is None or name == "root"):
+            raise ProtocolError("unsupported", f"'{action} root' is not supported by this version yet")
         if name is None:
             raise ProtocolError("unknown-action", f"unknown action {action!r}")
         return await engine.custom_action(name, action, args)

@@ -287,11 +287,13 @@ class Service:
         self.status_text = None
         self._set_state(State.STARTING, reason)
         assert self._nursery is not None
-        self._nursery.start_soon(self._start_worker, self._gen, delay, initiator is None)
+        # The scope exists before the worker first runs, so a stop that comes
+        # in between cancels the worker on entry (it never spawns).
+        self._work_scope = trio.CancelScope()
+        self._nursery.start_soon(self._start_worker, self._gen, delay, initiator is None, self._work_scope)
 
-    async def _start_worker(self, gen: int, delay: float, respawn: bool) -> None:
-        with trio.CancelScope() as scope:
-            self._work_scope = scope
+    async def _start_worker(self, gen: int, delay: float, respawn: bool, scope: trio.CancelScope) -> None:
+        with scope:
             if delay > 0:
                 await trio.sleep(delay)
             if respawn:
@@ -305,11 +307,15 @@ class Service:
         try:
             with trio.fail_after(spec.start_timeout):
                 if spec.command is None:
+                    await trio.lowlevel.checkpoint_if_cancelled()
                     self._hook_ran = True
                     if spec.start_hook is not None:
                         await spec.start_hook(spec)
                     return True, None
                 assert self._nursery is not None
+                # A stop may have cancelled this attempt before it ever ran: a
+                # cancelled scope only acts at a checkpoint, so take one now.
+                await trio.lowlevel.checkpoint_if_cancelled()
                 out, err = self.output.writers(self._nursery)
                 if spec.ready.type == "pid-file":
                     _remove_stale(spec.ready.path)
@@ -496,6 +502,7 @@ class Service:
                 self._work_scope = None
             self._fail_pending_starts("stopped while starting")
             if self.child is None and not (self._hook_ran and self.spec.stop_hook):
+                self._gen += 1  # any report from the abandoned attempt is stale
                 self._set_state(State.STOPPED, "stopped while starting")
                 reply.set(Outcome(True, initiated=True))
                 return

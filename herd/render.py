@@ -1,0 +1,317 @@
+"""Turn protocol results into the text ``herd`` prints.
+
+Every function here is pure: it takes result dicts shaped as in
+``docs/protocol.md`` (and ``now`` where times are shown) and returns a
+string without a trailing newline.  The layout imitates GNU Shepherd's
+``herd`` (0.10 wording, with the 1.0 extras).
+
+Grep compatibility: Guix's Ganeti scripts decide that a daemon runs when
+``herd status NAME`` prints ``Running``, and that it is disabled when it
+prints ``disabled`` (both case-sensitive).  :func:`render_service` keeps
+that true: ``Running`` appears only for a running service (``Running value
+is PID.``) and ``disabled`` only for a disabled one.  Free text shown in
+the block (command, status text, failures, log lines) is re-cased where
+needed (``running``, ``Disabled``) so that it cannot break the rule.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "Style",
+    "relative_time",
+    "format_time",
+    "render_summary",
+    "render_service",
+    "render_services",
+    "render_logline",
+    "render_log",
+    "render_doc",
+    "render_ping",
+    "render_change",
+    "render_value",
+    "json_line",
+]
+
+SVC = Mapping[str, Any]
+
+_BOLD = "\x1b[1m"
+_WARN = "\x1b[1;35m"  # bold magenta
+_ERROR = "\x1b[1;31m"  # bold red
+_RESET = "\x1b[0m"
+
+
+class Style:
+    """ANSI highlighting as in Shepherd's ``colors.scm``; a no-op when ``color`` is false."""
+
+    __slots__ = ("color",)
+
+    def __init__(self, color: bool = False) -> None:
+        self.color = color
+
+    def _wrap(self, code: str, text: str) -> str:
+        return f"{code}{text}{_RESET}" if self.color else text
+
+    def bold(self, text: str) -> str:
+        return self._wrap(_BOLD, text)
+
+    def warn(self, text: str) -> str:
+        return self._wrap(_WARN, text)
+
+    def error(self, text: str) -> str:
+        return self._wrap(_ERROR, text)
+
+
+# --- times -----------------------------------------------------------------
+
+
+def relative_time(seconds: float) -> str:
+    """Shepherd's relative time: ``N seconds ago`` … ``N days ago`` (rounded)."""
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        n = round(seconds)
+        return "1 second ago" if n == 1 else f"{n} seconds ago"
+    if seconds < 7200:
+        return f"{round(seconds / 60)} minutes ago"
+    if seconds < 48 * 3600:
+        return f"{round(seconds / 3600)} hours ago"
+    return f"{round(seconds / 86400)} days ago"
+
+
+def format_time(when: float, now: float) -> str:
+    """``<absolute> (<relative>)``: ``%X`` for today, ``%c`` otherwise (local time)."""
+    local = time.localtime(when)
+    today = time.localtime(now)[:3] == local[:3]
+    absolute = time.strftime("%X" if today else "%c", local)
+    return f"{absolute} ({relative_time(now - when)})"
+
+
+def _stamp(when: Any) -> str:
+    """A log timestamp, ``YYYY-MM-DD HH:MM:SS`` local time."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(when)))
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "????-??-?? ??:??:??"
+
+
+# --- the summary -----------------------------------------------------------
+
+
+def _failures(svc: SVC) -> list[float]:
+    return list(svc.get("startup-failures") or [])
+
+
+def _stopped(svc: SVC) -> bool:
+    return bool(svc.get("state", "stopped") == "stopped")
+
+
+#: (header, bullet, membership test, header style) in Shepherd's order.
+_SECTIONS: tuple[tuple[str, str, Callable[[SVC], bool], str], ...] = (
+    ("Started:", "+", lambda s: s.get("state") == "running", "bold"),
+    ("Starting:", "^", lambda s: s.get("state") == "starting", "bold"),
+    ("Stopped:", "-", lambda s: _stopped(s) and not s.get("one-shot") and not _failures(s), "bold"),
+    ("Stopping:", "v", lambda s: s.get("state") == "stopping", "bold"),
+    ("One-shot:", "*", lambda s: _stopped(s) and bool(s.get("one-shot")), "bold"),
+    ("Failed to start:", "!", lambda s: _stopped(s) and bool(_failures(s)), "error"),
+)
+
+
+def render_summary(services: Iterable[SVC], *, color: bool = False) -> str:
+    """``herd status``: the sections of Shepherd's summary, each only if non-empty."""
+    style = Style(color)
+    services = list(services)
+    out: list[str] = []
+    for header, bullet, member, header_style in _SECTIONS:
+        names = sorted(str(s.get("name", "?")) for s in services if member(s))
+        if names:
+            out.append(getattr(style, header_style)(header))
+            out.extend(f" {bullet} {name}" for name in names)
+    return "\n".join(out)
+
+
+# --- one service -----------------------------------------------------------
+
+
+def _tame(text: str, *, running: bool, disabled: bool) -> str:
+    """Re-case ``Running``/``disabled`` in free text so greps stay truthful."""
+    if not running:
+        text = text.replace("Running", "running")
+    if not disabled:
+        text = text.replace("disabled", "Disabled")
+    return text
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def _scheme_list(names: Iterable[Any]) -> str:
+    return "(" + " ".join(str(n) for n in names) + ")"
+
+
+def render_logline(line: Mapping[str, Any], *, with_service: bool = True) -> str:
+    """One LOGLINE: ``TIME SERVICE STREAM: text`` (``TIME STREAM: text`` without the service)."""
+    prefix = _stamp(line.get("time"))
+    if with_service:
+        prefix += f" {line.get('service') or '-'}"
+    return f"{prefix} {line.get('stream', 'stdout')}: {line.get('line', '')}"
+
+
+def render_service(svc: SVC, *, now: float | None = None, color: bool = False) -> str:
+    """``herd status SERVICE``: the ``Status of NAME:`` block."""
+    style = Style(color)
+    now = time.time() if now is None else now
+    name = str(svc.get("name", "?"))
+    state = str(svc.get("state", "stopped"))
+    running = state == "running"
+    enabled = svc.get("enabled", True) is not False
+    pid = svc.get("pid")
+    since = svc.get("since")
+    failures = _failures(svc)
+    respawns = list(svc.get("respawns") or [])
+
+    def tame(text: Any) -> str:
+        return _tame(str(text), running=running, disabled=not enabled)
+
+    def when(t: Any) -> str:
+        return format_time(float(t), now)
+
+    lines = [style.bold(f"Status of {name}:")]
+    if running:
+        lines.append(f"  It is running since {when(since)}." if since else "  It is running.")
+        lines.append(f"  Running value is {pid if pid is not None else '#t'}.")
+    elif state == "starting":
+        lines.append("  It is starting.")
+    elif state == "stopping":
+        lines.append("  It is being stopped.")
+    elif state == "stopped":
+        stopped = style.warn("stopped")
+        if svc.get("one-shot"):
+            lines.append(f"  It is {stopped} (one-shot).")
+        elif failures:
+            lines.append(f"  It is {stopped} ({style.error('failing')}).")
+        elif since:
+            lines.append(f"  It is {stopped} since {when(since)}.")
+        else:
+            lines.append(f"  It is {stopped}.")
+    else:
+        lines.append(f"  It is {tame(state)}.")
+    if not running and pid is not None:
+        lines.append(f"  Main PID: {pid}.")
+    command = svc.get("command")
+    if command:
+        lines.append(f"  Command: {tame(shlex.join(str(a) for a in command))}")
+    if svc.get("status-text"):
+        lines.append(f"  Status: {tame(svc['status-text'])}")
+    if enabled:
+        lines.append("  It is enabled.")
+    else:
+        lines.append(f"  It is {style.error('disabled') if respawns else style.warn('disabled')}.")
+        if svc.get("disabled-reason"):
+            lines.append(f"  Reason: {_sentence(tame(svc['disabled-reason']))}")
+    lines.append(f"  Provides {_scheme_list(svc.get('provides') or [name])}.")
+    lines.append(f"  Requires {_scheme_list(svc.get('requires') or [])}.")
+    lines.append("  Will be respawned." if svc.get("respawn") else "  Will not be respawned.")
+    if respawns:
+        lines.append(f"  Last respawned on {when(respawns[-1])}.")
+    last_exit = svc.get("last-exit")
+    if isinstance(last_exit, Mapping):
+        at = f" at {when(last_exit['time'])}" if last_exit.get("time") else ""
+        if last_exit.get("signal"):
+            lines.append(f"  Last exit: signal {last_exit['signal']}{at}.")
+        elif last_exit.get("code") is not None:
+            lines.append(f"  Last exit: code {last_exit['code']}{at}.")
+    if state == "stopped" and failures:
+        lines.append(f"  Failed to start at {when(failures[-1])}.")
+    if svc.get("last-failure"):
+        lines.append(f"  Last failure: {_sentence(tame(svc['last-failure']))}")
+    if svc.get("log-file"):
+        lines.append(f"  Log file: {tame(svc['log-file'])}")
+    actions = svc.get("actions") or []
+    if actions:
+        lines.append(f"  Custom actions: {' '.join(str(a) for a in actions)}.")
+    recent = svc.get("recent-log") or []
+    if recent:
+        lines.append("")
+        lines.append("  Recent messages (use '-n' to view more or less):")
+        lines.extend("    " + tame(render_logline(entry, with_service=False)) for entry in recent)
+    return "\n".join(lines)
+
+
+def render_services(services: Iterable[SVC], *, now: float | None = None, color: bool = False) -> str:
+    """``herd detailed-status``: the block of every service, separated by blank lines."""
+    now = time.time() if now is None else now
+    return "\n\n".join(render_service(s, now=now, color=color) for s in services)
+
+
+# --- other results ---------------------------------------------------------
+
+
+def render_log(lines: Iterable[Mapping[str, Any]]) -> str:
+    """``herd log``: one LOGLINE per line, oldest first."""
+    return "\n".join(render_logline(line) for line in lines)
+
+
+def render_doc(result: Mapping[str, Any]) -> str:
+    """``herd doc SERVICE [action NAME]``."""
+    doc = str(result.get("documentation") or "").rstrip()
+    if "action" in result:
+        return f"{result['action']}: {doc or 'no documentation'}"
+    out = [doc or f"No documentation for service {result.get('service', '?')}."]
+    actions = result.get("actions") or []
+    if actions:
+        out.append("")
+        out.append("Custom actions:")
+        for action in actions:
+            if isinstance(action, Mapping):
+                adoc = str(action.get("documentation") or "").strip()
+                out.append(f"  {action.get('name')}: {adoc}" if adoc else f"  {action.get('name')}")
+            else:
+                out.append(f"  {action}")
+    return "\n".join(out)
+
+
+def render_ping(result: Mapping[str, Any]) -> str:
+    """``herd ping``."""
+    return f"supervisor {result.get('version', '?')} answers, PID {result.get('pid', '?')}."
+
+
+def render_change(action: str, service: str, result: Any) -> str:
+    """Fallback text for start/stop/restart/enable/disable when the daemon sent no messages."""
+    if not isinstance(result, Mapping):
+        return ""
+    name = str(result.get("service") or service)
+    out: list[str] = []
+    stopped: Sequence[Any] = result.get("stopped") or []
+    started: Sequence[Any] = result.get("started") or []
+    if action in ("stop", "restart"):
+        out.extend(f"Service {s} has been stopped." for s in stopped)
+        if action == "stop" and not stopped:
+            out.append(f"Service {name} is not running.")
+    if action in ("start", "restart"):
+        out.extend(f"Service {s} has been started." for s in started)
+        if action == "start" and not started:
+            out.append(f"Service {name} is already running.")
+    if action in ("enable", "disable") and "enabled" in result:
+        out.append(f"{'Enabled' if result['enabled'] else 'Disabled'} service {name}.")
+    return "\n".join(out)
+
+
+def render_value(result: Any) -> str:
+    """A custom action's result when it sent no messages: text as is, JSON otherwise."""
+    if result is None or result is True or result == {} or result == [] or result == "":
+        return ""
+    if isinstance(result, str):
+        return result
+    return json.dumps(result, indent=2, ensure_ascii=False)
+
+
+def json_line(obj: Any) -> str:
+    """One compact JSON line (``--json`` output)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
