@@ -1,0 +1,717 @@
+"""Helpers for the black-box tests: deadlines, process scans, service builders.
+
+Nothing here knows the engine's internals: these helpers look at what a user
+(or a dashboard) can see -- processes, files, the control socket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+import tomli_w
+
+T = TypeVar("T")
+
+#: Environment variable carrying a service's marker (for services that are
+#: plain `sleep`, which cannot take an extra marker argument).
+MARKER_ENV = "SVTEST_MARKER"
+#: Environment variable the harness puts into the daemon's environment; every
+#: service that keeps the supervisor's environment inherits it.
+TOKEN_ENV = "SVTEST_TOKEN"
+
+SLEEP = shutil.which("sleep") or "/bin/sleep"
+PY = sys.executable
+
+
+# --------------------------------------------------------------------------
+# Deadlines
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float,
+    what: str,
+    interval: float = 0.02,
+) -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that.
+
+    Fails the test with a message naming ``what`` (and the last value seen)
+    when ``timeout`` seconds pass first.  Exceptions from the predicate
+    propagate: a failing status call is a failure, not "not yet".
+    """
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"timed out after {timeout:g} s waiting for {what} (last value: {last!r})"
+            )
+        time.sleep(interval)
+
+
+class Deadline:
+    """A point in time; ``remaining()`` is what is left of it (never negative)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.end
+
+
+# --------------------------------------------------------------------------
+# Processes
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def find_procs(marker: str) -> list[psutil.Process]:
+    """Live (non-zombie) processes carrying ``marker``.
+
+    A process carries a marker when one of its command-line arguments equals
+    it exactly, or when its ``SVTEST_MARKER`` environment variable equals it.
+    """
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "environ", "status"]):
+        info = p.info
+        if info.get("status") == psutil.STATUS_ZOMBIE:
+            continue
+        cmdline = info.get("cmdline") or []
+        environ = info.get("environ") or {}
+        if marker in cmdline or environ.get(MARKER_ENV) == marker:
+            found.append(p)
+    return found
+
+
+def find_pids(marker: str) -> set[int]:
+    return {p.pid for p in find_procs(marker)}
+
+
+def procs_with_token(token: str) -> list[psutil.Process]:
+    """Every live process the test run started (token in argv or environment)."""
+    me = os.getpid()
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "environ", "status"]):
+        if p.pid == me:
+            continue
+        info = p.info
+        if info.get("status") == psutil.STATUS_ZOMBIE:
+            continue
+        cmdline = " ".join(info.get("cmdline") or [])
+        environ = info.get("environ") or {}
+        if token in cmdline or any(token in v for v in environ.values()):
+            found.append(p)
+    return found
+
+
+def kill_all(procs: Iterable[psutil.Process], timeout: float = 5.0) -> None:
+    """SIGKILL ``procs`` and wait (bounded) for them to go."""
+    procs = [p for p in procs if p.pid != os.getpid()]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    # A zombie counts as gone: its parent (or init) reaps it.
+    deadline = Deadline(timeout)
+    while any(_alive(p) for p in procs) and not deadline.expired():
+        time.sleep(0.01)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return _alive(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _sig_mask(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1], 16)
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def signal_ignored(pid: int, signum: int) -> bool:
+    """True once process ``pid`` ignores ``signum`` (from /proc/PID/status)."""
+    return bool(_sig_mask(pid, "SigIgn") & (1 << (signum - 1)))
+
+
+def signal_caught(pid: int, signum: int) -> bool:
+    """True once process ``pid`` has a handler installed for ``signum``."""
+    return bool(_sig_mask(pid, "SigCgt") & (1 << (signum - 1)))
+
+
+# --------------------------------------------------------------------------
+# Service definitions (dicts for the [services.NAME] table)
+
+
+def sleeper(marker: str, **keys: Any) -> dict[str, Any]:
+    """A `sleep` service, found by psutil through its environment marker."""
+    env = dict(keys.pop("environment", {}))
+    env[MARKER_ENV] = marker
+    return {"command": [SLEEP, "1000000"], "environment": env, **keys}
+
+
+def py_service(code: str, *argv: str, **keys: Any) -> dict[str, Any]:
+    """A ``python3 -c CODE ARGV...`` service; markers go into ``argv``."""
+    return {"command": [PY, "-c", code, *argv], **keys}
+
+
+#: Sleeps forever; argv[1] is its marker.
+PY_SLEEP = "import time; time.sleep(1e6)"
+
+#: Forks a child that exec's a sleeper marked argv[1] + "-child" (after
+#: setsid() when argv[2] == "setsid"), then sleeps forever itself; argv[1]
+#: marks the parent.  (The child's marker is not in the parent's argv, so
+#: psutil tells them apart.)
+PY_FORK_CHILD = r"""
+import os, sys, time
+pid = os.fork()
+if pid == 0:
+    if sys.argv[2] == "setsid":
+        os.setsid()
+    os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(1e6)", sys.argv[1] + "-child"])
+time.sleep(1e6)
+"""
+
+#: Prints one line ``PROBE {json}`` describing its execution environment,
+#: then sleeps forever (argv[1] is its marker).
+PY_PROBE = r"""
+import json, os, resource, sys, time
+names = os.listdir("/proc/self/fd")
+fds = {}
+for n in names:
+    fd = int(n)
+    try:
+        os.fstat(fd)          # the listing's own descriptor is closed by now
+    except OSError:
+        continue
+    try:
+        fds[fd] = os.readlink(f"/proc/self/fd/{n}")
+    except OSError:
+        fds[fd] = "?"
+with open("/proc/self/environ", "rb") as f:
+    raw = f.read()
+env = dict(item.decode("utf-8", "replace").split("=", 1)
+           for item in raw.split(b"\0") if b"=" in item)
+u = os.umask(0); os.umask(u)
+info = {
+    "fds": sorted(fds), "fd-targets": {str(k): v for k, v in fds.items()},
+    "umask": u, "cwd": os.getcwd(), "env": env,
+    "uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(), "egid": os.getegid(),
+    "groups": sorted(os.getgroups()),
+    "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+    "core": list(resource.getrlimit(resource.RLIMIT_CORE)),
+    "pid": os.getpid(), "sid": os.getsid(0), "pgid": os.getpgid(0),
+}
+print("PROBE " + json.dumps(info), flush=True)
+time.sleep(1e6)
+"""
+
+
+def world_executable(path: str) -> bool:
+    """True when every directory up to ``path`` and the file itself are
+    usable by "others" (so an unprivileged user can exec it)."""
+    real = Path(os.path.realpath(path))
+    for d in [*reversed(real.parents)]:
+        if not os.stat(d).st_mode & stat.S_IXOTH:
+            return False
+    mode = os.stat(real).st_mode
+    return bool(mode & stat.S_IXOTH and mode & stat.S_IROTH)
+
+
+def python_for_other_users() -> str | None:
+    """A Python interpreter that a user like `nobody` can run, if any."""
+    for candidate in (sys.executable, "/usr/bin/python3"):
+        if candidate and os.path.exists(candidate) and world_executable(candidate):
+            return candidate
+    return None
+
+
+# --------------------------------------------------------------------------
+# The daemon and its clients
+
+REPO = Path(__file__).resolve().parent.parent
+READY_TIMEOUT = 10.0
+HERD_TIMEOUT = 30.0
+
+
+def base_env() -> dict[str, str]:
+    """Environment for the daemon and herd: the uninstalled tree importable."""
+    env = dict(os.environ)
+    env.pop("SUPERVISOR_SOCKET", None)
+    env.pop("NOTIFY_SOCKET", None)
+    old = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + old if old else "")
+    env["NO_COLOR"] = "1"
+    return env
+
+
+def run_supervisor(*args: str, timeout: float = 30.0, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m supervisor ARGS`` to completion (for ``--check``)."""
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", *args],
+        env=base_env(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def run_herd(
+    socket_path: str | Path,
+    *args: str,
+    json_output: bool = False,
+    check: int | bool | None = None,
+    timeout: float = HERD_TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m herd -s SOCKET [--json] ARGS``.
+
+    ``check``: None = any exit status; True = must be 0; an int = must be it.
+    With ``json_output`` the parsed stdout is attached as ``.data`` (None when
+    stdout is empty or not one JSON document).
+    """
+    argv = [sys.executable, "-m", "herd", "-s", str(socket_path)]
+    if json_output:
+        argv.append("--json")
+    argv.extend(args)
+    cp = subprocess.run(
+        argv,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    data = None
+    if json_output and cp.stdout.strip():
+        try:
+            data = json.loads(cp.stdout)
+        except json.JSONDecodeError:
+            data = None
+    cp.data = data  # type: ignore[attr-defined]
+    if check is not None:
+        want = 0 if check is True else int(check)
+        assert cp.returncode == want, (
+            f"`herd {' '.join(args)}` exited {cp.returncode}, expected {want}\n"
+            f"stdout: {cp.stdout!r}\nstderr: {cp.stderr!r}"
+        )
+    return cp
+
+
+# --------------------------------------------------------------------------
+# Raw protocol client
+
+
+class ConnectionClosed(Exception):
+    pass
+
+
+class Client:
+    """One connection to a control socket, speaking newline-delimited JSON."""
+
+    def __init__(self, path: str | Path, timeout: float = 5.0, read_hello: bool = True) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.buf = b""
+        self.pending: list[dict[str, Any]] = []  # objects read while waiting for another
+        self._ids = 0
+        self.hello = self.recv(timeout) if read_hello else None
+
+    # low level -----------------------------------------------------------
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send(self, obj: dict[str, Any]) -> Any:
+        """Send a request; gives it a fresh integer id when it has none."""
+        if "id" not in obj:
+            self._ids += 1
+            obj = {"id": self._ids, **obj}
+        self.send_raw(json.dumps(obj).encode() + b"\n")
+        return obj["id"]
+
+    def _read(self, timeout: float | None) -> dict[str, Any] | None:
+        """The next object from the socket itself; None at end of stream."""
+        deadline = Deadline(timeout if timeout is not None else 1e9)
+        while b"\n" not in self.buf:
+            left = deadline.remaining()
+            if left <= 0:
+                raise TimeoutError("no complete line from the server in time")
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                raise TimeoutError("no complete line from the server in time") from None
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                if self.buf:
+                    raise ConnectionClosed(f"connection closed mid-line: {self.buf[:200]!r}")
+                return None
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return json.loads(line)
+
+    def recv(self, timeout: float | None = 5.0) -> dict[str, Any] | None:
+        """The next object (kept ones first); None at end of stream.
+
+        Raises ``TimeoutError`` when nothing complete arrives in time.
+        """
+        if self.pending:
+            return self.pending.pop(0)
+        return self._read(timeout)
+
+    # requests ------------------------------------------------------------
+    def reply(self, req_id: Any, timeout: float = 10.0) -> dict[str, Any]:
+        """Read until the reply to ``req_id``; other objects are kept for later."""
+        for i, obj in enumerate(self.pending):
+            if "event" not in obj and obj.get("id") == req_id:
+                return self.pending.pop(i)
+        deadline = Deadline(timeout)
+        while True:
+            left = deadline.remaining()
+            if left <= 0:
+                raise TimeoutError(f"no reply to request {req_id!r} within {timeout} s")
+            obj = self._read(left)
+            if obj is None:
+                raise ConnectionClosed(f"connection closed before the reply to {req_id!r}")
+            if "event" not in obj and obj.get("id") == req_id:
+                return obj
+            self.pending.append(obj)
+
+    def call(
+        self,
+        action: str,
+        service: str | None = None,
+        args: list[Any] | None = None,
+        timeout: float = 10.0,
+    ) -> dict[str, Any]:
+        req: dict[str, Any] = {"action": action}
+        if service is not None:
+            req["service"] = service
+        if args is not None:
+            req["args"] = args
+        return self.reply(self.send(req), timeout)
+
+    def events(
+        self,
+        until: Callable[[list[dict[str, Any]]], bool] | None,
+        timeout: float,
+    ) -> list[dict[str, Any]]:
+        """Collect event objects until ``until(events)`` holds.
+
+        With ``until=None``, collect for ``timeout`` seconds (an observation
+        window) and return what came.  Otherwise fail after ``timeout``.
+        """
+        deadline = Deadline(timeout)
+        got: list[dict[str, Any]] = []
+        while True:
+            if until is not None and until(got):
+                return got
+            left = deadline.remaining()
+            if left <= 0:
+                if until is None:
+                    return got
+                raise AssertionError(f"events did not arrive within {timeout} s; got {got!r}")
+            try:
+                obj = self.recv(left)
+            except TimeoutError:
+                continue
+            if obj is None:
+                if until is None:
+                    return got
+                raise AssertionError(f"event stream closed; got {got!r}")
+            if "event" in obj:
+                got.append(obj)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------
+# The daemon under test
+
+
+class Supervisor:
+    """One `supervisor` daemon with private sockets and directories."""
+
+    def __init__(self, tmp_path: Path, token: str) -> None:
+        self.token = token
+        self.tmp = tmp_path
+        # Unix socket paths are limited to 107 bytes: keep them under /tmp.
+        self.sockdir = Path(tempfile.mkdtemp(prefix="svt-", dir="/tmp"))
+        self.socket = self.sockdir / "rw.sock"
+        self.status_socket = self.sockdir / "ro.sock"
+        self.notify_path = self.sockdir / "notify"
+        self.state_dir = tmp_path / "state"
+        self.log_dir = tmp_path / "log"
+        self.config_path = tmp_path / "init.toml"
+        self.stdout_path = tmp_path / "daemon.out"
+        self.stderr_path = tmp_path / "daemon.err"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.clients: list[Client] = []
+        self.descendants: dict[int, psutil.Process] = {}
+
+    # configuration -------------------------------------------------------
+    def marker(self, name: str) -> str:
+        """A string unique to this test and ``name``, for psutil to find."""
+        return f"svt-{self.token}-{name}"
+
+    def write_config(self, config: dict[str, Any] | str, path: Path | None = None) -> Path:
+        path = path or self.config_path
+        text = config if isinstance(config, str) else tomli_w.dumps(config)
+        path.write_text(text)
+        return path
+
+    def daemon_args(self) -> list[str]:
+        return [
+            "-c", str(self.config_path),
+            "-s", str(self.socket),
+            "--status-socket", str(self.status_socket),
+            "--state-dir", str(self.state_dir),
+            "--log-dir", str(self.log_dir),
+            "--log-format", "json",
+        ]
+
+    # lifecycle -----------------------------------------------------------
+    def spawn(
+        self,
+        config: dict[str, Any] | str | None,
+        args: list[str] | None = None,
+        umask: int = -1,
+    ) -> socket.socket:
+        """Launch the daemon; returns the bound NOTIFY_SOCKET datagram socket."""
+        assert self.proc is None, "one daemon per Supervisor"
+        if config is not None:
+            self.write_config(config)
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(self.notify_path))
+        env = base_env()
+        env["NOTIFY_SOCKET"] = str(self.notify_path)
+        env[TOKEN_ENV] = self.token
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "supervisor", *(self.daemon_args() if args is None else args)],
+                env=env,
+                cwd=self.tmp,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+                umask=umask,
+            )
+        return notify
+
+    def start(
+        self,
+        config: dict[str, Any] | str | None,
+        args: list[str] | None = None,
+        umask: int = -1,
+    ) -> Supervisor:
+        """Launch the daemon and return once it has sent READY=1."""
+        notify = self.spawn(config, args, umask)
+        try:
+            self._wait_ready(notify)
+        finally:
+            notify.close()
+        return self
+
+    def _wait_ready(self, notify: socket.socket) -> None:
+        assert self.proc is not None
+        deadline = Deadline(READY_TIMEOUT)
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"supervisor exited with {self.proc.returncode} before READY=1\n"
+                    f"stderr:\n{self.stderr_tail()}"
+                )
+            if deadline.expired():
+                raise AssertionError(
+                    f"supervisor sent no READY=1 within {READY_TIMEOUT} s\nstderr:\n{self.stderr_tail()}"
+                )
+            notify.settimeout(min(0.1, deadline.remaining()) or 0.01)
+            try:
+                msg = notify.recv(4096)
+            except socket.timeout:
+                continue
+            if "READY=1" in msg.decode(errors="replace").splitlines():
+                return
+
+    def wait_exit(self, timeout: float) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"supervisor did not exit within {timeout} s\nstderr:\n{self.stderr_tail()}"
+            ) from None
+
+    def send_signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self._remember_descendants()
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 30.0, signum: int = signal.SIGTERM) -> int:
+        """Send SIGTERM (or ``signum``) and wait for the exit code."""
+        self.send_signal(signum)
+        return self.wait_exit(timeout)
+
+    def stderr_tail(self, lines: int = 60) -> str:
+        try:
+            text = self.stderr_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    # clients -------------------------------------------------------------
+    def herd(
+        self,
+        *args: str,
+        json: bool = False,
+        check: int | bool | None = None,
+        socket_path: Path | None = None,
+        timeout: float = HERD_TIMEOUT,
+    ) -> subprocess.CompletedProcess[str]:
+        return run_herd(socket_path or self.socket, *args, json_output=json, check=check, timeout=timeout)
+
+    def status(self, name: str | None = None) -> Any:
+        """``herd --json status [NAME]``: one SVC dict, or {name: SVC} for all."""
+        if name is None:
+            cp = self.herd("status", json=True, check=True)
+            return {s["name"]: s for s in cp.data["services"]}
+        cp = self.herd("status", name, json=True, check=True)
+        services = cp.data["services"]
+        assert len(services) == 1, services
+        return services[0]
+
+    def connect(self, ro: bool = False, timeout: float = 5.0, read_hello: bool = True) -> Client:
+        c = Client(self.status_socket if ro else self.socket, timeout, read_hello)
+        self.clients.append(c)
+        return c
+
+    def request(self, obj: dict[str, Any], ro: bool = False, timeout: float = 10.0) -> dict[str, Any]:
+        """One request on a fresh connection; returns the reply object."""
+        c = Client(self.status_socket if ro else self.socket, timeout)
+        try:
+            return c.reply(c.send(dict(obj)), timeout)
+        finally:
+            c.close()
+
+    def rstatus(self, name: str | None = None, ro: bool = True) -> Any:
+        """Status over the raw socket (cheap enough for tight polling)."""
+        req: dict[str, Any] = {"action": "status"}
+        if name is not None:
+            req["service"] = name
+        rep = self.request(req, ro=ro)
+        assert rep.get("ok") is True, rep
+        services = rep["result"]["services"]
+        if name is None:
+            return {s["name"]: s for s in services}
+        assert len(services) == 1, services
+        return services[0]
+
+    def subscribe(self, ro: bool = True) -> Client:
+        c = self.connect(ro=ro)
+        rep = c.call("subscribe")
+        assert rep.get("ok") is True and rep["result"] == {"subscribed": True}, rep
+        return c
+
+    # logs ----------------------------------------------------------------
+    def log_file(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    def log_lines(self, name: str, path: Path | None = None) -> list[tuple[str, str, str]]:
+        """``(timestamp, stream, text)`` for each line of a service's log file."""
+        try:
+            raw = (path or self.log_file(name)).read_bytes()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in raw.decode("utf-8", "replace").splitlines():
+            parts = line.split(" ", 2)
+            while len(parts) < 3:
+                parts.append("")
+            out.append((parts[0], parts[1], parts[2]))
+        return out
+
+    def wait_log(self, name: str, predicate: Callable[[str], bool], timeout: float = 10.0,
+                 path: Path | None = None) -> tuple[str, str, str]:
+        """Wait for a log line whose text satisfies ``predicate``; return it."""
+        def found() -> tuple[str, str, str] | None:
+            for entry in self.log_lines(name, path):
+                if predicate(entry[2]):
+                    return entry
+            return None
+
+        return wait_until(found, timeout, f"a matching line in the log of {name}")
+
+    def probe(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The JSON a PY_PROBE service printed (read from its log file)."""
+        _, _, text = self.wait_log(name, lambda t: t.startswith("PROBE "), timeout)
+        return json.loads(text[len("PROBE "):])
+
+    # teardown ------------------------------------------------------------
+    def _remember_descendants(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            for p in psutil.Process(self.proc.pid).children(recursive=True):
+                self.descendants[p.pid] = p
+        except psutil.NoSuchProcess:
+            pass
+
+    def cleanup(self) -> None:
+        for c in self.clients:
+            c.close()
+        if self.proc is not None:
+            self._remember_descendants()
+            if self.proc.poll() is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    pass
+        leftovers = list(self.descendants.values()) + procs_with_token(self.token)
+        kill_all(leftovers)
+        tail = self.stderr_tail()
+        if tail:
+            print(f"--- supervisor stderr (tail) ---\n{tail}")
+        shutil.rmtree(self.sockdir, ignore_errors=True)

@@ -1,0 +1,259 @@
+"""Issue 2 acceptance: the configuration file, `supervisor --check`, and a
+daemon that refuses to start on a bad configuration."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import (
+    PY_SLEEP,
+    SLEEP,
+    Supervisor,
+    find_pids,
+    run_herd,
+    run_supervisor,
+    wait_until,
+)
+
+GOOD = f"""
+[services.A]
+command = ["{SLEEP}", "1000"]
+auto-start = false
+
+[services.B]
+command = ["{SLEEP}", "1000"]
+requires = ["A"]
+provides = ["bee"]
+auto-start = false
+
+[services.C]
+command = ["{SLEEP}", "1000"]
+requires = ["bee"]
+auto-start = false
+"""
+
+
+def check(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    conf = tmp_path / "conf.toml"
+    conf.write_text(text)
+    return run_supervisor("--check", "-c", str(conf), cwd=tmp_path)
+
+
+def words(line: str) -> set[str]:
+    return set(re.findall(r"[A-Za-z0-9._@+-]+", line))
+
+
+def test_check_valid_config(tmp_path: Path) -> None:
+    cp = check(tmp_path, GOOD)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    out = cp.stdout
+    for name in ("A", "B", "C"):
+        assert name in words(out), out
+    # Each service is listed with its requirements.
+    assert any({"B", "A"} <= words(line) for line in out.splitlines()), out
+    assert any("C" in words(line) and ({"B"} & words(line) or {"bee"} & words(line))
+               for line in out.splitlines()), out
+
+
+def test_check_empty_config_is_valid(tmp_path: Path) -> None:
+    cp = check(tmp_path, "")
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+QUOTED_X = re.compile(r"""["'“]x["'”]""")
+
+BAD: dict[str, tuple[str, list[str | re.Pattern[str]]]] = {
+    "unknown-key": (
+        '[services.a]\ncommand = ["/bin/true"]\ncomand = ["x"]\n',
+        ["services.a.comand"],
+    ),
+    "unknown-supervisor-key": (
+        '[supervisor]\nsockett = "/tmp/x"\n',
+        ["supervisor.sockett"],
+    ),
+    "unknown-table": (
+        '[servics.a]\ncommand = ["/bin/true"]\n',
+        ["servics"],
+    ),
+    "wrong-type-nested": (
+        '[services.web]\ncommand = ["/bin/true"]\nrespawn-limit = { count = "five", seconds = 7 }\n',
+        ["services.web.respawn-limit.count"],
+    ),
+    "command-is-a-string": (
+        '[services.a]\ncommand = "sleep 1000"\n',
+        ["services.a.command"],
+    ),
+    "command-missing": (
+        '[services.a]\nrespawn = true\n',
+        ["services.a.command"],
+    ),
+    "bool-wanted": (
+        '[services.a]\ncommand = ["/bin/true"]\nauto-start = "yes"\n',
+        ["services.a.auto-start"],
+    ),
+    "bad-kill-mode": (
+        '[services.a]\ncommand = ["/bin/true"]\nkill-mode = "everything"\n',
+        ["services.a.kill-mode"],
+    ),
+    "bad-signal": (
+        '[services.a]\ncommand = ["/bin/true"]\nstop-signal = "SIGFOO"\n',
+        ["services.a.stop-signal"],
+    ),
+    "bad-umask": (
+        '[services.a]\ncommand = ["/bin/true"]\numask = "0999"\n',
+        ["services.a.umask"],
+    ),
+    "relative-directory": (
+        '[services.a]\ncommand = ["/bin/true"]\ndirectory = "relative/dir"\n',
+        ["services.a.directory"],
+    ),
+    "zero-window": (
+        '[services.a]\ncommand = ["/bin/true"]\nrespawn-limit = { count = 5, seconds = 0 }\n',
+        ["services.a.respawn-limit.seconds"],
+    ),
+    "unknown-rlimit": (
+        '[services.a]\ncommand = ["/bin/true"]\nresource-limits = { nofiles = 10 }\n',
+        ["services.a.resource-limits.nofiles"],
+    ),
+    "bad-ready-type": (
+        '[services.a]\ncommand = ["/bin/true"]\nready = { type = "telepathy" }\n',
+        ["services.a.ready"],
+    ),
+    "reserved-name": (
+        '[services.root]\ncommand = ["/bin/true"]\n',
+        ["services.root"],
+    ),
+    "missing-requirement": (
+        '[services.c]\ncommand = ["/bin/true"]\nrequires = ["nothing"]\n',
+        ["services.c.requires", "nothing"],
+    ),
+    "duplicate-provision": (
+        '[services.a]\ncommand = ["/bin/true"]\nprovides = ["x"]\n'
+        '[services.b]\ncommand = ["/bin/true"]\nprovides = ["x"]\n',
+        [".provides", "services.a", "services.b", QUOTED_X],
+    ),
+    "provision-clashes-with-name": (
+        '[services.a]\ncommand = ["/bin/true"]\n'
+        '[services.b]\ncommand = ["/bin/true"]\nprovides = ["a"]\n',
+        ["services.b.provides", "services.a"],
+    ),
+    "cycle": (
+        '[services.a]\ncommand = ["/bin/true"]\nrequires = ["b"]\n'
+        '[services.b]\ncommand = ["/bin/true"]\nrequires = ["c"]\n'
+        '[services.c]\ncommand = ["/bin/true"]\nrequires = ["a"]\n',
+        ["cycle"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_check_rejects_bad_config(tmp_path: Path, case: str) -> None:
+    text, expected = BAD[case]
+    cp = check(tmp_path, text)
+    out = cp.stdout + cp.stderr
+    assert cp.returncode == 1, f"exit {cp.returncode}\n{out}"
+    assert "Traceback" not in out, out
+    for needle in expected:
+        found = needle.search(out) if isinstance(needle, re.Pattern) else needle in out
+        assert found, f"{needle!r} not named in:\n{out}"
+    if case == "cycle":
+        line = next(ln for ln in out.splitlines() if "cycle" in ln)
+        assert {"a", "b", "c"} <= words(line), line
+    elif isinstance(expected[0], str) and expected[0].startswith(("services.", "supervisor.")):
+        # One line per error, `KEY.PATH: message`.
+        assert any(ln.strip().startswith(expected[0]) or f"{expected[0]}:" in ln
+                   for ln in out.splitlines()), out
+
+
+def test_check_reports_every_error(tmp_path: Path) -> None:
+    cp = check(tmp_path, (
+        '[services.a]\ncommand = ["/bin/true"]\nrespawn = "sometimes"\n'
+        '[services.b]\ncommand = ["/bin/true"]\nstop-timeout = "soon"\n'
+    ))
+    out = cp.stdout + cp.stderr
+    assert cp.returncode == 1
+    assert "services.a.respawn" in out and "services.b.stop-timeout" in out, out
+    lines = [ln for ln in out.splitlines() if "services.a.respawn" in ln or "services.b.stop-timeout" in ln]
+    assert len(lines) >= 2 and not any("services.a.respawn" in ln and "services.b" in ln for ln in lines), out
+
+
+def test_check_syntax_error(tmp_path: Path) -> None:
+    cp = check(tmp_path, '[services.a\ncommand = ["/bin/true"]\n')
+    out = cp.stdout + cp.stderr
+    assert cp.returncode == 1, out
+    assert out.strip() and "Traceback" not in out, out
+
+
+def test_check_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    cp = run_supervisor("--check", "-c", str(missing), cwd=tmp_path)
+    out = cp.stdout + cp.stderr
+    assert cp.returncode == 1, out
+    assert str(missing) in out or "nope.toml" in out, out
+    assert "Traceback" not in out
+
+
+def test_check_starts_nothing(tmp_path: Path) -> None:
+    marker = f"svt-check-{tmp_path.name}"
+    cp = check(tmp_path, f'[services.a]\ncommand = ["{sys.executable}", "-c", "{PY_SLEEP}", "{marker}"]\n')
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert find_pids(marker) == set()
+
+
+def test_daemon_refuses_bad_config(sup: Supervisor) -> None:
+    marker = sup.marker("good")
+    text = (
+        f'[services.good]\ncommand = ["{SLEEP}", "1000"]\nenvironment = {{ SVTEST_MARKER = "{marker}" }}\n'
+        '[services.web]\ncommand = ["/bin/true"]\nrespawn-limit = { count = "five", seconds = 7 }\n'
+    )
+    notify = sup.spawn(text)
+    notify.close()
+    code = sup.wait_exit(15)
+    assert code != 0, "the daemon accepted a bad configuration"
+    err = sup.stderr_path.read_text(errors="replace") + sup.stdout_path.read_text(errors="replace")
+    assert "services.web.respawn-limit.count" in err, err
+    assert "Traceback" not in err, err
+    assert find_pids(marker) == set(), "a service was started from a rejected configuration"
+    cp = run_herd(sup.socket, "status")
+    assert cp.returncode == 3, "something answers on the socket of a daemon that refused to start"
+
+
+def test_supervisor_table_is_used_without_flags(sup: Supervisor, tmp_path: Path) -> None:
+    logs = tmp_path / "from-table-logs"
+    state = tmp_path / "from-table-state"
+    marker = sup.marker("a")
+    text = (
+        "[supervisor]\n"
+        f'socket = "{sup.socket}"\n'
+        f'status-socket = "{sup.status_socket}"\n'
+        f'state-dir = "{state}"\n'
+        f'log-dir = "{logs}"\n'
+        'log-format = "json"\n'
+        'log-level = "info"\n'
+        f'[services.a]\ncommand = ["{SLEEP}", "1000"]\nenvironment = {{ SVTEST_MARKER = "{marker}" }}\n'
+    )
+    sup.write_config(text)
+    sup.start(None, args=["-c", str(sup.config_path)])
+    run_herd(sup.status_socket, "status", check=True)
+    wait_until(lambda: sup.rstatus("a")["state"] == "running", 10, "a (auto-start) running")
+    assert sup.rstatus("a")["log-file"] == str(logs / "a.log")
+    assert len(find_pids(marker)) == 1
+
+
+def test_flags_override_the_supervisor_table(sup: Supervisor, tmp_path: Path) -> None:
+    table_logs = tmp_path / "table-logs"
+    text = (
+        "[supervisor]\n"
+        f'socket = "{sup.sockdir / "from-table.sock"}"\n'
+        f'log-dir = "{table_logs}"\n'
+        f'[services.a]\ncommand = ["{SLEEP}", "1000"]\nauto-start = false\n'
+    )
+    sup.start(text)  # the harness passes -s, --log-dir, ... on the command line
+    run_herd(sup.socket, "status", check=True)
+    assert not (sup.sockdir / "from-table.sock").exists()
+    assert sup.status("a")["log-file"] == str(sup.log_dir / "a.log")
