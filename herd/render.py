@@ -236,12 +236,43 @@ def render_service(svc: SVC, *, now: float | None = None, color: bool = False) -
     actions = svc.get("actions") or []
     if actions:
         lines.append(f"  Custom actions: {' '.join(str(a) for a in actions)}.")
+    details = svc.get("details")
+    if isinstance(details, dict) and details:
+        lines.append("  Details:")
+        lines.extend("    " + tame(line) for line in render_details(details))
     recent = svc.get("recent-log") or []
     if recent:
         lines.append("")
         lines.append("  Recent messages (use '-n' to view more or less):")
         lines.extend("    " + tame(render_logline(entry, with_service=False)) for entry in recent)
     return "\n".join(lines)
+
+
+def render_details(details: dict[str, Any]) -> list[str]:
+    """A service type's extra facts, one line each; lists of tables one line per item."""
+    out: list[str] = []
+    for key, value in details.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            out.append(f"{key}:")
+            for item in value:
+                head = item.get("name", "")
+                rest = ", ".join(f"{k}={_scalar(v)}" for k, v in item.items() if k != "name")
+                out.append(f"  {head}: {rest}" if head else f"  {rest}")
+        elif isinstance(value, dict):
+            out.append(f"{key}: " + ", ".join(f"{k}={_scalar(v)}" for k, v in value.items()))
+        else:
+            out.append(f"{key}: {_scalar(value)}")
+    return out
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ", ".join(_scalar(v) for v in value) or "-"
+    return str(value)
 
 
 def render_services(services: Iterable[SVC], *, now: float | None = None, color: bool = False) -> str:

@@ -2,13 +2,16 @@
 
 The engine's public API, for service types under ``services/``: specs
 (`ServiceSpec` and friends), the TOML `Table` reader with its errors, and the
-`ServiceType` registration record.  The engine itself knows nothing of any
+`ServiceType` registration record.  Custom actions raise `ProtocolError`
+(e.g. ``ProtocolError("bad-arguments", "...")``) for errors the client caused.  The engine itself knows nothing of any
 particular daemon.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from herd.protocol import ProtocolError as ProtocolError
 
 from .config import BuildContext as BuildContext
 from .config import ServiceType as ServiceType
@@ -30,6 +33,7 @@ __all__ = [
     "BuildContext",
     "ConfigError",
     "ConfigErrors",
+    "ProtocolError",
     "ReadySpec",
     "RespawnLimit",
     "ServiceSpec",

@@ -14,10 +14,12 @@ Rules this module keeps (see docs/design-brief.md and style.md):
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import grp
 import os
 import pwd
 import resource
+import shutil
 import signal
 import subprocess
 import time
@@ -174,23 +176,41 @@ def _lookup_group(group: str | int) -> int:
         raise SpawnError(f"group {group!r} does not exist") from None
 
 
-def _rlimit_setter(limits: Sequence[tuple[str, int, int]]):
-    resolved = [(getattr(resource, RLIMIT_NAMES[name]), soft, hard) for name, soft, hard in limits]
+#: Fixed exec wrapper for socket activation: LISTEN_PID must be the pid of the
+#: program itself, known only in the child; `exec` keeps the pid.  The command
+#: is passed as arguments, never interpolated.
+_LISTEN_PID_WRAPPER = ("/bin/sh", "-c", 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"')
 
-    def apply() -> None:  # runs in the child between fork and exec
+
+def _child_setup(limits: Sequence[tuple[str, int, int]], listen_fds: Sequence[int]):
+    """What must happen in the child between fork and exec (kept minimal)."""
+    resolved = [(getattr(resource, RLIMIT_NAMES[name]), soft, hard) for name, soft, hard in limits]
+    n = len(listen_fds)
+    upper = os.sysconf("SC_OPEN_MAX")  # ours: no fd of ours is above it (rlimits may lower the child's)
+
+    def apply() -> None:
         for res, soft, hard in resolved:
             inf = resource.RLIM_INFINITY
             resource.setrlimit(res, (inf if soft < 0 else soft, inf if hard < 0 else hard))
+        if n:
+            # Move the listening sockets to 3, 4, …: first above that range, then down.
+            tmp = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + n) for fd in listen_fds]
+            for i, fd in enumerate(tmp):
+                os.dup2(fd, 3 + i)
+            # Popen's close_fds is off for these children (it would close 3…):
+            # close everything above the passed range here instead.
+            os.closerange(3 + n, upper)
 
     return apply
 
 
 def spawn(spec: ServiceSpec, *, stdout: int, stderr: int, extra_env: dict[str, str] | None = None,
-          pass_fds: Iterable[int] = ()) -> Child:
+          listen_fds: Sequence[tuple[int, str]] = ()) -> Child:
     """Start `spec.command` in a new session, with the spec's credentials.
 
     The child gets /dev/null as stdin, `stdout`/`stderr` as given, and no other
-    descriptor but `pass_fds`.
+    descriptor but the `listen_fds` (fd, name), which it receives as 3, 4, …
+    with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID set (socket activation).
 
     Raises:
         SpawnError: naming the reason (command not found, no such user, …).
@@ -218,16 +238,23 @@ def spawn(spec: ServiceSpec, *, stdout: int, stderr: int, extra_env: dict[str, s
     env.update(spec.environment)
     if extra_env:
         env.update(extra_env)
-    if spec.resource_limits:
-        kwargs["preexec_fn"] = _rlimit_setter(spec.resource_limits)
+    argv = list(spec.command)
+    if listen_fds:
+        env["LISTEN_FDS"] = str(len(listen_fds))
+        env["LISTEN_FDNAMES"] = ":".join(name for _, name in listen_fds)
+        env.pop("LISTEN_PID", None)
+        if shutil.which(argv[0], path=env.get("PATH", os.defpath)) is None:
+            raise SpawnError(f"command not found: {argv[0]}")
+        argv = [*_LISTEN_PID_WRAPPER, *argv]
+    if spec.resource_limits or listen_fds:
+        kwargs["preexec_fn"] = _child_setup(spec.resource_limits, [fd for fd, _ in listen_fds])
     try:
         popen = subprocess.Popen(
-            list(spec.command),
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
-            close_fds=True,
-            pass_fds=tuple(pass_fds),
+            close_fds=not listen_fds,
             cwd=spec.directory,
             env=env,
             start_new_session=True,

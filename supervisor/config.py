@@ -23,7 +23,7 @@ from herd.protocol import default_paths
 
 from .graph import Graph
 from .schema import ConfigError, ConfigErrors, Table
-from .spec import RLIMIT_NAMES, ReadySpec, RespawnLimit, ServiceSpec
+from .spec import RLIMIT_NAMES, ReadySpec, RespawnLimit, ServiceSpec, SocketSpec
 
 __all__ = [
     "Settings",
@@ -176,6 +176,36 @@ def _valid_address(address: str) -> bool:
     return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
 
 
+_SOCKET_NAME_RE = re.compile(r"^[A-Za-z0-9_.@+-]{1,255}$")
+
+
+def _read_sockets(t: Table, key: str, service: str) -> tuple[SocketSpec, ...]:
+    out: list[SocketSpec] = []
+    for sub in t.table_list(key):
+        if not sub.ok:
+            continue
+        path = sub.str("path", nonempty=True)
+        address = sub.str("address", nonempty=True)
+        name = sub.str("name", service, nonempty=True)
+        if name is not None and not _SOCKET_NAME_RE.match(name):
+            sub.error("name", f"{name!r} is not a valid socket name (letters, digits, '.', '_', '-'; no ':')")
+        mode = sub.octal("mode", 0o666)
+        group = sub.str_or_int("group")
+        backlog = sub.int("backlog", 128, min=1, max=65535)
+        if (path is None) == (address is None):
+            sub.error(None, 'needs exactly one of "path" (a Unix socket) or "address" ("host:port")')
+        elif path is not None and not path.startswith("/"):
+            sub.error("path", f"must be an absolute path, got {path!r}")
+        elif address is not None and not _valid_address(address):
+            sub.error("address", f'expected "host:port" with a port 1-65535, got {address!r}')
+        if address is not None and (sub.has("mode") or sub.has("group")):
+            sub.error(None, '"mode" and "group" apply to Unix sockets ("path") only')
+        sub.finish()
+        out.append(SocketSpec(name=name or service, path=path, address=address, mode=mode,
+                              group=group, backlog=backlog))
+    return tuple(out)
+
+
 def _read_rlimits(t: Table, key: str) -> tuple[tuple[str, int, int], ...]:
     sub = t.table(key)
     if sub is None or not sub.ok:
@@ -271,8 +301,12 @@ def read_service_table(t: Table, name: str, settings: Settings) -> ServiceSpec:
         log_max_size=t.int("log-max-size", 2 * 1024 * 1024, min=0),
         log_max_backups=t.int("log-max-backups", 3, min=0, max=1000),
         watchdog_sec=t.number("watchdog-sec", None, min=0, exclusive_min=True),
+        sockets=_read_sockets(t, "sockets", name),
+        activation=t.choice("activation", ("eager", "lazy"), "eager"),
         source=t.path,
     )
+    if spec.activation == "lazy" and not spec.sockets:
+        t.error("activation", '"lazy" needs at least one entry in "sockets"')
     if spec.watchdog_sec is not None and spec.ready.type != "notify":
         t.error("watchdog-sec", 'needs ready = { type = "notify" } (the watchdog is fed with WATCHDOG=1)')
     for env_name in dict(spec.environment):

@@ -265,8 +265,8 @@ class _Connection:
         action, name, args = req.action, req.service, req.args
         engine = self.engine
         if self.server.read_only and action not in READ_ACTIONS:
-            if action in WRITE_ACTIONS or (name and engine.graph.resolve(name)
-                                           and engine.lookup(name).spec.action(action)):
+            custom = engine.lookup(name).spec.action(action) if name and engine.graph.resolve(name) else None
+            if action in WRITE_ACTIONS or (custom is not None and not custom.read_only):
                 raise ProtocolError("read-only", f"{action!r} is not allowed on the read-only socket")
         if action == "ping":
             return engine.ping()

@@ -61,7 +61,7 @@ class Engine:
         for spec in config.services:
             path = Path(spec.log_file) if spec.log_file else log_dir / f"{spec.name}.log"
             self.services[spec.name] = Service(spec, log_path=path, hub=self.hub, publish=self._on_state,
-                                               notify_socket=notify_socket)
+                                               notify_socket=notify_socket, activate=self._activate)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run every service actor until cancelled."""
@@ -105,6 +105,15 @@ class Engine:
         finally:
             self._subscribers.discard(send)
             send.close()
+
+    async def _activate(self, service: Service) -> bool:
+        """A connection arrived on a lazy service's socket: start it (and its requirements)."""
+        try:
+            await self.start(service.name)
+            return True
+        except ProtocolError as exc:
+            log.warning("socket activation failed", service=service.name, error=exc.message)
+            return False
 
     # -- sd_notify -------------------------------------------------------------------------
 

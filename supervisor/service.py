@@ -26,11 +26,12 @@ import enum
 import errno
 import math
 import os
+import select
 import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from typing import Any
 import structlog
 import trio
 
-from . import _proc
+from . import _proc, _sockets
 from ._output import LogHub, LogLine, ServiceOutput
 from .spec import ServiceSpec
 
@@ -143,8 +144,13 @@ class Service:
     """The actor for one service.  Create, then run `run` in a nursery."""
 
     def __init__(self, spec: ServiceSpec, *, log_path: Path, hub: LogHub, publish: StatePublisher,
-                 notify_socket: Path | None = None) -> None:
+                 notify_socket: Path | None = None,
+                 activate: Callable[[Service], Awaitable[bool]] | None = None) -> None:
         self.spec = spec
+        self._activate = activate
+        self.listeners: list[socket.socket] = []
+        self._socket_error: str | None = None
+        self._changed = trio.Event()  # set (and replaced) at every state change
         self.notify_socket = notify_socket
         self.state = State.STOPPED
         self.since = time.time()
@@ -210,13 +216,49 @@ class Service:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         structlog.contextvars.bind_contextvars(service=self.name)
         try:
+            self._bind_sockets()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self.listeners and self.spec.activation == "lazy" and self._activate is not None:
+                    nursery.start_soon(self._activation_watch)
                 task_status.started()
                 async for msg in self._inbox:
                     self._handle(msg)
         finally:
             self.output.close()
+            for spec, sock in zip(self.spec.sockets, self.listeners):
+                _sockets.close(spec, sock)
+
+    def _bind_sockets(self) -> None:
+        for spec in self.spec.sockets:
+            try:
+                self.listeners.append(_sockets.bind(spec))
+            except OSError as exc:
+                self._socket_error = exc.strerror or str(exc)
+                log.error("cannot bind socket", error=self._socket_error)
+                for sock_spec, sock in zip(self.spec.sockets, self.listeners):
+                    _sockets.close(sock_spec, sock)
+                self.listeners = []
+                return
+
+    async def _activation_watch(self) -> None:
+        """Lazy activation: start on the first connection while stopped."""
+        while True:
+            while not (self.state is State.STOPPED and self.enabled):
+                await self._changed.wait()
+            async with trio.open_nursery() as race:
+                for sock in self.listeners:
+                    race.start_soon(_readable_then_cancel, sock, race.cancel_scope)
+                race.start_soon(_event_then_cancel, self._changed, race.cancel_scope)
+            if self.state is not State.STOPPED or not self.enabled:
+                continue
+            if not any(_has_pending(sock) for sock in self.listeners):
+                continue
+            self.output.note(f"Connection on a socket of {self.name}: starting it.")
+            assert self._activate is not None
+            if not await self._activate(self):  # failed: refuse what waits, don't spin
+                for sock in self.listeners:
+                    _drain(sock)
 
     def _post(self, msg: object) -> None:
         self._inbox_send.send_nowait(msg)
@@ -255,6 +297,8 @@ class Service:
             self._watchdog_scope.cancel()
             self._watchdog_scope = None
         self.state = new
+        self._changed.set()
+        self._changed = trio.Event()
         self.since = time.time()
         self.history.changes.append((new.value, self.since))
         self._publish(self, old, new, reason)
@@ -319,7 +363,11 @@ class Service:
                 out, err = self.output.writers(self._nursery)
                 if spec.ready.type == "pid-file":
                     _remove_stale(spec.ready.path)
-                child = _proc.spawn(spec, stdout=out, stderr=err, extra_env=self._extra_env())
+                if self._socket_error is not None:
+                    return False, self._socket_error
+                child = _proc.spawn(spec, stdout=out, stderr=err, extra_env=self._extra_env(),
+                                    listen_fds=[(sock.fileno(), s.name)
+                                                for sock, s in zip(self.listeners, spec.sockets)])
                 self.child = child
                 self._nursery.start_soon(self._monitor, child)
                 log.debug("spawned", pid=child.pid, command=list(spec.command))
@@ -626,6 +674,33 @@ class Service:
 
     def recent_log(self, n: int) -> list[LogLine]:
         return self.output.recent(n)
+
+
+async def _readable_then_cancel(sock: socket.socket, scope: trio.CancelScope) -> None:
+    await trio.lowlevel.wait_readable(sock)
+    scope.cancel()
+
+
+async def _event_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+def _has_pending(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def _drain(sock: socket.socket) -> None:
+    """Accept and close what queued up (after a failed activation)."""
+    sock.setblocking(False)
+    try:
+        while True:
+            conn, _ = sock.accept()
+            conn.close()
+    except OSError:
+        pass
+    finally:
+        sock.setblocking(True)
 
 
 def _remove_stale(path: str | None) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 __all__ = [
     "KillMode",
     "ReadySpec",
+    "SocketSpec",
     "RespawnLimit",
     "ActionSpec",
     "ActionContext",
@@ -70,6 +71,18 @@ class ReadySpec:
         if self.address is not None:
             out["address"] = self.address
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class SocketSpec:
+    """A listening socket the supervisor binds and passes (systemd-style)."""
+
+    name: str  # LISTEN_FDNAMES entry
+    path: str | None = None  # a Unix stream socket …
+    address: str | None = None  # … or a TCP "host:port"
+    mode: int = 0o666  # Unix sockets: file mode
+    group: str | int | None = None  # Unix sockets: owning group
+    backlog: int = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,12 +145,17 @@ class ServiceSpec:
     log_max_size: int = 2 * 1024 * 1024  # bytes; 0 = never rotate (virtlogd's default size)
     log_max_backups: int = 3
     watchdog_sec: float | None = None  # notify services: WATCHDOG=1 expected this often
+    sockets: tuple[SocketSpec, ...] = ()
+    activation: Literal["eager", "lazy"] = "eager"  # lazy: start on the first connection
     schedule: str | None = None
     actions: tuple[ActionSpec, ...] = ()
     start_hook: Hook | None = field(default=None, compare=False)
     stop_hook: Hook | None = field(default=None, compare=False)
     #: Extra facts for `status SERVICE` (under "details"); must be quick and not block.
     details_hook: DetailsHook | None = field(default=None, compare=False)
+    #: A service type's own settings (any value with equality): hooks are not
+    #: compared, so this is what tells a reload that a hook service changed.
+    parameters: Any = None
     #: Where the spec came from, for error messages ("services.web", "libvirt").
     source: str = ""
 
