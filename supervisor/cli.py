@@ -21,7 +21,7 @@ from . import __version__, _proc
 from ._logging import configure_logging
 from ._notify import sd_notify
 from ._notify_server import NotifyServer
-from .config import Config, Settings, describe_services, load_config, with_overrides
+from .config import Config, Settings, describe_services, load_config
 from .control import ControlServer, SocketInUse, bind_unix_socket
 from .engine import Engine
 from .schema import ConfigErrors
@@ -49,8 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     explicit = args.config is not None
     config_path = Path(args.config) if explicit else default_paths().config
+    overrides = {
+        "socket": Path(args.socket) if args.socket else None,
+        "status_socket": Path(args.status_socket) if args.status_socket else None,
+        "state_dir": Path(args.state_dir) if args.state_dir else None,
+        "log_dir": Path(args.log_dir) if args.log_dir else None,
+        "log_format": args.log_format,
+        "log_level": args.log_level,
+    }
     try:
-        config = load_config(config_path, missing_ok=not explicit)
+        config = load_config(config_path, missing_ok=not explicit, overrides=overrides)
     except ConfigErrors as exc:
         if not args.check:
             configure_logging(args.log_format, args.log_level or "info")
@@ -61,15 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             print(f"{config_path}: {len(exc.errors)} error(s)", file=sys.stderr)
         return 1
-    settings = with_overrides(
-        config.settings,
-        socket=Path(args.socket) if args.socket else None,
-        status_socket=Path(args.status_socket) if args.status_socket else None,
-        state_dir=Path(args.state_dir) if args.state_dir else None,
-        log_dir=Path(args.log_dir) if args.log_dir else None,
-        log_format=args.log_format,
-        log_level=args.log_level,
-    )
+    settings = config.settings
     if args.check:
         where = config.path or f"{config_path} (absent: no services)"
         print(f"{where}: valid, {len(config.services)} service(s)")

@@ -331,8 +331,12 @@ def parse_config(
     *,
     path: Path | None = None,
     service_types: dict[str, ServiceType] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> Config:
     """Validate a parsed TOML document.
+
+    `overrides` are command-line settings (``socket``, ``state_dir``, …; None
+    means not given): applied before service types build, so they see them.
 
     Raises:
         ConfigErrors: with every problem found, each naming its key path.
@@ -340,7 +344,7 @@ def parse_config(
     types = discover_service_types() if service_types is None else service_types
     errors: list[ConfigError] = []
     root = Table(document, "", errors)
-    settings = _read_settings(root.table("supervisor"))
+    settings = with_overrides(_read_settings(root.table("supervisor")), **(overrides or {}))
     context = BuildContext(settings=settings, config_path=path)
     specs: list[ServiceSpec] = []
 
@@ -379,7 +383,7 @@ def parse_config(
 
 
 def load_config(path: Path, *, service_types: dict[str, ServiceType] | None = None,
-                missing_ok: bool = False) -> Config:
+                missing_ok: bool = False, overrides: dict[str, Any] | None = None) -> Config:
     """Read and validate the configuration file at `path`.
 
     Raises:
@@ -389,7 +393,7 @@ def load_config(path: Path, *, service_types: dict[str, ServiceType] | None = No
         data = path.read_bytes()
     except FileNotFoundError:
         if missing_ok:
-            return parse_config({}, path=None, service_types=service_types)
+            return parse_config({}, path=None, service_types=service_types, overrides=overrides)
         raise ConfigErrors([ConfigError("", f"{path}: no such file")]) from None
     except OSError as exc:
         raise ConfigErrors([ConfigError("", f"{path}: {exc.strerror}")]) from None
@@ -399,7 +403,7 @@ def load_config(path: Path, *, service_types: dict[str, ServiceType] | None = No
         raise ConfigErrors([ConfigError("", f"{path}: not UTF-8 ({exc})")]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigErrors([ConfigError("", f"{path}: TOML syntax error: {exc}")]) from None
-    return parse_config(document, path=path, service_types=service_types)
+    return parse_config(document, path=path, service_types=service_types, overrides=overrides)
 
 
 def with_overrides(settings: Settings, **overrides: Any) -> Settings:

@@ -361,6 +361,9 @@ class Service:
                 # cancelled scope only acts at a checkpoint, so take one now.
                 await trio.lowlevel.checkpoint_if_cancelled()
                 out, err = self.output.writers(self._nursery)
+                if spec.prepare_hook is not None:
+                    await spec.prepare_hook(spec)
+                    await trio.lowlevel.checkpoint_if_cancelled()
                 if spec.ready.type == "pid-file":
                     _remove_stale(spec.ready.path)
                 if self._socket_error is not None:

@@ -149,6 +149,9 @@ class ServiceSpec:
     activation: Literal["eager", "lazy"] = "eager"  # lazy: start on the first connection
     schedule: str | None = None
     actions: tuple[ActionSpec, ...] = ()
+    #: Process services: runs before each spawn (write config files, create
+    #: directories); an exception fails the start with its message.
+    prepare_hook: Hook | None = field(default=None, compare=False)
     start_hook: Hook | None = field(default=None, compare=False)
     stop_hook: Hook | None = field(default=None, compare=False)
     #: Extra facts for `status SERVICE` (under "details"); must be quick and not block.
