@@ -99,7 +99,7 @@ class ServiceOutput:
         return self._pipes["stdout"][1], self._pipes["stderr"][1]
 
     async def _pump(self, stream: str, fd: int) -> None:
-        buf = b""
+        buf = bytearray()
         async with trio.lowlevel.FdStream(fd) as pipe:
             while True:
                 try:
@@ -109,14 +109,22 @@ class ServiceOutput:
                 if not data:
                     break
                 buf += data
-                while (i := buf.find(b"\n")) >= 0:
-                    self.emit(stream, buf[:i])
-                    buf = buf[i + 1:]
-                while len(buf) >= MAX_LINE:
-                    self.emit(stream, buf[:MAX_LINE])
-                    buf = buf[MAX_LINE:]
+                self._split(stream, buf)
         if buf:
-            self.emit(stream, buf)
+            self.emit(stream, bytes(buf))
+
+    def _split(self, stream: str, buf: bytearray) -> None:
+        """Emit every complete line of `buf`, cutting lines at MAX_LINE bytes."""
+        while True:
+            i = buf.find(b"\n", 0, MAX_LINE + 1)
+            if i >= 0:
+                self.emit(stream, bytes(buf[:i]))
+                del buf[:i + 1]
+            elif len(buf) >= MAX_LINE:
+                self.emit(stream, bytes(buf[:MAX_LINE]))
+                del buf[:MAX_LINE]
+            else:
+                return
 
     def close(self) -> None:
         for r, w in self._pipes.values():

@@ -281,7 +281,8 @@ class Engine:
 
         async with trio.open_nursery() as nursery:
             for svc in self.services.values():
-                if svc.spec.auto_start and svc.enabled:
+                # lazy socket-activated services start on their first connection
+                if svc.spec.auto_start and svc.enabled and svc.spec.activation != "lazy":
                     nursery.start_soon(one, svc)
 
     async def shutdown(self) -> list[str]:

@@ -348,6 +348,7 @@ class Service:
 
     async def _attempt_start(self) -> tuple[bool, str | None]:
         spec = self.spec
+        strays: _Strays | None = None
         try:
             with trio.fail_after(spec.start_timeout):
                 if spec.command is None:
@@ -366,6 +367,7 @@ class Service:
                     await trio.lowlevel.checkpoint_if_cancelled()
                 if spec.ready.type == "pid-file":
                     _remove_stale(spec.ready.path)
+                    strays = _Strays()
                 if self._socket_error is not None:
                     return False, self._socket_error
                 child = _proc.spawn(spec, stdout=out, stderr=err, extra_env=self._extra_env(),
@@ -380,14 +382,21 @@ class Service:
                     if child.status.code == 0:
                         return True, None
                     return False, child.status.describe()
-                return await self._wait_ready(child)
+                if strays is not None:
+                    strays.launcher = child
+                verdict = await self._wait_ready(child, strays)
         except trio.TooSlowError:
-            return False, f"not ready within {spec.start_timeout:g} s (start-timeout)"
+            verdict = False, f"not ready within {spec.start_timeout:g} s (start-timeout)"
         except _proc.SpawnError as exc:
             return False, str(exc)
         except Exception as exc:  # a start hook's own failure
             log.exception("start hook failed")
             return False, f"start failed: {exc}"
+        if strays is not None:
+            if not verdict[0]:  # a daemon that forked away must not outlive its failed start
+                await strays.kill()
+            strays.close()
+        return verdict
 
     def _extra_env(self) -> dict[str, str]:
         env: dict[str, str] = {}
@@ -402,7 +411,7 @@ class Service:
             await child.wait()
         self._post(_Exited(child))
 
-    async def _wait_ready(self, child: _proc.Child) -> tuple[bool, str | None]:
+    async def _wait_ready(self, child: _proc.Child, strays: _Strays | None = None) -> tuple[bool, str | None]:
         """Race the service's readiness against its main process exiting."""
         ready = self.spec.ready
         if ready.type == "started":
@@ -414,7 +423,7 @@ class Service:
                 await self._ready.wait()
             elif ready.type == "pid-file":
                 assert ready.path is not None
-                pid = await _wait_pid_file(ready.path)
+                pid = await _wait_pid_file(ready.path, strays.scan if strays is not None else None)
                 if pid != child.pid:  # a daemon that forked: supervise the real process
                     try:
                         adopted = _proc.Child.adopt(pid)
@@ -434,6 +443,8 @@ class Service:
             await child.exited.wait()
             assert child.status is not None
             if ready.type == "pid-file" and child.status.code == 0:
+                if strays is not None:
+                    strays.scan()  # its orphans were just re-parented to us
                 return  # the usual daemon fork: the parent exits 0, the pid file tells the rest
             result.append((False, f"{child.status.describe()} before it was ready"))
             cancel.cancel()
@@ -611,7 +622,9 @@ class Service:
         if child is not self.child:
             return  # a stale child (already replaced)
         assert child.status is not None
-        self.last_exit = child.status
+        if not (self.state is State.STARTING and self.spec.ready.type == "pid-file"
+                and child.status.code == 0):  # a forking launcher's exit is no news
+            self.last_exit = child.status
         self.child = None
         if self.state is State.RUNNING:
             self._on_crash(child.status)
@@ -679,6 +692,47 @@ class Service:
         return self.output.recent(n)
 
 
+class _Strays:
+    """Processes a starting pid-file service forked, found while it starts.
+
+    Held by pidfd, so a reused pid is never signalled.  Used only to clean up
+    after a failed start: a daemon that double-forked and called setsid is in
+    no process group or tree of ours any more.
+    """
+
+    def __init__(self) -> None:
+        self.before = set(_proc.own_children())
+        self.launcher: _proc.Child | None = None
+        self.fds: dict[int, int] = {}
+
+    def scan(self) -> None:
+        pids: set[int] = set()
+        if self.launcher is not None and self.launcher.alive:
+            pids.update(_proc.descendants(self.launcher.pid))
+        pids.update(set(_proc.own_children()) - self.before - _proc.owned_pids())
+        for pid in pids - self.fds.keys():
+            fd = _proc.pidfd_or_none(pid)
+            if fd is not None:
+                self.fds[pid] = fd
+
+    async def kill(self) -> None:
+        self.scan()
+        owned = _proc.owned_pids()  # adopted meanwhile by a service: not ours to kill
+        targets = [fd for pid, fd in self.fds.items() if pid not in owned]
+        for fd in targets:
+            try:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except OSError:
+                pass
+        with trio.move_on_after(KILL_WAIT):
+            await _proc.wait_pidfds_gone(targets)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
 async def _readable_then_cancel(sock: socket.socket, scope: trio.CancelScope) -> None:
     await trio.lowlevel.wait_readable(sock)
     scope.cancel()
@@ -714,10 +768,12 @@ def _remove_stale(path: str | None) -> None:
             pass
 
 
-async def _wait_pid_file(path: str) -> int:
+async def _wait_pid_file(path: str, on_poll: Callable[[], None] | None = None) -> int:
     """Poll until `path` holds the PID of a running process; return it."""
     delay = 0.01
     while True:
+        if on_poll is not None:
+            on_poll()
         try:
             with open(path) as f:
                 text = f.read().strip()
