@@ -74,9 +74,14 @@ def ancestors(pid: int, limit: int = 64) -> list[int]:
 class NotifyServer:
     """Receives notify datagrams and hands (sender pid, fields) to `route`."""
 
-    def __init__(self, path: Path, route: Callable[[int, dict[str, str]], None]) -> None:
+    def __init__(self, path: Path, route: Callable[[int, dict[str, str]], None], *,
+                 fd: int | None = None) -> None:
         self.path = path
         self.route = route
+        if fd is not None:  # handed over by the previous image (re-exec)
+            os.set_inheritable(fd, False)
+            self.sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+            return
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         try:
             if stat.S_ISSOCK(os.lstat(path).st_mode):

@@ -86,6 +86,7 @@ class ServiceOutput:
         self._fd = -1
         self._write_failed = False
         self._pipes: dict[str, tuple[int, int]] = {}
+        self._partial: dict[str, bytearray] = {}  # an unfinished last line, per stream
 
     # -- pipes ---------------------------------------------------------------------
 
@@ -98,8 +99,31 @@ class ServiceOutput:
                 nursery.start_soon(self._pump, stream, r)
         return self._pipes["stdout"][1], self._pipes["stderr"][1]
 
+    def resume(self, nursery: trio.Nursery) -> None:
+        """Start reading pipes handed over by a previous image (re-exec)."""
+        for stream, (r, _w) in self._pipes.items():
+            nursery.start_soon(self._pump, stream, r)
+
+    def handover(self) -> dict[str, object]:
+        """The pipes and unfinished lines, for the next image (re-exec)."""
+        return {
+            "pipes": {stream: [r, w] for stream, (r, w) in self._pipes.items()},
+            "partial": {stream: bytes(buf).hex() for stream, buf in self._partial.items() if buf},
+        }
+
+    def take_over(self, data: dict[str, object]) -> None:
+        pipes = data.get("pipes") or {}
+        partial = data.get("partial") or {}
+        assert isinstance(pipes, dict) and isinstance(partial, dict)
+        for stream, (r, w) in pipes.items():
+            os.set_inheritable(r, False)
+            os.set_inheritable(w, False)
+            self._pipes[stream] = (r, w)
+        for stream, hexed in partial.items():
+            self._partial[stream] = bytearray(bytes.fromhex(hexed))
+
     async def _pump(self, stream: str, fd: int) -> None:
-        buf = bytearray()
+        buf = self._partial.setdefault(stream, bytearray())
         async with trio.lowlevel.FdStream(fd) as pipe:
             while True:
                 try:
@@ -112,6 +136,7 @@ class ServiceOutput:
                 self._split(stream, buf)
         if buf:
             self.emit(stream, bytes(buf))
+            buf.clear()
 
     def _split(self, stream: str, buf: bytearray) -> None:
         """Emit every complete line of `buf`, cutting lines at MAX_LINE bytes."""

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, final
 
+import psutil
 import trio
 
 from .spec import RLIMIT_NAMES, ServiceSpec
@@ -76,15 +77,29 @@ class ExitStatus:
 class Child:
     """One process we supervise: its pid, a pidfd, and its exit once known."""
 
-    __slots__ = ("pid", "_pidfd", "exited", "status", "started_at")
+    __slots__ = ("pid", "_pidfd", "exited", "status", "_start_time")
 
     def __init__(self, pid: int, pidfd: int) -> None:
         self.pid = pid
         self._pidfd = pidfd
         self.exited = trio.Event()
         self.status: ExitStatus | None = None
-        self.started_at = time.time()
+        self._start_time: float | None = None
         _owned[pid] = self
+
+    @property
+    def pidfd(self) -> int:
+        return self._pidfd
+
+    @property
+    def start_time_ticks(self) -> float | None:
+        """The kernel's start time of the process (identifies it with its pid)."""
+        if self._start_time is None and self.status is None:
+            try:
+                self._start_time = psutil.Process(self.pid).create_time()
+            except psutil.Error:
+                pass
+        return self._start_time
 
     @classmethod
     def adopt(cls, pid: int) -> Child:

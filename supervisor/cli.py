@@ -9,18 +9,22 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import structlog
 import trio
 
-from herd.protocol import default_paths
+from herd.protocol import ProtocolError, default_paths
 
 from . import __version__, _proc
 from ._logging import configure_logging
 from ._notify import sd_notify
 from ._notify_server import NotifyServer
+from ._reexec import HELD_SIGNALS, check_new_image, exec_self, take_handover
+from ._state import StateStore
 from .config import Config, Settings, describe_services, load_config
 from .control import ControlServer, SocketInUse, bind_unix_socket
 from .engine import Engine
@@ -29,6 +33,9 @@ from .schema import ConfigErrors
 __all__ = ["main"]
 
 log = structlog.get_logger("supervisor")
+
+#: How long a re-exec waits for services in transition before it gives up.
+QUIESCE_TIMEOUT = 10.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,36 +87,51 @@ def main(argv: list[str] | None = None) -> int:
     if config.path is None:
         log.warning("no configuration file; running with no services", config=str(config_path))
     try:
-        return trio.run(_run, config, settings)
+        return trio.run(_run, config, settings, overrides)
     except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled inside
         return 130
 
 
-async def _run(config: Config, settings: Settings) -> int:
+async def _run(config: Config, settings: Settings, overrides: dict[str, Any]) -> int:
+    handover = take_handover()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
+        # Signals held across a re-exec are delivered now, to the receiver above.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
+        notify_path = settings.socket.parent / "notify.sock"
         try:
             settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
             settings.log_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-            rw = bind_unix_socket(settings.socket, group=settings.socket_group)
-            ro = bind_unix_socket(settings.status_socket,
-                                  group=settings.status_socket_group or settings.socket_group)
+            if handover is not None:
+                fds = handover["sockets"]
+                rw, ro = _socket_from_fd(fds["control"]), _socket_from_fd(fds["status"])
+                notify_fd: int | None = fds["notify"]
+            else:
+                rw = bind_unix_socket(settings.socket, group=settings.socket_group)
+                ro = bind_unix_socket(settings.status_socket,
+                                      group=settings.status_socket_group or settings.socket_group)
+                notify_fd = None
         except (SocketInUse, OSError, ValueError) as exc:
             log.error("cannot start", error=str(exc))
             print(f"supervisor: {exc}", file=sys.stderr)
             return 1
         if os.getpid() != 1:
             _proc.set_child_subreaper()
-        notify_path = settings.socket.parent / "notify.sock"
-        engine = Engine(config, log_dir=settings.log_dir, notify_socket=notify_path)
+        engine = Engine(config, log_dir=settings.log_dir, notify_socket=notify_path, overrides=overrides)
         try:
-            notify = NotifyServer(notify_path, engine.route_notify)
+            notify = NotifyServer(notify_path, engine.route_notify, fd=notify_fd)
         except OSError as exc:
             log.error("cannot create the notify socket", path=str(notify_path), error=str(exc))
             return 1
+        engine.restore(StateStore(settings.state_dir), handover)
+        if handover is not None:
+            log.info("resumed after re-exec", pid=os.getpid(),
+                     running=sum(1 for s in engine.services.values() if s.child is not None))
+        reexec = Reexec(engine, settings.state_dir, {"control": rw, "status": ro, "notify": notify.sock})
         async with trio.open_nursery() as nursery:
             await nursery.start(notify.serve)
             await nursery.start(engine.run)
-            await nursery.start(ControlServer(engine, rw, read_only=False, path=settings.socket).serve)
+            await nursery.start(ControlServer(engine, rw, read_only=False, path=settings.socket,
+                                              on_reexec=reexec).serve)
             await nursery.start(ControlServer(engine, ro, read_only=True, path=settings.status_socket).serve)
             nursery.start_soon(_reap_orphans)
             log.info("ready", version=__version__, pid=os.getpid(), services=len(engine.services),
@@ -126,14 +148,80 @@ async def _run(config: Config, settings: Settings) -> int:
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     log.info("shutting down", signal=signal.Signals(signum).name)
                     break
-                log.warning("signal not supported by this version yet; ignored",
-                            signal=signal.Signals(signum).name)
+                if signum == signal.SIGHUP:
+                    nursery.start_soon(_reload, engine)
+                elif signum == signal.SIGUSR1:
+                    nursery.start_soon(reexec.on_signal)
             sd_notify("STOPPING=1")
             boot.cancel()
             stopped = await engine.shutdown()
             log.info("all services stopped", order=stopped)
             nursery.cancel_scope.cancel()
     return 0
+
+
+def _socket_from_fd(fd: int) -> trio.socket.SocketType:
+    os.set_inheritable(fd, False)
+    return trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+
+
+class Reexec:
+    """Re-execute in place: check the new image, wait for calm, hand over, exec."""
+
+    def __init__(self, engine: Engine, state_dir: Path, sockets: dict[str, Any]) -> None:
+        self.engine = engine
+        self.state_dir = state_dir
+        self.sockets = sockets
+        self._lock = trio.Lock()
+
+    async def prepare(self) -> None:
+        """Everything that can fail, before anything is touched.
+
+        Raises:
+            ProtocolError: the new image fails its check, or services stay busy.
+        """
+        if self._lock.locked():
+            raise ProtocolError("action-failed", "a re-exec is already under way")
+        async with self._lock:
+            await check_new_image()
+            with trio.move_on_after(QUIESCE_TIMEOUT):
+                while self.engine.busy():
+                    await trio.sleep(0.01)
+            busy = self.engine.busy()
+            if busy:
+                raise ProtocolError("action-failed",
+                                    f"re-exec refused: still starting or stopping after "
+                                    f"{QUIESCE_TIMEOUT:g} s: {', '.join(busy)}")
+
+    def execute(self) -> None:
+        """Hand over and exec (returns only if exec itself failed)."""
+        services = self.engine.handover()
+        sockets = {name: sock.fileno() for name, sock in self.sockets.items()}
+        fds = list(sockets.values())
+        for passed in services.values():
+            if passed["pidfd"] is not None:
+                fds.append(passed["pidfd"])
+            fds.extend(passed["listeners"])
+            fds.extend(fd for pair in passed["output"]["pipes"].values() for fd in pair)
+        exec_self(self.state_dir, {"version": 1, "sockets": sockets, "services": services}, fds)
+
+    async def on_signal(self) -> None:
+        if self._lock.locked():  # the re-exec under way will pick up the same new code
+            log.info("re-exec already under way; SIGUSR1 merged into it")
+            return
+        try:
+            await self.prepare()
+        except ProtocolError as exc:
+            log.error("re-exec refused", reason=exc.message)
+            return
+        self.execute()
+
+
+async def _reload(engine: Engine) -> None:
+    try:
+        await engine.reload()
+    except Exception as exc:  # already logged with its details; keep running
+        log.warning("reload on SIGHUP failed", error=str(exc))
 
 
 async def _reap_orphans() -> None:

@@ -114,6 +114,7 @@ class ControlServer:
         self.read_only = read_only
         self.path = path
         self.clients = 0
+        self.reexec = on_reexec  # supervisor.cli.Reexec or None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listener = trio.SocketListener(self.sock)
@@ -298,8 +299,22 @@ class _Connection:
             if action == "restart":
                 return await engine.restart(name)  # type: ignore[arg-type]
             return await engine.set_enabled(name, action == "enable")  # type: ignore[arg-type]
-        if action in ("reload", "reexec") and (name is None or name == "root"):
-            raise ProtocolError("unsupported", f"'{action} root' is not supported by this version yet")
+        if action == "reload" and (name is None or name == "root"):
+            if len(args) > 1 or (args and not (isinstance(args[0], str) and args[0].startswith("/"))):
+                raise ProtocolError("bad-arguments", "usage: reload root [ABSOLUTE-FILE]")
+            return await engine.reload(Path(args[0]) if args else None)
+        if action == "reexec" and (name is None or name == "root"):
+            _no_args(req)
+            if self.server.reexec is None:
+                raise ProtocolError("unsupported", "re-exec is not available here")
+            await self.server.reexec.prepare()
+            say_ = "Re-executing the supervisor; every service keeps running."
+            self.send({"id": req.id, "ok": True, "result": {"reexec": True}, "messages": [say_]})
+            with trio.move_on_after(1):  # let the reply reach the client first
+                while self.queued:
+                    await trio.sleep(0.005)
+            self.server.reexec.execute()
+            return _STREAMED
         if name is None:
             raise ProtocolError("unknown-action", f"unknown action {action!r}")
         return await engine.custom_action(name, action, args)

@@ -25,7 +25,10 @@ from herd.protocol import ProtocolError
 from . import __version__
 from ._notify_server import ancestors, session_of
 from ._output import LogHub
-from .config import Config
+from . import _proc
+from ._state import StateStore, same_process
+from .config import Config, load_config
+from .schema import ConfigErrors
 from .graph import Graph
 from .service import Outcome, Service, State
 from .spec import ActionContext
@@ -48,8 +51,11 @@ def say(text: str) -> None:
 class Engine:
     """Owns the service actors; the control server only calls its methods."""
 
-    def __init__(self, config: Config, *, log_dir: Path, notify_socket: Path | None = None) -> None:
+    def __init__(self, config: Config, *, log_dir: Path, notify_socket: Path | None = None,
+                 overrides: dict[str, Any] | None = None) -> None:
         self.config = config
+        self.overrides = overrides or {}
+        self.notify_socket = notify_socket
         self.graph: Graph = config.graph
         self.log_dir = log_dir
         self.hub = LogHub()
@@ -59,18 +65,150 @@ class Engine:
         self.shutting_down = False
         self.started_at = time.time()
         for spec in config.services:
-            path = Path(spec.log_file) if spec.log_file else log_dir / f"{spec.name}.log"
-            self.services[spec.name] = Service(spec, log_path=path, hub=self.hub, publish=self._on_state,
-                                               notify_socket=notify_socket, activate=self._activate)
+            self.services[spec.name] = self._new_service(spec)
+
+    def _new_service(self, spec: Any) -> Service:
+        path = Path(spec.log_file) if spec.log_file else self.log_dir / f"{spec.name}.log"
+        return Service(spec, log_path=path, hub=self.hub, publish=self._on_state,
+                       notify_socket=self.notify_socket, activate=self._activate)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run every service actor until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for service in self.services.values():
-                await nursery.start(service.run)
+                await nursery.start(self._run_actor, service)
             task_status.started()
             await trio.sleep_forever()
+
+    @staticmethod
+    async def _run_actor(service: Service, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            service.run_scope = scope
+            await service.run(task_status=task_status)
+
+    # -- taking over from a previous supervisor ----------------------------------------------
+
+    def restore(self, store: StateStore, handover: dict[str, Any] | None = None) -> None:
+        """Before `run`: read the service records; adopt what still runs.
+
+        After a re-exec, `handover` holds the open descriptors of each service
+        (pidfd, pipes, listening sockets), which are taken over as they are.
+        After a crash, a recorded PID is adopted only if the process with that
+        PID started when the record says (a reused PID is never adopted).
+        """
+        records = store.load()
+        handed: dict[str, Any] = (handover or {}).get("services", {})
+        for name, service in self.services.items():
+            service.store = store
+            record, passed = records.get(name), handed.get(name)
+            child = None
+            if passed is not None:
+                service.output.take_over(passed.get("output", {}))
+                service.take_over_listeners(passed.get("listeners", []))
+                if passed.get("pidfd") is not None:
+                    os.set_inheritable(passed["pidfd"], False)
+                    child = _proc.Child(passed["pid"], passed["pidfd"])
+            elif record is not None and record.get("pid") and service.spec.command is not None:
+                if same_process(record["pid"], record.get("pid-start")):
+                    try:
+                        child = _proc.Child.adopt(record["pid"])
+                        log.info("adopted a running service", service=name, pid=child.pid)
+                    except OSError:
+                        child = None
+                else:
+                    log.info("recorded process is gone", service=name, pid=record["pid"])
+            if record is not None or child is not None:
+                service.restore(record or {}, child)
+        for name, passed in handed.items():
+            if name not in self.services:  # dropped from the configuration meanwhile
+                log.warning("service no longer configured; its process is left alone",
+                            service=name, pid=passed.get("pid"))
+                for fd in [passed.get("pidfd"), *passed.get("listeners", []),
+                           *[f for pair in passed.get("output", {}).get("pipes", {}).values() for f in pair]]:
+                    if isinstance(fd, int):
+                        os.close(fd)
+
+    def handover(self) -> dict[str, Any]:
+        """Each service's open descriptors, for a re-exec (see `restore`)."""
+        out: dict[str, Any] = {}
+        for name, service in self.services.items():
+            child = service.child if service.child is not None and service.child.alive else None
+            out[name] = {
+                "pid": child.pid if child else None,
+                "pidfd": child.pidfd if child else None,
+                "output": service.output.handover(),
+                "listeners": [sock.fileno() for sock in service.listeners],
+            }
+        return out
+
+    def busy(self) -> list[str]:
+        """Services in the middle of a transition."""
+        return [n for n, s in self.services.items() if s.state in (State.STARTING, State.STOPPING)]
+
+    # -- reload --------------------------------------------------------------------------
+
+    async def reload(self, path: Path | None = None) -> dict[str, Any]:
+        """Apply a configuration file as a diff; an invalid one changes nothing.
+
+        Raises:
+            ProtocolError: ``config-error`` with every error (key paths), or
+                ``bad-arguments`` when there is no file to read.
+        """
+        self._check_running()
+        path = path or self.config.path
+        if path is None:
+            raise ProtocolError("bad-arguments", "no configuration file to reload; name one")
+        try:
+            config = load_config(path, overrides=self.overrides)
+        except ConfigErrors as exc:
+            log.warning("reload refused", config=str(path), errors=[str(e) for e in exc.errors])
+            raise ProtocolError("config-error", "\n".join(str(e) for e in exc.errors)) from None
+        new = {spec.name: spec for spec in config.services}
+        added = sorted(n for n in new if n not in self.services)
+        removed = [n for n in reversed(self.graph.order()) if n not in new]
+        changed = sorted(n for n in new if n in self.services
+                         and new[n] != (self.services[n].pending_spec or self.services[n].spec))
+        for name in removed:  # dependents first; nothing in the new graph requires them
+            service = self.services[name]
+            outcome = await service.stop()
+            if outcome.initiated:
+                say(f"Service {name} has been stopped.")
+        self.graph = config.graph
+        self.config = config
+        for name in removed:
+            service = self.services.pop(name)
+            if service.run_scope is not None:
+                service.run_scope.cancel()
+            say(f"Service {name} has been removed.")
+        assert self._nursery is not None
+        for name in added:
+            service = self._new_service(new[name])
+            self.services[name] = service
+            await self._nursery.start(self._run_actor, service)
+            say(f"Service {name} has been added.")
+        for name in changed:
+            outcome = await self.services[name].replace(new[name])
+            say(f"Service {name} has been updated." if outcome.initiated
+                else f"Service {name} will be replaced at its next restart.")
+        log.info("configuration reloaded", config=str(path), added=added, removed=removed, changed=changed)
+        failures: list[str] = []
+
+        async def start_new(name: str) -> None:
+            try:
+                await self.start(name, operator=False)
+            except ProtocolError as exc:
+                failures.append(exc.message)
+
+        async with trio.open_nursery() as nursery:
+            for name in added:
+                spec = new[name]
+                if spec.auto_start and spec.activation != "lazy":
+                    nursery.start_soon(start_new, name)
+        for message in failures:
+            say(message)
+        return {"config": str(path), "added": added, "removed": removed, "changed": changed,
+                "pending": sorted(n for n in changed if self.services[n].pending_spec is not None)}
 
     # -- events --------------------------------------------------------------------------
 
@@ -109,7 +247,7 @@ class Engine:
     async def _activate(self, service: Service) -> bool:
         """A connection arrived on a lazy service's socket: start it (and its requirements)."""
         try:
-            await self.start(service.name)
+            await self.start(service.name, operator=False)
             return True
         except ProtocolError as exc:
             log.warning("socket activation failed", service=service.name, error=exc.message)
@@ -154,8 +292,10 @@ class Engine:
 
     # -- operations ----------------------------------------------------------------------
 
-    async def start(self, name: str) -> dict[str, Any]:
+    async def start(self, name: str, *, operator: bool = True) -> dict[str, Any]:
         """Start a service and, first, what it requires.
+
+        `operator`: asked for by a person (recorded as the service's intent).
 
         Raises:
             ProtocolError: ``disabled`` or ``start-failed``.
@@ -163,7 +303,7 @@ class Engine:
         self._check_running()
         service = self.lookup(name)
         started: list[str] = []
-        outcome = await self._start(service, started, as_requirement=False, chain=())
+        outcome = await self._start(service, started, as_requirement=False, chain=(), operator=operator)
         if not outcome.ok:
             raise ProtocolError(outcome.code or "start-failed", outcome.message)
         if not started:
@@ -173,7 +313,7 @@ class Engine:
                 "pid": service.child.pid if service.child is not None else None}
 
     async def _start(self, service: Service, started: list[str], *, as_requirement: bool,
-                     chain: tuple[str, ...]) -> Outcome:
+                     chain: tuple[str, ...], operator: bool = False) -> Outcome:
         if as_requirement and service.is_up:
             return Outcome(True)
         failures: list[Outcome] = []
@@ -196,7 +336,7 @@ class Engine:
                            message=f"{service.name}: requirement {', '.join(not_up)} is not running")
         if self.shutting_down:
             return Outcome(False, code="shutting-down", message="the supervisor is shutting down")
-        outcome = await service.start(as_requirement=as_requirement)
+        outcome = await service.start(as_requirement=as_requirement, operator=operator)
         if outcome.ok and outcome.initiated:
             started.append(service.name)
             say(f"Service {service.name} has been started." if not service.spec.one_shot
@@ -209,19 +349,19 @@ class Engine:
         """Stop a service, its running dependents first."""
         service = self.lookup(name)
         stopped: list[str] = []
-        await self._stop(service, stopped)
+        await self._stop(service, stopped, operator=True)
         if not stopped:
             say(f"Service {service.name} is not running.")
         return {"service": service.name, "stopped": stopped}
 
-    async def _stop(self, service: Service, stopped: list[str]) -> None:
+    async def _stop(self, service: Service, stopped: list[str], *, operator: bool = False) -> None:
         dependents = [self.services[d] for d in self.graph.dependents(service.name)]
         active = [d for d in dependents if d.state is not State.STOPPED or d.one_shot_done]
         if active:
             async with trio.open_nursery() as nursery:
                 for dep in active:
                     nursery.start_soon(self._stop, dep, stopped)
-        outcome = await service.stop()
+        outcome = await service.stop(operator=operator)
         if outcome.initiated:
             stopped.append(service.name)
             say(f"Service {service.name} has been stopped.")
@@ -275,15 +415,26 @@ class Engine:
         """Start every auto-start service (in parallel, requirements first)."""
         async def one(svc: Service) -> None:
             try:
-                await self.start(svc.name)
+                await self.start(svc.name, operator=False)
             except ProtocolError as exc:
                 log.warning("auto-start failed", service=svc.name, error=exc.message)
 
+        held_down = self._held_down()
         async with trio.open_nursery() as nursery:
             for svc in self.services.values():
-                # lazy socket-activated services start on their first connection
-                if svc.spec.auto_start and svc.enabled and svc.spec.activation != "lazy":
+                # lazy socket-activated services start on their first connection;
+                # an operator's stop (persisted) holds a service and its dependents down
+                if (svc.spec.auto_start and svc.enabled and svc.spec.activation != "lazy"
+                        and svc.name not in held_down):
                     nursery.start_soon(one, svc)
+
+    def _held_down(self) -> set[str]:
+        """Services stopped by an operator, and everything that requires them."""
+        down = {n for n, s in self.services.items() if s.intent == "down"}
+        for name in self.graph.order():  # requirements come first
+            if any(r in down for r in self.graph.requirements(name)):
+                down.add(name)
+        return down
 
     async def shutdown(self) -> list[str]:
         """Stop every service, dependents first; return the stop order."""

@@ -41,6 +41,7 @@ import trio
 
 from . import _proc, _sockets
 from ._output import LogHub, LogLine, ServiceOutput
+from ._state import StateStore
 from .spec import ServiceSpec
 
 __all__ = ["State", "Outcome", "Service"]
@@ -93,17 +94,25 @@ class _Reply:
 class _Start:
     reply: _Reply
     as_requirement: bool
+    operator: bool = False  # an operator asked for this service by name
 
 
 @dataclass(slots=True)
 class _Stop:
     reply: _Reply
+    operator: bool = False
 
 
 @dataclass(slots=True)
 class _SetEnabled:
     reply: _Reply
     enabled: bool
+
+
+@dataclass(slots=True)
+class _Replace:
+    reply: _Reply
+    spec: ServiceSpec
 
 
 @dataclass(slots=True)
@@ -147,6 +156,10 @@ class Service:
                  notify_socket: Path | None = None,
                  activate: Callable[[Service], Awaitable[bool]] | None = None) -> None:
         self.spec = spec
+        self.pending_spec: ServiceSpec | None = None  # a reload's new definition, applied when stopped
+        self.intent: str | None = None  # "up"/"down": what an operator last asked for (persisted)
+        self.store: StateStore | None = None
+        self.run_scope: trio.CancelScope | None = None  # cancelled to unregister the service
         self._activate = activate
         self.listeners: list[socket.socket] = []
         self._socket_error: str | None = None
@@ -186,14 +199,20 @@ class Service:
 
     # -- the public, thin helpers (called from other tasks) -------------------------
 
-    async def start(self, *, as_requirement: bool = False) -> Outcome:
+    async def start(self, *, as_requirement: bool = False, operator: bool = False) -> Outcome:
         reply = _Reply()
-        self._inbox_send.send_nowait(_Start(reply, as_requirement))
+        self._inbox_send.send_nowait(_Start(reply, as_requirement, operator))
         return await reply.wait()
 
-    async def stop(self) -> Outcome:
+    async def stop(self, *, operator: bool = False) -> Outcome:
         reply = _Reply()
-        self._inbox_send.send_nowait(_Stop(reply))
+        self._inbox_send.send_nowait(_Stop(reply, operator))
+        return await reply.wait()
+
+    async def replace(self, spec: ServiceSpec) -> Outcome:
+        """Install a new definition: now if stopped, else at the next (re)start."""
+        reply = _Reply()
+        self._inbox_send.send_nowait(_Replace(reply, spec))
         return await reply.wait()
 
     async def set_enabled(self, enabled: bool) -> Outcome:
@@ -221,6 +240,9 @@ class Service:
                 self._nursery = nursery
                 if self.listeners and self.spec.activation == "lazy" and self._activate is not None:
                     nursery.start_soon(self._activation_watch)
+                if self.child is not None:  # adopted at start-up (crash recovery, re-exec)
+                    nursery.start_soon(self._monitor, self.child)
+                    self.output.resume(nursery)
                 task_status.started()
                 async for msg in self._inbox:
                     self._handle(msg)
@@ -229,7 +251,15 @@ class Service:
             for spec, sock in zip(self.spec.sockets, self.listeners):
                 _sockets.close(spec, sock)
 
+    def take_over_listeners(self, fds: list[int]) -> None:
+        """Listening sockets handed over by a previous image (re-exec)."""
+        for fd in fds:
+            os.set_inheritable(fd, False)
+            self.listeners.append(socket.socket(fileno=fd))
+
     def _bind_sockets(self) -> None:
+        if self.listeners:  # taken over from a previous image
+            return
         for spec in self.spec.sockets:
             try:
                 self.listeners.append(_sockets.bind(spec))
@@ -265,9 +295,18 @@ class Service:
 
     def _handle(self, msg: object) -> None:
         match msg:
-            case _Start(reply, as_requirement):
+            case _Start(reply, as_requirement, operator):
+                # An operator's start is remembered; any other start (a dependent
+                # pulling it up, a connection) lifts an earlier operator's stop.
+                intent = "up" if operator else (None if self.intent == "down" else self.intent)
+                if intent != self.intent:
+                    self.intent = intent
+                    self.save()
                 self._on_start(reply, as_requirement)
-            case _Stop(reply):
+            case _Stop(reply, operator):
+                if operator and self.intent != "down":
+                    self.intent = "down"
+                    self.save()
                 self._on_stop(reply)
             case _SetEnabled(reply, enabled):
                 self.enabled = enabled
@@ -276,8 +315,14 @@ class Service:
                     self.history.respawn_mono.clear()
                 else:
                     self.disabled_reason = "disabled by the operator"
+                self.save()
                 self._publish(self, self.state, self.state, "enabled" if enabled else "disabled")
                 reply.set(Outcome(True, initiated=True))
+            case _Replace(reply, spec):
+                self.pending_spec = spec if spec != self.spec else None
+                if self.state is State.STOPPED:
+                    self._apply_pending_spec()
+                reply.set(Outcome(True, initiated=self.pending_spec is None))
             case _Exited(child):
                 self._on_exited(child)
             case _Notify(pid, fields):
@@ -293,6 +338,8 @@ class Service:
 
     def _set_state(self, new: State, reason: str | None = None) -> None:
         old = self.state
+        if new is State.STOPPED:
+            self._apply_pending_spec()
         if new is not State.RUNNING and self._watchdog_scope is not None:
             self._watchdog_scope.cancel()
             self._watchdog_scope = None
@@ -301,6 +348,7 @@ class Service:
         self._changed = trio.Event()
         self.since = time.time()
         self.history.changes.append((new.value, self.since))
+        self.save()
         self._publish(self, old, new, reason)
 
     # -- start -------------------------------------------------------------------------
@@ -322,7 +370,24 @@ class Service:
             self._start_waiters.append(reply)
             self._begin_start(reply, delay=0.0, reason="start requested")
 
+    def _apply_pending_spec(self) -> None:
+        """Switch to a reload's definition (only between runs: no process is up)."""
+        new = self.pending_spec
+        if new is None:
+            return
+        self.pending_spec = None
+        old, self.spec = self.spec, new
+        self.output.max_size, self.output.max_backups = new.log_max_size, new.log_max_backups
+        if new.sockets != old.sockets:
+            for sock_spec, sock in zip(old.sockets, self.listeners):
+                _sockets.close(sock_spec, sock)
+            self.listeners, self._socket_error = [], None
+            self._bind_sockets()
+        self.output.note(f"Service {self.name}: new definition in effect.")
+        log.info("replacement applied")
+
     def _begin_start(self, initiator: _Reply | None, *, delay: float, reason: str) -> None:
+        self._apply_pending_spec()
         self._gen += 1
         self._initiator = initiator
         self._failing = None
@@ -652,6 +717,56 @@ class Service:
         times.append(now)
         self._begin_start(None, delay=spec.respawn_delay, reason=f"{what}; respawning")
 
+    # -- persistence ------------------------------------------------------------------
+
+    def record(self) -> dict[str, Any]:
+        """What a later supervisor needs to know of this service (TOML-able)."""
+        child = self.child if self.child is not None and self.child.alive else None
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "since": self.since,
+            "enabled": self.enabled,
+            "disabled-reason": None if self.enabled else self.disabled_reason,
+            "intent": self.intent,
+            "pid": child.pid if child else None,
+            "pid-start": child.start_time_ticks if child else None,
+            "one-shot-done": self.one_shot_done,
+            "last-exit": self.last_exit.to_json() if self.last_exit else None,
+            "last-failure": self.last_failure,
+            "respawns": list(self.history.respawns),
+            "startup-failures": list(self.history.startup_failures),
+        }
+
+    def save(self) -> None:
+        if self.store is not None:
+            self.store.save(self.name, self.record())
+
+    def restore(self, record: dict[str, Any], child: _proc.Child | None) -> None:
+        """Take over a previous supervisor's record (before `run`).
+
+        `child` is the still-running main process, already verified (same pid
+        and start time) and opened by pidfd; None when it is gone.
+        """
+        self.enabled = bool(record.get("enabled", True))
+        self.disabled_reason = record.get("disabled-reason") if not self.enabled else None
+        self.intent = record.get("intent")
+        self.last_failure = record.get("last-failure")
+        self.history.respawns.extend(record.get("respawns", []))
+        self.history.startup_failures.extend(record.get("startup-failures", []))
+        exit_ = record.get("last-exit")
+        if isinstance(exit_, dict):
+            sig = exit_.get("signal")
+            signum = getattr(signal.Signals, sig, None) if isinstance(sig, str) else None
+            self.last_exit = _proc.ExitStatus(exit_.get("code"), int(signum) if signum else None,
+                                              float(exit_.get("time", 0)))
+        if child is not None:
+            self.child = child
+            self.state = State.RUNNING
+            self.since = float(record.get("since", time.time()))
+        elif self.spec.one_shot and record.get("one-shot-done"):
+            self.one_shot_done = True
+
     # -- snapshot ----------------------------------------------------------------------
 
     def snapshot(self, *, log_lines: int = 0) -> dict[str, Any]:
@@ -677,6 +792,7 @@ class Service:
             "last-failure": self.last_failure,
             "log-file": str(self.output.path) if spec.command is not None else None,
             "actions": [a.name for a in spec.actions],
+            "replacement-pending": self.pending_spec is not None,
             "documentation": spec.documentation,
         }
         if log_lines:

@@ -1,0 +1,99 @@
+"""Re-executing the supervisor in place (SIGUSR1, `herd reexec root`).
+
+Before anything is touched, the new image is tried in a child process (it
+must import and accept the configuration: ``--check``); if not, the re-exec
+is refused and the running supervisor goes on.  Then every descriptor that
+must survive (control, status and notify sockets; each service's pidfd, log
+pipes and listening sockets) is made inheritable, described in
+``STATE_DIR/reexec.toml``, and the same command line is executed again.
+The process keeps its PID, so every service stays our child.
+
+Signals that would act on the supervisor are *blocked* (not ignored) across
+the exec: one that arrives in between stays pending and is handled by the
+new image once it listens for signals.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Final, NoReturn
+
+import structlog
+import trio
+
+from herd.protocol import ProtocolError
+
+from ._state import REEXEC_ENV, read_toml, write_atomic
+
+__all__ = ["HELD_SIGNALS", "check_new_image", "exec_self", "take_handover"]
+
+log = structlog.get_logger("supervisor.reexec")
+
+HELD_SIGNALS: Final = {signal.SIGUSR1, signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+CHECK_TIMEOUT: Final = 60.0
+
+
+def _argv() -> list[str]:
+    argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+    argv[0] = sys.executable
+    return argv
+
+
+async def check_new_image() -> None:
+    """Run the new code with ``--check`` in a child process.
+
+    Raises:
+        ProtocolError: ``action-failed`` with what the check printed.
+    """
+    argv = [*_argv(), "--check"]
+    try:
+        with trio.fail_after(CHECK_TIMEOUT):
+            result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False,
+                                            stdin=b"")
+    except trio.TooSlowError:
+        raise ProtocolError("action-failed", f"re-exec refused: the check of the new image took over "
+                                             f"{CHECK_TIMEOUT:g} s") from None
+    except OSError as exc:
+        raise ProtocolError("action-failed", f"re-exec refused: cannot run the new image: {exc}") from None
+    if result.returncode != 0:
+        text = (result.stdout + result.stderr).decode(errors="replace").strip().splitlines()
+        detail = " | ".join(text[-5:]) or f"exit status {result.returncode}"
+        log.error("re-exec refused: the new image failed its check", output=detail)
+        raise ProtocolError("action-failed", f"re-exec refused: the new image failed its check: {detail}")
+
+
+def exec_self(state_dir: Path, handover: dict[str, Any], fds: list[int]) -> NoReturn:
+    """Write the hand-over, keep `fds` open, and execute the same command line."""
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    path = state_dir / "reexec.toml"
+    write_atomic(path, handover)
+    os.environ[REEXEC_ENV] = str(path)
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    log.info("re-executing", argv=_argv(), kept_fds=len(fds))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(sys.executable, _argv())
+    except OSError as exc:  # still us: undo and go on
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
+        for fd in fds:
+            os.set_inheritable(fd, False)
+        os.environ.pop(REEXEC_ENV, None)
+        raise ProtocolError("action-failed", f"exec failed: {exc}") from None
+
+
+def take_handover() -> dict[str, Any] | None:
+    """In the new image: the previous image's hand-over, if this is a re-exec."""
+    path = os.environ.pop(REEXEC_ENV, None)
+    if not path:
+        return None
+    data = read_toml(Path(path))
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    return data

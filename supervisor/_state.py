@@ -1,0 +1,109 @@
+"""What outlives the supervisor process: per-service records and the re-exec hand-over.
+
+* ``STATE_DIR/services/NAME.toml``: one small file per service, rewritten
+  atomically (temp + rename) when the service changes.  It keeps the
+  operator's intent (``herd stop``/``disable``) across a supervisor restart,
+  and the main PID with its start time, so a supervisor started after a
+  crash re-adopts running services and never mistakes a reused PID.
+* ``STATE_DIR/reexec.toml``: written just before a re-exec; the new image
+  reads it (its path arrives in ``SUPERVISOR_REEXEC_STATE``) to take over the
+  open descriptors (sockets, pipes, pidfds) and the runtime history.
+
+Both are TOML, written with tomli-w and read with tomllib.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Final
+
+import psutil
+import structlog
+import tomli_w
+
+__all__ = ["REEXEC_ENV", "StateStore", "process_start_time", "same_process", "write_atomic", "read_toml"]
+
+REEXEC_ENV: Final = "SUPERVISOR_REEXEC_STATE"
+
+
+def write_atomic(path: Path, data: dict[str, Any], mode: int = 0o600) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, tomli_w.dumps(_clean(data)).encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_toml(path: Path) -> dict[str, Any] | None:
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return None
+
+
+def _clean(value: Any) -> Any:
+    """TOML has no null: drop None values (recursively)."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value if v is not None]
+    return value
+
+
+def process_start_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError):
+        return None
+
+
+def same_process(pid: int, start_time: float | None) -> bool:
+    """True when `pid` is alive (not a zombie) and started at `start_time`."""
+    if not pid or start_time is None:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and abs(proc.create_time() - start_time) < 0.05
+    except (psutil.Error, OSError):
+        return False
+
+
+class StateStore:
+    """The per-service records under ``STATE_DIR/services``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir / "services"
+        self.failed = False
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        records: dict[str, dict[str, Any]] = {}
+        try:
+            paths = sorted(self.dir.glob("*.toml"))
+        except OSError:
+            return records
+        for path in paths:
+            data = read_toml(path)
+            if data and isinstance(data.get("name"), str):
+                records[data["name"]] = data
+        return records
+
+    def save(self, name: str, record: dict[str, Any]) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_atomic(self.dir / f"{name}.toml", record)
+            self.failed = False
+        except OSError as exc:
+            if not self.failed:  # say it once; the service runs on regardless
+                self.failed = True
+                structlog.get_logger("supervisor.state").warning(
+                    "cannot save service state", service=name, error=str(exc))
+
+    def forget(self, name: str) -> None:
+        try:
+            (self.dir / f"{name}.toml").unlink()
+        except OSError:
+            pass
