@@ -144,20 +144,63 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any]) ->
                     await engine.autostart()
 
             nursery.start_soon(autostart)
-            async for signum in signals:
-                if signum in (signal.SIGTERM, signal.SIGINT):
-                    log.info("shutting down", signal=signal.Signals(signum).name)
-                    break
-                if signum == signal.SIGHUP:
-                    nursery.start_soon(_reload, engine)
-                elif signum == signal.SIGUSR1:
-                    nursery.start_soon(reexec.on_signal)
+
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    if signum in (signal.SIGTERM, signal.SIGINT):
+                        log.info("shutting down", signal=signal.Signals(signum).name)
+                        reexec.request_shutdown("exit")
+                    elif signum == signal.SIGHUP:
+                        nursery.start_soon(_reload, engine)
+                    elif signum == signal.SIGUSR1:
+                        nursery.start_soon(reexec.on_signal)
+
+            nursery.start_soon(watch_signals)
+            await reexec.shutdown.wait()
             sd_notify("STOPPING=1")
             boot.cancel()
             stopped = await engine.shutdown()
             log.info("all services stopped", order=stopped)
+            if os.getpid() == 1:
+                await _terminate_strays()
             nursery.cancel_scope.cancel()
+    if os.getpid() == 1 and reexec.how in ("power-off", "reboot", "halt"):
+        _reboot(reexec.how)
     return 0
+
+
+async def _terminate_strays(grace: float = 5.0) -> None:
+    """As PID 1: SIGTERM every other process, wait `grace`, then SIGKILL."""
+    def others() -> list[int]:
+        return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != 1]
+
+    if not others():
+        return
+    log.info("terminating stray processes", count=len(others()))
+    os.kill(-1, signal.SIGTERM)
+    with trio.move_on_after(grace):
+        while others():
+            _proc.reap_orphans()
+            await trio.sleep(0.05)
+    if others():
+        log.warning("stray processes survived SIGTERM; sending SIGKILL", count=len(others()))
+        os.kill(-1, signal.SIGKILL)
+        with trio.move_on_after(2):
+            while others():
+                _proc.reap_orphans()
+                await trio.sleep(0.05)
+
+
+def _reboot(how: str) -> None:
+    """reboot(2): power off, restart or halt (only meaningful as PID 1)."""
+    import ctypes
+
+    cmd = {"power-off": 0x4321FEDC, "reboot": 0x01234567, "halt": 0xCDEF0123}[how]
+    os.sync()
+    log.info("system going down", how=how)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.reboot(ctypes.c_int(cmd)) != 0:
+        log.error("reboot(2) failed", how=how, errno=ctypes.get_errno())
 
 
 def _socket_from_fd(fd: int) -> trio.socket.SocketType:
@@ -173,6 +216,14 @@ class Reexec:
         self.state_dir = state_dir
         self.sockets = sockets
         self._lock = trio.Lock()
+        self.shutdown = trio.Event()
+        self.how = "exit"
+
+    def request_shutdown(self, how: str) -> None:
+        """Stop every service and exit ("exit"), or then power off/reboot/halt as PID 1."""
+        if not self.shutdown.is_set():
+            self.how = how
+            self.shutdown.set()
 
     async def prepare(self) -> None:
         """Everything that can fail, before anything is touched.

@@ -39,7 +39,7 @@ from herd.protocol import (
 )
 
 from . import __version__
-from .engine import MESSAGES, Engine
+from .engine import MESSAGES, Engine, say
 
 __all__ = ["ControlServer", "bind_unix_socket", "SocketInUse"]
 
@@ -290,6 +290,17 @@ class _Connection:
         if action == "subscribe":
             _no_args(req)
             return await self._subscribe(req)
+        if name == "root" and action in ("stop", "power-off", "reboot", "halt"):
+            _no_args(req)
+            if self.server.reexec is None:
+                raise ProtocolError("unsupported", f"{action!r} root is not available here")
+            how = "exit" if action == "stop" else action
+            if how != "exit" and os.getpid() != 1:
+                raise ProtocolError("action-failed", f"{action!r} needs the supervisor to be PID 1")
+            self.server.reexec.request_shutdown(how)
+            say("Stopping every service; the supervisor then exits."
+                if how == "exit" else f"Stopping every service, then {action}.")
+            return {"shutdown": how}
         if action in ("start", "stop", "restart", "enable", "disable"):
             _no_args(req)
             if action == "start":
