@@ -16,6 +16,7 @@ import signal
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,17 @@ def _read_settings(table: Table | None) -> Settings:
     return settings
 
 
+def check_schedule(expression: str) -> str | None:
+    """None when `expression` is a valid cron expression, else what is wrong."""
+    from cronsim import CronSim, CronSimError
+
+    try:
+        CronSim(expression, datetime.now().astimezone())
+    except (CronSimError, ValueError) as exc:
+        return f"not a valid cron expression ({exc}): {expression!r}"
+    return None
+
+
 def _read_ready(t: Table, key: str) -> ReadySpec:
     sub = t.table(key)
     if sub is None or not sub.ok:
@@ -269,7 +281,9 @@ def read_service_table(t: Table, name: str, settings: Settings) -> ServiceSpec:
         sgroups = None
     schedule = t.str("schedule", nonempty=True)
     if schedule is not None:
-        t.error("schedule", "timers are not supported by this version yet (see issue 7)")
+        problem = check_schedule(schedule)
+        if problem:
+            t.error("schedule", problem)
     log_file = t.str("log-file", nonempty=True)
     if log_file is not None and not log_file.startswith("/"):
         t.error("log-file", f"must be an absolute path, got {log_file!r}")
@@ -301,10 +315,19 @@ def read_service_table(t: Table, name: str, settings: Settings) -> ServiceSpec:
         log_max_size=t.int("log-max-size", 2 * 1024 * 1024, min=0),
         log_max_backups=t.int("log-max-backups", 3, min=0, max=1000),
         watchdog_sec=t.number("watchdog-sec", None, min=0, exclusive_min=True),
+        schedule=schedule,
+        max_duration=t.number("max-duration", None, min=0, exclusive_min=True),
         sockets=_read_sockets(t, "sockets", name),
         activation=t.choice("activation", ("eager", "lazy"), "eager"),
         source=t.path,
     )
+    if spec.schedule is not None:
+        for key, bad in (("one-shot", spec.one_shot), ("sockets", bool(spec.sockets)),
+                         ("ready", spec.ready.type != "started")):
+            if bad:
+                t.error(key, "does not apply to a timer (a service with \"schedule\")")
+    elif spec.max_duration is not None:
+        t.error("max-duration", 'applies to timers only (needs "schedule")')
     if spec.activation == "lazy" and not spec.sockets:
         t.error("activation", '"lazy" needs at least one entry in "sockets"')
     if spec.watchdog_sec is not None and spec.ready.type != "notify":

@@ -396,6 +396,14 @@ class Engine:
 
     async def custom_action(self, name: str, action: str, args: list[Any]) -> Any:
         service = self.lookup(name)
+        if action == "trigger" and service.spec.schedule is not None and service.spec.action(action) is None:
+            if args:
+                raise ProtocolError("bad-arguments", "trigger takes no arguments")
+            outcome = await service.trigger()
+            if not outcome.ok:
+                raise ProtocolError(outcome.code or "action-failed", outcome.message)
+            say(f"Timer {service.name} triggered (PID {service.child.pid if service.child else '?'}).")
+            return {"service": service.name, "pid": service.child.pid if service.child else None}
         spec = service.spec.action(action)
         if spec is None:
             known = ", ".join(a.name for a in service.spec.actions) or "none"

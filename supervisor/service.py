@@ -31,6 +31,7 @@ import signal
 import socket
 import time
 from collections import deque
+from datetime import datetime
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,12 @@ class _Replace:
 
 
 @dataclass(slots=True)
+class _Trigger:  # a timer's event, or `herd trigger`
+    reply: _Reply | None
+    scheduled: bool
+
+
+@dataclass(slots=True)
 class _Exited:  # private: a monitored child exited
     child: _proc.Child
 
@@ -180,6 +187,9 @@ class Service:
         self._ready = trio.Event()  # set by READY=1 during the current start attempt
         self._watchdog_deadline = math.inf
         self._watchdog_scope: trio.CancelScope | None = None
+        self._timer_scope: trio.CancelScope | None = None
+        self.next_run: float | None = None  # timers: the next event (epoch)
+        self.last_run: dict[str, Any] | None = None  # timers: start, end, code, signal, error
         self._publish = publish
         self._gen = 0
         self._start_waiters: list[_Reply] = []
@@ -213,6 +223,12 @@ class Service:
         """Install a new definition: now if stopped, else at the next (re)start."""
         reply = _Reply()
         self._inbox_send.send_nowait(_Replace(reply, spec))
+        return await reply.wait()
+
+    async def trigger(self) -> Outcome:
+        """Timers: run the command now (unless a run is in progress)."""
+        reply = _Reply()
+        self._inbox_send.send_nowait(_Trigger(reply, scheduled=False))
         return await reply.wait()
 
     async def set_enabled(self, enabled: bool) -> Outcome:
@@ -323,6 +339,8 @@ class Service:
                 if self.state is State.STOPPED:
                     self._apply_pending_spec()
                 reply.set(Outcome(True, initiated=self.pending_spec is None))
+            case _Trigger(reply, scheduled):
+                self._on_trigger(reply, scheduled)
             case _Exited(child):
                 self._on_exited(child)
             case _Notify(pid, fields):
@@ -340,6 +358,10 @@ class Service:
         old = self.state
         if new is State.STOPPED:
             self._apply_pending_spec()
+        if new is not State.RUNNING and self._timer_scope is not None:
+            self._timer_scope.cancel()
+            self._timer_scope = None
+            self.next_run = None
         if new is not State.RUNNING and self._watchdog_scope is not None:
             self._watchdog_scope.cancel()
             self._watchdog_scope = None
@@ -416,6 +438,9 @@ class Service:
         strays: _Strays | None = None
         try:
             with trio.fail_after(spec.start_timeout):
+                if spec.schedule is not None:  # a timer: being up means being armed
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    return True, None
                 if spec.command is None:
                     await trio.lowlevel.checkpoint_if_cancelled()
                     self._hook_ran = True
@@ -583,10 +608,14 @@ class Service:
                 pid = self.child.pid if self.child else None
                 self.output.note(f"Service {self.name} started" + (f" (PID {pid})." if pid else "."))
                 self._set_state(State.RUNNING, "started")
+                if self.spec.schedule is not None and self._nursery is not None:
+                    self._timer_scope = trio.CancelScope()
+                    self._nursery.start_soon(self._timer_loop, self._timer_scope)
                 if self.spec.watchdog_sec and self._nursery is not None:
                     self._nursery.start_soon(self._watchdog)
             self._reply_starts(Outcome(True))
-            if self.spec.command is not None and not self.spec.one_shot and self.child is None:
+            if (self.spec.command is not None and not self.spec.one_shot and self.spec.schedule is None
+                    and self.child is None):
                 assert self.last_exit is not None  # exited between readiness and now
                 self._on_crash(self.last_exit)
             return
@@ -687,6 +716,9 @@ class Service:
         if child is not self.child:
             return  # a stale child (already replaced)
         assert child.status is not None
+        if self.spec.schedule is not None and self.state is State.RUNNING:
+            self._on_run_finished(child)
+            return
         if not (self.state is State.STARTING and self.spec.ready.type == "pid-file"
                 and child.status.code == 0):  # a forking launcher's exit is no news
             self.last_exit = child.status
@@ -717,6 +749,90 @@ class Service:
         times.append(now)
         self._begin_start(None, delay=spec.respawn_delay, reason=f"{what}; respawning")
 
+    # -- timers ------------------------------------------------------------------------
+
+    async def _timer_loop(self, scope: trio.CancelScope) -> None:
+        """While armed: sleep until each event of the schedule, then trigger."""
+        from cronsim import CronSim
+
+        assert self.spec.schedule is not None
+        with scope:
+            while True:
+                now = datetime.now().astimezone()
+                self.next_run = next(CronSim(self.spec.schedule, now)).timestamp()
+                # Sleep in slices: the wall clock may be set while we sleep.
+                while (delay := self.next_run - time.time()) > 0:
+                    await trio.sleep(min(delay, 30.0))
+                self._post(_Trigger(None, scheduled=True))
+                await trio.sleep(0.001)  # the next event is strictly after this one
+
+    def _on_trigger(self, reply: _Reply | None, scheduled: bool) -> None:
+        def answer(outcome: Outcome) -> None:
+            if reply is not None:
+                reply.set(outcome)
+
+        if self.spec.schedule is None:
+            answer(Outcome(False, code="unknown-action", message=f"{self.name} is not a timer"))
+        elif self.state is not State.RUNNING:
+            answer(Outcome(False, code="action-failed",
+                           message=f"timer {self.name} is {self.state.value}; start it first"))
+        elif self.child is not None and self.child.alive:
+            what = f"a run of {self.name} (PID {self.child.pid}) is still in progress"
+            if scheduled:
+                self.output.note(f"Skipped this event: {what}.")
+            answer(Outcome(False, code="action-failed", message=what))
+        else:
+            self._start_run()
+            ok = self.child is not None
+            answer(Outcome(ok, initiated=ok, code=None if ok else "action-failed",
+                           message="" if ok else f"{self.name}: {(self.last_run or {}).get('error')}"))
+
+    def _start_run(self) -> None:
+        assert self._nursery is not None
+        started = time.time()
+        try:
+            out, err = self.output.writers(self._nursery)
+            child = _proc.spawn(self.spec, stdout=out, stderr=err)
+        except _proc.SpawnError as exc:
+            self.last_run = {"start": started, "end": started, "error": str(exc)}
+            self.output.note(f"Run of {self.name} failed to start: {exc}")
+            return
+        self.child = child
+        self.last_run = {"start": started, "pid": child.pid}
+        self.output.note(f"Run of {self.name} started (PID {child.pid}).")
+        self._nursery.start_soon(self._monitor, child)
+        if self.spec.max_duration is not None:
+            self._nursery.start_soon(self._run_deadline, child)
+        self._publish(self, self.state, self.state, "run started")
+
+    async def _run_deadline(self, child: _proc.Child) -> None:
+        assert self.spec.max_duration is not None
+        with trio.move_on_after(self.spec.max_duration):
+            await child.exited.wait()
+            return
+        self.output.note(f"Run of {self.name} exceeded max-duration "
+                         f"({self.spec.max_duration:g} s); stopping it.")
+        if self.last_run is not None and self.last_run.get("pid") == child.pid:
+            self.last_run["overrun"] = True
+        with trio.CancelScope(shield=True):
+            await terminate(child, self.spec, self.output.note)
+
+    def _on_run_finished(self, child: _proc.Child) -> None:
+        assert child.status is not None
+        self.child = None
+        self.last_exit = child.status
+        run = self.last_run if self.last_run is not None and self.last_run.get("pid") == child.pid else {}
+        run.update(end=child.status.time, **child.status.to_json())
+        run.pop("time", None)
+        self.last_run = run
+        self.output.note(f"Run of {self.name} {child.status.describe()}.")
+        self.save()
+        self._publish(self, self.state, self.state, f"run {child.status.describe()}")
+
+    def _timer_json(self) -> dict[str, Any]:
+        return {"schedule": self.spec.schedule, "next-run": self.next_run, "last-run": self.last_run,
+                "max-duration": self.spec.max_duration}
+
     # -- persistence ------------------------------------------------------------------
 
     def record(self) -> dict[str, Any]:
@@ -734,6 +850,7 @@ class Service:
             "one-shot-done": self.one_shot_done,
             "last-exit": self.last_exit.to_json() if self.last_exit else None,
             "last-failure": self.last_failure,
+            "last-run": self.last_run,
             "respawns": list(self.history.respawns),
             "startup-failures": list(self.history.startup_failures),
         }
@@ -752,6 +869,7 @@ class Service:
         self.disabled_reason = record.get("disabled-reason") if not self.enabled else None
         self.intent = record.get("intent")
         self.last_failure = record.get("last-failure")
+        self.last_run = record.get("last-run")
         self.history.respawns.extend(record.get("respawns", []))
         self.history.startup_failures.extend(record.get("startup-failures", []))
         exit_ = record.get("last-exit")
@@ -791,12 +909,15 @@ class Service:
             "startup-failures": list(self.history.startup_failures),
             "last-failure": self.last_failure,
             "log-file": str(self.output.path) if spec.command is not None else None,
-            "actions": [a.name for a in spec.actions],
+            "actions": [a.name for a in spec.actions] + (["trigger"] if spec.schedule else []),
             "replacement-pending": self.pending_spec is not None,
+            "timer": self._timer_json() if spec.schedule is not None else None,
             "documentation": spec.documentation,
         }
         if log_lines:
             out["recent-log"] = [line.to_json() for line in self.output.recent(log_lines)]
+            if spec.schedule is not None:
+                out["details"] = _timer_details(self._timer_json())
             if spec.details_hook is not None:
                 try:
                     out["details"] = spec.details_hook(spec)
@@ -806,6 +927,26 @@ class Service:
 
     def recent_log(self, n: int) -> list[LogLine]:
         return self.output.recent(n)
+
+
+def _timer_details(timer: dict[str, Any]) -> dict[str, Any]:
+    """A timer's facts in words, for `herd status NAME`."""
+    def when(t: float | None) -> str | None:
+        return datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds") if t else None
+
+    run = timer.get("last-run") or {}
+    if not run:
+        last = "never"
+    elif run.get("error"):
+        last = f"{when(run.get('start'))}: failed to start: {run['error']}"
+    elif "end" not in run:
+        last = f"{when(run.get('start'))}: running (PID {run.get('pid')})"
+    else:
+        how = f"signal {run['signal']}" if run.get("signal") else f"exit code {run.get('code')}"
+        took = float(run["end"]) - float(run.get("start", run["end"]))
+        last = f"{when(run.get('start'))}: {how} after {took:.1f} s" + (" (overran)" if run.get("overrun") else "")
+    return {"schedule": timer["schedule"], "next-run": when(timer.get("next-run")) or "not armed",
+            "last-run": last}
 
 
 class _Strays:

@@ -147,7 +147,8 @@ class ServiceSpec:
     watchdog_sec: float | None = None  # notify services: WATCHDOG=1 expected this often
     sockets: tuple[SocketSpec, ...] = ()
     activation: Literal["eager", "lazy"] = "eager"  # lazy: start on the first connection
-    schedule: str | None = None
+    schedule: str | None = None  # cron expression: a timer that runs `command` at each event
+    max_duration: float | None = None  # timers: a run taking longer is stopped
     actions: tuple[ActionSpec, ...] = ()
     #: Process services: runs before each spawn (write config files, create
     #: directories); an exception fails the start with its message.
