@@ -218,6 +218,15 @@ def _read_sockets(t: Table, key: str, service: str) -> tuple[SocketSpec, ...]:
     return tuple(out)
 
 
+def _read_stay_down(t: Table, key: str) -> tuple[tuple[int, str], ...]:
+    value = t.raw(key, [])
+    if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in value):
+        t.error(key, f"expected an array of exit codes 0-255, got {value!r}")
+        return ()
+    return tuple((code, f"exited with code {code}, listed in {key}") for code in sorted(set(value)))
+
+
 def _read_rlimits(t: Table, key: str) -> tuple[tuple[str, int, int], ...]:
     sub = t.table(key)
     if sub is None or not sub.ok:
@@ -297,6 +306,7 @@ def read_service_table(t: Table, name: str, settings: Settings) -> ServiceSpec:
         respawn=t.bool("respawn", True),
         respawn_limit=limit,
         respawn_delay=t.number("respawn-delay", 0.1, min=0),
+        stay_down_exits=_read_stay_down(t, "stay-down-exit-codes"),
         one_shot=t.bool("one-shot", False),
         user=t.str_or_int("user"),
         group=t.str_or_int("group"),

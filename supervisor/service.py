@@ -732,6 +732,12 @@ class Service:
         self.output.note(f"Service {self.name} {what}.")
         log.info("process exited", status=what)
         spec = self.spec
+        reasons = dict(spec.stay_down_exits)
+        if status.code is not None and status.code in reasons:
+            self.status_text = reasons[status.code]
+            self.output.note(f"Service {self.name} stays down: {reasons[status.code]}.")
+            self._set_state(State.STOPPED, reasons[status.code])
+            return
         if not spec.respawn or not self.enabled:
             self._set_state(State.STOPPED, what)
             return

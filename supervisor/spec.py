@@ -127,6 +127,9 @@ class ServiceSpec:
     respawn: bool = True
     respawn_limit: RespawnLimit = RespawnLimit()
     respawn_delay: float = 0.1
+    #: Exit codes that mean "not needed here" (s6's permanent failure): no
+    #: respawn, and status says why (code → reason).
+    stay_down_exits: tuple[tuple[int, str], ...] = ()
     one_shot: bool = False
     user: str | int | None = None
     group: str | int | None = None
