@@ -504,12 +504,23 @@ class Service:
     async def _wait_ready(self, child: _proc.Child, strays: _Strays | None = None) -> tuple[bool, str | None]:
         """Race the service's readiness against its main process exiting."""
         ready = self.spec.ready
-        if ready.type == "started":
+        hook = self.spec.ready_hook
+        if ready.type == "started" and hook is None:
             return True, None
         result: list[tuple[bool, str | None]] = []
 
         async def probe(cancel: trio.CancelScope) -> None:
-            if ready.type == "notify":
+            if hook is not None:
+                try:
+                    await hook(self.spec, child.pid)
+                except Exception as exc:  # the hook's failure is the start's
+                    log.warning("readiness step failed", error=str(exc))
+                    result.append((False, str(exc) or type(exc).__name__))
+                    cancel.cancel()
+                    return
+            elif ready.type == "started":
+                pass
+            elif ready.type == "notify":
                 await self._ready.wait()
             elif ready.type == "pid-file":
                 assert ready.path is not None
@@ -680,6 +691,17 @@ class Service:
 
     async def _stop_worker(self, gen: int, child: _proc.Child | None) -> None:
         with trio.CancelScope(shield=True):
+            if child is not None and child.alive and self.spec.stop_hook is not None:
+                try:  # ask first (e.g. ACPI power-down); signal only if it does not go
+                    with trio.fail_after(self.spec.stop_timeout):
+                        await self.spec.stop_hook(self.spec)
+                        await child.exited.wait()
+                except trio.TooSlowError:
+                    self.output.note(f"{self.name} did not stop by itself within "
+                                     f"{self.spec.stop_timeout:g} s; sending {signal.Signals(self.spec.stop_signal).name}.")
+                except Exception as exc:
+                    log.warning("stop hook failed", error=str(exc))
+                    self.output.note(f"Stop hook of {self.name} failed: {exc}")
             if child is not None and child.alive:
                 await terminate(child, self.spec, self.output.note)
             if self.spec.command is None and self._hook_ran and self.spec.stop_hook is not None:

@@ -97,6 +97,7 @@ class ActionContext:
 
 ActionHandler = Callable[[ActionContext, list[Any]], Awaitable[Any]]
 Hook = Callable[["ServiceSpec"], Awaitable[None]]
+ReadyHook = Callable[["ServiceSpec", int], Awaitable[None]]
 DetailsHook = Callable[["ServiceSpec"], dict[str, Any]]
 
 
@@ -157,6 +158,13 @@ class ServiceSpec:
     #: directories); an exception fails the start with its message.
     prepare_hook: Hook | None = field(default=None, compare=False)
     start_hook: Hook | None = field(default=None, compare=False)
+    #: Process services: after spawn, the service is ready when this returns
+    #: (given the spec and the main PID); an exception fails the start with
+    #: its message; a stop cancels it.  Bounded by start-timeout.
+    ready_hook: ReadyHook | None = field(default=None, compare=False)
+    #: Without a process: undoes start_hook.  With a process: asks it to stop
+    #: (e.g. ACPI power-down over QMP) before stop-signal; the process then has
+    #: stop-timeout to exit by itself before the signal is sent.
     stop_hook: Hook | None = field(default=None, compare=False)
     #: Extra facts for `status SERVICE` (under "details"); must be quick and not block.
     details_hook: DetailsHook | None = field(default=None, compare=False)
