@@ -22,18 +22,12 @@ Edges (source → target, and why):
 
 from __future__ import annotations
 
-import enum
-import errno
 import math
 import os
-import select
 import signal
 import socket
 import time
-from collections import deque
-from datetime import datetime
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,122 +35,44 @@ import structlog
 import trio
 
 from . import _proc, _sockets
+from ._actor import (
+    Outcome,
+    State,
+    _Exited,
+    _History,
+    _Notify,
+    _Replace,
+    _Reply,
+    _SetEnabled,
+    _Start,
+    _StartDone,
+    _Stop,
+    _StopDone,
+    _Trigger,
+)
 from ._output import LogHub, LogLine, ServiceOutput
+from ._probes import (
+    drain,
+    event_then_cancel,
+    has_pending,
+    probe_connect,
+    readable_then_cancel,
+    remove_stale,
+    wait_pid_file,
+)
 from ._state import StateStore
+from ._stopping import Strays, terminate
+from ._timers import TimerMixin, timer_details
 from .spec import ServiceSpec
 
 __all__ = ["State", "Outcome", "Service"]
 
 log = structlog.get_logger("supervisor.service")
 
-#: After SIGKILL, how long to wait for the processes to vanish.
-KILL_WAIT = 10.0
+StatePublisher = Callable[["Service", State, State, "str | None"], None]
 
 
-class State(enum.Enum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """The answer to a start or stop request."""
-
-    ok: bool
-    initiated: bool = False  # this request caused the transition
-    code: str | None = None  # protocol error code when not ok
-    message: str = ""
-
-
-class _Reply:
-    __slots__ = ("event", "outcome")
-
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.outcome: Outcome | None = None
-
-    def set(self, outcome: Outcome) -> None:
-        if not self.event.is_set():
-            self.outcome = outcome
-            self.event.set()
-
-    async def wait(self) -> Outcome:
-        await self.event.wait()
-        assert self.outcome is not None
-        return self.outcome
-
-
-# -- messages -------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Start:
-    reply: _Reply
-    as_requirement: bool
-    operator: bool = False  # an operator asked for this service by name
-
-
-@dataclass(slots=True)
-class _Stop:
-    reply: _Reply
-    operator: bool = False
-
-
-@dataclass(slots=True)
-class _SetEnabled:
-    reply: _Reply
-    enabled: bool
-
-
-@dataclass(slots=True)
-class _Replace:
-    reply: _Reply
-    spec: ServiceSpec
-
-
-@dataclass(slots=True)
-class _Trigger:  # a timer's event, or `herd trigger`
-    reply: _Reply | None
-    scheduled: bool
-
-
-@dataclass(slots=True)
-class _Exited:  # private: a monitored child exited
-    child: _proc.Child
-
-
-@dataclass(slots=True)
-class _Notify:  # an sd_notify datagram from one of this service's processes
-    pid: int
-    fields: dict[str, str]
-
-
-@dataclass(slots=True)
-class _StartDone:  # private: the start worker's verdict
-    gen: int
-    ok: bool
-    reason: str | None
-
-
-@dataclass(slots=True)
-class _StopDone:  # private: the stop worker is finished
-    gen: int
-
-
-StatePublisher = Callable[["Service", State, State, str | None], None]
-
-
-@dataclass(slots=True)
-class _History:
-    respawn_mono: deque[float] = field(default_factory=lambda: deque(maxlen=64))
-    respawns: deque[float] = field(default_factory=lambda: deque(maxlen=20))
-    startup_failures: deque[float] = field(default_factory=lambda: deque(maxlen=20))
-    changes: deque[tuple[str, float]] = field(default_factory=lambda: deque(maxlen=30))
-
-
-class Service:
+class Service(TimerMixin):
     """The actor for one service.  Create, then run `run` in a nursery."""
 
     def __init__(self, spec: ServiceSpec, *, log_path: Path, hub: LogHub, publish: StatePublisher,
@@ -294,17 +210,17 @@ class Service:
                 await self._changed.wait()
             async with trio.open_nursery() as race:
                 for sock in self.listeners:
-                    race.start_soon(_readable_then_cancel, sock, race.cancel_scope)
-                race.start_soon(_event_then_cancel, self._changed, race.cancel_scope)
+                    race.start_soon(readable_then_cancel, sock, race.cancel_scope)
+                race.start_soon(event_then_cancel, self._changed, race.cancel_scope)
             if self.state is not State.STOPPED or not self.enabled:
                 continue
-            if not any(_has_pending(sock) for sock in self.listeners):
+            if not any(has_pending(sock) for sock in self.listeners):
                 continue
             self.output.note(f"Connection on a socket of {self.name}: starting it.")
             assert self._activate is not None
             if not await self._activate(self):  # failed: refuse what waits, don't spin
                 for sock in self.listeners:
-                    _drain(sock)
+                    drain(sock)
 
     def _post(self, msg: object) -> None:
         self._inbox_send.send_nowait(msg)
@@ -435,7 +351,7 @@ class Service:
 
     async def _attempt_start(self) -> tuple[bool, str | None]:
         spec = self.spec
-        strays: _Strays | None = None
+        strays: Strays | None = None
         try:
             with trio.fail_after(spec.start_timeout):
                 if spec.schedule is not None:  # a timer: being up means being armed
@@ -456,8 +372,8 @@ class Service:
                     await spec.prepare_hook(spec)
                     await trio.lowlevel.checkpoint_if_cancelled()
                 if spec.ready.type == "pid-file":
-                    _remove_stale(spec.ready.path)
-                    strays = _Strays()
+                    remove_stale(spec.ready.path)
+                    strays = Strays()
                 if self._socket_error is not None:
                     return False, self._socket_error
                 child = _proc.spawn(spec, stdout=out, stderr=err, extra_env=self._extra_env(),
@@ -501,7 +417,7 @@ class Service:
             await child.wait()
         self._post(_Exited(child))
 
-    async def _wait_ready(self, child: _proc.Child, strays: _Strays | None = None) -> tuple[bool, str | None]:
+    async def _wait_ready(self, child: _proc.Child, strays: Strays | None = None) -> tuple[bool, str | None]:
         """Race the service's readiness against its main process exiting."""
         ready = self.spec.ready
         hook = self.spec.ready_hook
@@ -524,7 +440,7 @@ class Service:
                 await self._ready.wait()
             elif ready.type == "pid-file":
                 assert ready.path is not None
-                pid = await _wait_pid_file(ready.path, strays.scan if strays is not None else None)
+                pid = await wait_pid_file(ready.path, strays.scan if strays is not None else None)
                 if pid != child.pid:  # a daemon that forked: supervise the real process
                     try:
                         adopted = _proc.Child.adopt(pid)
@@ -536,7 +452,7 @@ class Service:
                     assert self._nursery is not None
                     self._nursery.start_soon(self._monitor, adopted)
             else:
-                await _probe_connect(ready.type, ready.address, ready.path)
+                await probe_connect(ready.type, ready.address, ready.path)
             result.append((True, None))
             cancel.cancel()
 
@@ -554,59 +470,6 @@ class Service:
             nursery.start_soon(probe, nursery.cancel_scope)
             nursery.start_soon(died, nursery.cancel_scope)
         return result[0]
-
-    def _on_notify(self, pid: int, fields: dict[str, str]) -> None:
-        if "STATUS" in fields:
-            self.status_text = fields["STATUS"] or None
-            self._publish(self, self.state, self.state, "status")
-        if "ERRNO" in fields and fields["ERRNO"].isdigit():
-            err = int(fields["ERRNO"])
-            self.last_failure = f"errno {err}: {os.strerror(err)}"
-        if fields.get("RELOADING") == "1":
-            self.output.note(f"Service {self.name} is reloading.")
-        if fields.get("STOPPING") == "1":
-            self.output.note(f"Service {self.name} is stopping on its own.")
-        if "MAINPID" in fields and fields["MAINPID"].isdigit():
-            self._adopt_main(int(fields["MAINPID"]), sender=pid)
-        if fields.get("READY") == "1" and self.state is State.STARTING:
-            self._ready.set()
-        if fields.get("WATCHDOG") == "1":
-            if self.spec.watchdog_sec:
-                self._watchdog_deadline = trio.current_time() + self.spec.watchdog_sec
-        elif fields.get("WATCHDOG") == "trigger" and self.child is not None:
-            self._watchdog_fire("the service asked for it (WATCHDOG=trigger)")
-
-    def _adopt_main(self, new_pid: int, *, sender: int) -> None:
-        if self.child is not None and self.child.pid == new_pid:
-            return
-        if self.child is not None and self.child.alive and sender != self.child.pid:
-            log.warning("MAINPID= ignored: not sent by the main process", sender=sender)
-            return
-        try:
-            adopted = _proc.Child.adopt(new_pid)
-        except (ProcessLookupError, OSError):
-            log.warning("MAINPID= names no running process", pid=new_pid)
-            return
-        self.child = adopted
-        assert self._nursery is not None
-        self._nursery.start_soon(self._monitor, adopted)
-
-    async def _watchdog(self) -> None:
-        assert self.spec.watchdog_sec
-        with trio.CancelScope() as scope:
-            self._watchdog_scope = scope
-            self._watchdog_deadline = trio.current_time() + self.spec.watchdog_sec
-            while True:
-                await trio.sleep_until(self._watchdog_deadline)
-                if trio.current_time() >= self._watchdog_deadline:
-                    self._watchdog_fire(f"no WATCHDOG=1 within {self.spec.watchdog_sec:g} s")
-                    return
-
-    def _watchdog_fire(self, why: str) -> None:
-        self.last_failure = f"watchdog: {why}"
-        self.output.note(f"Watchdog timeout for {self.name}: {why}; sending SIGABRT.")
-        if self.child is not None:
-            self.child.signal(signal.SIGABRT)
 
     def _on_start_done(self, ok: bool, reason: str | None) -> None:
         self._work_scope = None
@@ -777,89 +640,58 @@ class Service:
         times.append(now)
         self._begin_start(None, delay=spec.respawn_delay, reason=f"{what}; respawning")
 
-    # -- timers ------------------------------------------------------------------------
+    def _on_notify(self, pid: int, fields: dict[str, str]) -> None:
+        if "STATUS" in fields:
+            self.status_text = fields["STATUS"] or None
+            self._publish(self, self.state, self.state, "status")
+        if "ERRNO" in fields and fields["ERRNO"].isdigit():
+            err = int(fields["ERRNO"])
+            self.last_failure = f"errno {err}: {os.strerror(err)}"
+        if fields.get("RELOADING") == "1":
+            self.output.note(f"Service {self.name} is reloading.")
+        if fields.get("STOPPING") == "1":
+            self.output.note(f"Service {self.name} is stopping on its own.")
+        if "MAINPID" in fields and fields["MAINPID"].isdigit():
+            self._adopt_main(int(fields["MAINPID"]), sender=pid)
+        if fields.get("READY") == "1" and self.state is State.STARTING:
+            self._ready.set()
+        if fields.get("WATCHDOG") == "1":
+            if self.spec.watchdog_sec:
+                self._watchdog_deadline = trio.current_time() + self.spec.watchdog_sec
+        elif fields.get("WATCHDOG") == "trigger" and self.child is not None:
+            self._watchdog_fire("the service asked for it (WATCHDOG=trigger)")
 
-    async def _timer_loop(self, scope: trio.CancelScope) -> None:
-        """While armed: sleep until each event of the schedule, then trigger."""
-        from cronsim import CronSim
-
-        assert self.spec.schedule is not None
-        with scope:
-            while True:
-                now = datetime.now().astimezone()
-                self.next_run = next(CronSim(self.spec.schedule, now)).timestamp()
-                # Sleep in slices: the wall clock may be set while we sleep.
-                while (delay := self.next_run - time.time()) > 0:
-                    await trio.sleep(min(delay, 30.0))
-                self._post(_Trigger(None, scheduled=True))
-                await trio.sleep(0.001)  # the next event is strictly after this one
-
-    def _on_trigger(self, reply: _Reply | None, scheduled: bool) -> None:
-        def answer(outcome: Outcome) -> None:
-            if reply is not None:
-                reply.set(outcome)
-
-        if self.spec.schedule is None:
-            answer(Outcome(False, code="unknown-action", message=f"{self.name} is not a timer"))
-        elif self.state is not State.RUNNING:
-            answer(Outcome(False, code="action-failed",
-                           message=f"timer {self.name} is {self.state.value}; start it first"))
-        elif self.child is not None and self.child.alive:
-            what = f"a run of {self.name} (PID {self.child.pid}) is still in progress"
-            if scheduled:
-                self.output.note(f"Skipped this event: {what}.")
-            answer(Outcome(False, code="action-failed", message=what))
-        else:
-            self._start_run()
-            ok = self.child is not None
-            answer(Outcome(ok, initiated=ok, code=None if ok else "action-failed",
-                           message="" if ok else f"{self.name}: {(self.last_run or {}).get('error')}"))
-
-    def _start_run(self) -> None:
-        assert self._nursery is not None
-        started = time.time()
+    def _adopt_main(self, new_pid: int, *, sender: int) -> None:
+        if self.child is not None and self.child.pid == new_pid:
+            return
+        if self.child is not None and self.child.alive and sender != self.child.pid:
+            log.warning("MAINPID= ignored: not sent by the main process", sender=sender)
+            return
         try:
-            out, err = self.output.writers(self._nursery)
-            child = _proc.spawn(self.spec, stdout=out, stderr=err)
-        except _proc.SpawnError as exc:
-            self.last_run = {"start": started, "end": started, "error": str(exc)}
-            self.output.note(f"Run of {self.name} failed to start: {exc}")
+            adopted = _proc.Child.adopt(new_pid)
+        except (ProcessLookupError, OSError):
+            log.warning("MAINPID= names no running process", pid=new_pid)
             return
-        self.child = child
-        self.last_run = {"start": started, "pid": child.pid}
-        self.output.note(f"Run of {self.name} started (PID {child.pid}).")
-        self._nursery.start_soon(self._monitor, child)
-        if self.spec.max_duration is not None:
-            self._nursery.start_soon(self._run_deadline, child)
-        self._publish(self, self.state, self.state, "run started")
+        self.child = adopted
+        assert self._nursery is not None
+        self._nursery.start_soon(self._monitor, adopted)
 
-    async def _run_deadline(self, child: _proc.Child) -> None:
-        assert self.spec.max_duration is not None
-        with trio.move_on_after(self.spec.max_duration):
-            await child.exited.wait()
-            return
-        self.output.note(f"Run of {self.name} exceeded max-duration "
-                         f"({self.spec.max_duration:g} s); stopping it.")
-        if self.last_run is not None and self.last_run.get("pid") == child.pid:
-            self.last_run["overrun"] = True
-        with trio.CancelScope(shield=True):
-            await terminate(child, self.spec, self.output.note)
+    async def _watchdog(self) -> None:
+        assert self.spec.watchdog_sec
+        with trio.CancelScope() as scope:
+            self._watchdog_scope = scope
+            self._watchdog_deadline = trio.current_time() + self.spec.watchdog_sec
+            while True:
+                await trio.sleep_until(self._watchdog_deadline)
+                if trio.current_time() >= self._watchdog_deadline:
+                    self._watchdog_fire(f"no WATCHDOG=1 within {self.spec.watchdog_sec:g} s")
+                    return
 
-    def _on_run_finished(self, child: _proc.Child) -> None:
-        assert child.status is not None
-        self.child = None
-        self.last_exit = child.status
-        run = self.last_run if self.last_run is not None and self.last_run.get("pid") == child.pid else {}
-        run.update(end=child.status.time, **child.status.to_json())
-        run.pop("time", None)
-        self.last_run = run
-        self.output.note(f"Run of {self.name} {child.status.describe()}.")
-        self.save()
-        self._publish(self, self.state, self.state, f"run {child.status.describe()}")
-
-    def _timer_json(self) -> dict[str, Any]:
-        return {"schedule": self.spec.schedule, "next-run": self.next_run, "last-run": self.last_run,
-                "max-duration": self.spec.max_duration}
+    def _watchdog_fire(self, why: str) -> None:
+        self.last_failure = f"watchdog: {why}"
+        self.output.note(f"Watchdog timeout for {self.name}: {why}; sending SIGABRT.")
+        if self.child is not None:
+            self.child.signal(signal.SIGABRT)
 
     # -- persistence ------------------------------------------------------------------
 
@@ -945,7 +777,7 @@ class Service:
         if log_lines:
             out["recent-log"] = [line.to_json() for line in self.output.recent(log_lines)]
             if spec.schedule is not None:
-                out["details"] = _timer_details(self._timer_json())
+                out["details"] = timer_details(self._timer_json())
             if spec.details_hook is not None:
                 try:
                     out["details"] = spec.details_hook(spec)
@@ -955,200 +787,3 @@ class Service:
 
     def recent_log(self, n: int) -> list[LogLine]:
         return self.output.recent(n)
-
-
-def _timer_details(timer: dict[str, Any]) -> dict[str, Any]:
-    """A timer's facts in words, for `herd status NAME`."""
-    def when(t: float | None) -> str | None:
-        return datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds") if t else None
-
-    run = timer.get("last-run") or {}
-    if not run:
-        last = "never"
-    elif run.get("error"):
-        last = f"{when(run.get('start'))}: failed to start: {run['error']}"
-    elif "end" not in run:
-        last = f"{when(run.get('start'))}: running (PID {run.get('pid')})"
-    else:
-        how = f"signal {run['signal']}" if run.get("signal") else f"exit code {run.get('code')}"
-        took = float(run["end"]) - float(run.get("start", run["end"]))
-        last = f"{when(run.get('start'))}: {how} after {took:.1f} s" + (" (overran)" if run.get("overrun") else "")
-    return {"schedule": timer["schedule"], "next-run": when(timer.get("next-run")) or "not armed",
-            "last-run": last}
-
-
-class _Strays:
-    """Processes a starting pid-file service forked, found while it starts.
-
-    Held by pidfd, so a reused pid is never signalled.  Used only to clean up
-    after a failed start: a daemon that double-forked and called setsid is in
-    no process group or tree of ours any more.
-    """
-
-    def __init__(self) -> None:
-        self.before = set(_proc.own_children())
-        self.launcher: _proc.Child | None = None
-        self.fds: dict[int, int] = {}
-
-    def scan(self) -> None:
-        pids: set[int] = set()
-        if self.launcher is not None and self.launcher.alive:
-            pids.update(_proc.descendants(self.launcher.pid))
-        pids.update(set(_proc.own_children()) - self.before - _proc.owned_pids())
-        for pid in pids - self.fds.keys():
-            fd = _proc.pidfd_or_none(pid)
-            if fd is not None:
-                self.fds[pid] = fd
-
-    async def kill(self) -> None:
-        self.scan()
-        owned = _proc.owned_pids()  # adopted meanwhile by a service: not ours to kill
-        targets = [fd for pid, fd in self.fds.items() if pid not in owned]
-        for fd in targets:
-            try:
-                signal.pidfd_send_signal(fd, signal.SIGKILL)
-            except OSError:
-                pass
-        with trio.move_on_after(KILL_WAIT):
-            await _proc.wait_pidfds_gone(targets)
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
-
-async def _readable_then_cancel(sock: socket.socket, scope: trio.CancelScope) -> None:
-    await trio.lowlevel.wait_readable(sock)
-    scope.cancel()
-
-
-async def _event_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
-
-
-def _has_pending(sock: socket.socket) -> bool:
-    return bool(select.select([sock], [], [], 0)[0])
-
-
-def _drain(sock: socket.socket) -> None:
-    """Accept and close what queued up (after a failed activation)."""
-    sock.setblocking(False)
-    try:
-        while True:
-            conn, _ = sock.accept()
-            conn.close()
-    except OSError:
-        pass
-    finally:
-        sock.setblocking(True)
-
-
-def _remove_stale(path: str | None) -> None:
-    if path:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-
-
-async def _wait_pid_file(path: str, on_poll: Callable[[], None] | None = None) -> int:
-    """Poll until `path` holds the PID of a running process; return it."""
-    delay = 0.01
-    while True:
-        if on_poll is not None:
-            on_poll()
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-            if text.isdigit() and int(text) > 1 and os.path.exists(f"/proc/{int(text)}"):
-                return int(text)
-        except OSError:
-            pass
-        await trio.sleep(delay)
-        delay = min(delay * 2, 0.1)
-
-
-async def _probe_connect(kind: str, address: str | None, path: str | None) -> None:
-    """Return once a connection to the address succeeds (polls with backoff)."""
-    delay = 0.01
-    while True:
-        if kind == "tcp":
-            assert address is not None
-            host, _, port = address.rpartition(":")
-            family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-            sock = trio.socket.socket(family, socket.SOCK_STREAM)
-            target: Any = (host.strip("[]"), int(port))
-        else:
-            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            target = path
-        with sock:
-            try:
-                await sock.connect(target)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN, errno.ECONNRESET,
-                                     errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    raise
-        await trio.sleep(delay)
-        delay = min(delay * 2, 0.25)
-
-
-async def terminate(child: _proc.Child, spec: ServiceSpec, note: Callable[[str], None]) -> None:
-    """Stop a service's processes per its kill-mode; return when they are gone.
-
-    Sends `stop-signal`, waits `stop-timeout`, then SIGKILLs what is left.
-    """
-    mode = spec.kill_mode
-    extra: list[int] = []
-    if mode == "tree":
-        extra = _proc.descendants(child.pid)
-    elif mode == "process-group":
-        candidates = _proc.descendants(child.pid) + [
-            p for p in _proc.own_children() if p != child.pid
-        ]
-        pgid = child.pgid()
-        extra = _proc.process_group_members(pgid, candidates) if pgid is not None else []
-    fds = [fd for fd in map(_proc.pidfd_or_none, extra) if fd is not None]
-    try:
-        _signal_all(child, mode, fds, spec.stop_signal)
-        with trio.move_on_after(spec.stop_timeout) as scope:
-            await child.exited.wait()
-            await _proc.wait_pidfds_gone(fds)
-        if scope.cancelled_caught:
-            note(f"Grace period of {spec.stop_timeout:g} s is over; sending SIGKILL to {spec.name}.")
-            if mode == "tree" and child.alive:
-                for pid in _proc.descendants(child.pid):
-                    fd = _proc.pidfd_or_none(pid)
-                    if fd is not None:
-                        fds.append(fd)
-            _signal_all(child, mode, fds, signal.SIGKILL)
-            with trio.move_on_after(KILL_WAIT):
-                await child.exited.wait()
-                await _proc.wait_pidfds_gone(fds)
-    finally:
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
-def _signal_all(child: _proc.Child, mode: str, fds: list[int], sig: int) -> None:
-    if mode == "process-group":
-        child.signal_group(sig)
-    else:
-        child.signal(sig)
-    if mode != "process":
-        for fd in fds:
-            try:
-                signal.pidfd_send_signal(fd, sig)
-            except OSError:
-                pass
-    if sig != signal.SIGKILL:
-        # a stopped (SIGSTOP) process must run to act on the signal
-        if mode == "process-group":
-            child.signal_group(signal.SIGCONT)
-        else:
-            child.signal(signal.SIGCONT)

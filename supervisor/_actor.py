@@ -1,0 +1,122 @@
+"""The vocabulary of a service actor: states, outcomes, replies, messages.
+
+Messages from other tasks (`_Start`, `_Stop`, …) carry a one-shot `_Reply`;
+private ones from the actor's own workers (`_StartDone`, `_StopDone`,
+`_Exited`) carry a generation number so a stale report is ignored.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+import trio
+
+from . import _proc
+from .spec import ServiceSpec
+
+__all__ = ["State", "Outcome"]
+
+
+class State(enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The answer to a start or stop request."""
+
+    ok: bool
+    initiated: bool = False  # this request caused the transition
+    code: str | None = None  # protocol error code when not ok
+    message: str = ""
+
+
+class _Reply:
+    __slots__ = ("event", "outcome")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.outcome: Outcome | None = None
+
+    def set(self, outcome: Outcome) -> None:
+        if not self.event.is_set():
+            self.outcome = outcome
+            self.event.set()
+
+    async def wait(self) -> Outcome:
+        await self.event.wait()
+        assert self.outcome is not None
+        return self.outcome
+
+
+# -- messages -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Start:
+    reply: _Reply
+    as_requirement: bool
+    operator: bool = False  # an operator asked for this service by name
+
+
+@dataclass(slots=True)
+class _Stop:
+    reply: _Reply
+    operator: bool = False
+
+
+@dataclass(slots=True)
+class _SetEnabled:
+    reply: _Reply
+    enabled: bool
+
+
+@dataclass(slots=True)
+class _Replace:
+    reply: _Reply
+    spec: ServiceSpec
+
+
+@dataclass(slots=True)
+class _Trigger:  # a timer's event, or `herd trigger`
+    reply: _Reply | None
+    scheduled: bool
+
+
+@dataclass(slots=True)
+class _Exited:  # private: a monitored child exited
+    child: _proc.Child
+
+
+@dataclass(slots=True)
+class _Notify:  # an sd_notify datagram from one of this service's processes
+    pid: int
+    fields: dict[str, str]
+
+
+@dataclass(slots=True)
+class _StartDone:  # private: the start worker's verdict
+    gen: int
+    ok: bool
+    reason: str | None
+
+
+@dataclass(slots=True)
+class _StopDone:  # private: the stop worker is finished
+    gen: int
+
+
+
+
+@dataclass(slots=True)
+class _History:
+    respawn_mono: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    respawns: deque[float] = field(default_factory=lambda: deque(maxlen=20))
+    startup_failures: deque[float] = field(default_factory=lambda: deque(maxlen=20))
+    changes: deque[tuple[str, float]] = field(default_factory=lambda: deque(maxlen=30))
+

@@ -1,0 +1,122 @@
+"""Taking a service's processes down: per kill-mode, with a grace period.
+
+Also `Strays`: what a starting pid-file daemon forked away from us, killed
+if its start fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+
+import trio
+
+from . import _proc
+from .spec import ServiceSpec
+
+__all__ = ["terminate", "Strays", "KILL_WAIT"]
+
+#: After SIGKILL, how long to wait for the processes to vanish.
+KILL_WAIT = 10.0
+
+
+class Strays:
+    """Processes a starting pid-file service forked, found while it starts.
+
+    Held by pidfd, so a reused pid is never signalled.  Used only to clean up
+    after a failed start: a daemon that double-forked and called setsid is in
+    no process group or tree of ours any more.
+    """
+
+    def __init__(self) -> None:
+        self.before = set(_proc.own_children())
+        self.launcher: _proc.Child | None = None
+        self.fds: dict[int, int] = {}
+
+    def scan(self) -> None:
+        pids: set[int] = set()
+        if self.launcher is not None and self.launcher.alive:
+            pids.update(_proc.descendants(self.launcher.pid))
+        pids.update(set(_proc.own_children()) - self.before - _proc.owned_pids())
+        for pid in pids - self.fds.keys():
+            fd = _proc.pidfd_or_none(pid)
+            if fd is not None:
+                self.fds[pid] = fd
+
+    async def kill(self) -> None:
+        self.scan()
+        owned = _proc.owned_pids()  # adopted meanwhile by a service: not ours to kill
+        targets = [fd for pid, fd in self.fds.items() if pid not in owned]
+        for fd in targets:
+            try:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except OSError:
+                pass
+        with trio.move_on_after(KILL_WAIT):
+            await _proc.wait_pidfds_gone(targets)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+
+async def terminate(child: _proc.Child, spec: ServiceSpec, note: Callable[[str], None]) -> None:
+    """Stop a service's processes per its kill-mode; return when they are gone.
+
+    Sends `stop-signal`, waits `stop-timeout`, then SIGKILLs what is left.
+    """
+    mode = spec.kill_mode
+    extra: list[int] = []
+    if mode == "tree":
+        extra = _proc.descendants(child.pid)
+    elif mode == "process-group":
+        candidates = _proc.descendants(child.pid) + [
+            p for p in _proc.own_children() if p != child.pid
+        ]
+        pgid = child.pgid()
+        extra = _proc.process_group_members(pgid, candidates) if pgid is not None else []
+    fds = [fd for fd in map(_proc.pidfd_or_none, extra) if fd is not None]
+    try:
+        _signal_all(child, mode, fds, spec.stop_signal)
+        with trio.move_on_after(spec.stop_timeout) as scope:
+            await child.exited.wait()
+            await _proc.wait_pidfds_gone(fds)
+        if scope.cancelled_caught:
+            note(f"Grace period of {spec.stop_timeout:g} s is over; sending SIGKILL to {spec.name}.")
+            if mode == "tree" and child.alive:
+                for pid in _proc.descendants(child.pid):
+                    fd = _proc.pidfd_or_none(pid)
+                    if fd is not None:
+                        fds.append(fd)
+            _signal_all(child, mode, fds, signal.SIGKILL)
+            with trio.move_on_after(KILL_WAIT):
+                await child.exited.wait()
+                await _proc.wait_pidfds_gone(fds)
+    finally:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _signal_all(child: _proc.Child, mode: str, fds: list[int], sig: int) -> None:
+    if mode == "process-group":
+        child.signal_group(sig)
+    else:
+        child.signal(sig)
+    if mode != "process":
+        for fd in fds:
+            try:
+                signal.pidfd_send_signal(fd, sig)
+            except OSError:
+                pass
+    if sig != signal.SIGKILL:
+        # a stopped (SIGSTOP) process must run to act on the signal
+        if mode == "process-group":
+            child.signal_group(signal.SIGCONT)
+        else:
+            child.signal(signal.SIGCONT)
