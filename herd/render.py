@@ -217,7 +217,12 @@ def render_service(svc: SVC, *, now: float | None = None, color: bool = False) -
             lines.append(f"  Reason: {_sentence(tame(svc['disabled-reason']))}")
     lines.append(f"  Provides {_scheme_list(svc.get('provides') or [name])}.")
     lines.append(f"  Requires {_scheme_list(svc.get('requires') or [])}.")
-    lines.append("  Will be respawned." if svc.get("respawn") else "  Will not be respawned.")
+    if svc.get("timer"):
+        lines.append(f"  It is a timer (schedule {tame(str(svc['timer'].get('schedule')))}).")
+    else:
+        lines.append("  Will be respawned." if svc.get("respawn") else "  Will not be respawned.")
+    if svc.get("replacement-pending"):
+        lines.append("  A new definition is pending; it applies at the next restart.")
     if respawns:
         lines.append(f"  Last respawned on {when(respawns[-1])}.")
     last_exit = svc.get("last-exit")
