@@ -111,8 +111,9 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any]) ->
                                       group=settings.status_socket_group or settings.socket_group)
                 notify_fd = None
         except (SocketInUse, OSError, ValueError) as exc:
-            log.error("cannot start", error=str(exc))
-            print(f"supervisor: {exc}", file=sys.stderr)
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.error("cannot start", error=why)
+            print(f"supervisor: {why}", file=sys.stderr)
             return 1
         if os.getpid() != 1:
             _proc.set_child_subreaper()

@@ -71,7 +71,8 @@ def bind_unix_socket(path: Path, *, group: str | int | None) -> trio.socket.Sock
         OSError: the path cannot be created.
     """
     gid = _gid(group) if group is not None else None
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755 if os.getuid() == 0 else 0o700)
+    check_socket_dir(path.parent)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -102,6 +103,25 @@ def bind_unix_socket(path: Path, *, group: str | int | None) -> trio.socket.Sock
         os.chmod(path, 0o600)
     sock.listen(128)
     return sock
+
+
+def check_socket_dir(directory: Path) -> None:
+    """Refuse a socket directory someone else could tamper with.
+
+    It must be a real directory owned by us or root, and not writable by
+    group or others unless it has the sticky bit (like /tmp).
+
+    Raises:
+        OSError: naming the directory and what is wrong with it.
+    """
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(errno.ENOTDIR, f"socket directory {directory} is not a directory (a symlink?)")
+    if st.st_uid not in (0, os.getuid()):
+        raise OSError(errno.EPERM, f"socket directory {directory} belongs to uid {st.st_uid}, not to us")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise OSError(errno.EPERM, f"socket directory {directory} is writable by others "
+                                   f"(mode {stat.S_IMODE(st.st_mode):04o}); refusing")
 
 
 class ControlServer:
