@@ -374,14 +374,35 @@ def set_child_subreaper() -> bool:
         return False
 
 
-def reap_orphans() -> list[tuple[int, int]]:
-    """Reap zombie children that no `Child` owns; return (pid, raw status)."""
-    reaped = []
+#: A zombie child nobody owns is reaped only after it stayed unclaimed this
+#: long: a helper process that a hook runs (trio.run_process, subprocess.run)
+#: is our child too, and its owner collects it within milliseconds; reaping it
+#: first would steal its exit status.  An orphan waits for us forever.
+ORPHAN_GRACE: Final = 0.5
+
+
+def reap_orphans(seen: dict[int, float] | None = None, now: float = 0.0,
+                 grace: float = 0.0) -> tuple[list[tuple[int, int]], bool]:
+    """Reap zombie children that no `Child` owns and nobody claimed in `grace`.
+
+    `seen` remembers when each unowned zombie was first noticed (kept by the
+    caller between passes).  Returns the reaped (pid, raw status) pairs, and
+    whether zombies are still waiting for their grace period to end.
+    """
+    seen = {} if seen is None else seen
+    reaped: list[tuple[int, int]] = []
+    waiting = False
+    zombies = set()
     for pid in own_children():
         if pid in _owned:
             continue
         st = _stat(pid)
         if st is None or st[0] != "Z":
+            continue
+        zombies.add(pid)
+        first = seen.setdefault(pid, now)
+        if now - first < grace:
+            waiting = True
             continue
         try:
             got, status = os.waitpid(pid, os.WNOHANG)
@@ -389,4 +410,8 @@ def reap_orphans() -> list[tuple[int, int]]:
             continue
         if got:
             reaped.append((got, status))
-    return reaped
+            zombies.discard(pid)
+    for pid in list(seen):
+        if pid not in zombies:
+            del seen[pid]
+    return reaped, waiting

@@ -7,6 +7,7 @@ and orphan-reaping loops.  It runs in the foreground; it never daemonizes.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import socket
@@ -181,7 +182,7 @@ async def _terminate_strays(grace: float = 5.0) -> None:
     os.kill(-1, signal.SIGTERM)
     with trio.move_on_after(grace):
         while others():
-            _proc.reap_orphans()
+            _proc.reap_orphans()  # at shutdown every zombie is an orphan: no grace
             await trio.sleep(0.05)
     if others():
         log.warning("stray processes survived SIGTERM; sending SIGKILL", count=len(others()))
@@ -277,9 +278,13 @@ async def _reload(engine: Engine) -> None:
 
 
 async def _reap_orphans() -> None:
-    """Reap orphans re-parented to us (subreaper / PID 1), never an owned child."""
+    """Reap orphans re-parented to us (subreaper / PID 1), never an owned child,
+    and never a helper process before its owner had the chance to wait for it."""
+    seen: dict[int, float] = {}
     with trio.open_signal_receiver(signal.SIGCHLD) as sigchld:
-        _proc.reap_orphans()
-        async for _ in sigchld:
-            for pid, status in _proc.reap_orphans():
+        while True:
+            reaped, waiting = _proc.reap_orphans(seen, trio.current_time(), _proc.ORPHAN_GRACE)
+            for pid, status in reaped:
                 log.debug("reaped orphan", pid=pid, status=status)
+            with trio.move_on_after(_proc.ORPHAN_GRACE if waiting else math.inf):
+                await sigchld.__anext__()

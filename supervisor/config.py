@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import re
+import shlex
 import signal
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
@@ -455,4 +456,8 @@ def describe_services(specs: Sequence[ServiceSpec]) -> Iterable[str]:
             parts.append("manual start")
         if spec.one_shot:
             parts.append("one-shot")
+        if spec.schedule:
+            parts.append(f"timer: {spec.schedule}")
         yield "  ".join(parts)
+        if spec.command:
+            yield "    runs: " + shlex.join(spec.command)
