@@ -25,6 +25,7 @@ from .spec import ActionSpec as ActionSpec
 from .spec import ReadySpec as ReadySpec
 from .spec import RespawnLimit as RespawnLimit
 from .spec import ServiceSpec as ServiceSpec
+from .spec import SocketSpec as SocketSpec
 
 __all__ = [
     "__version__",
@@ -38,6 +39,7 @@ __all__ = [
     "RespawnLimit",
     "ServiceSpec",
     "ServiceType",
+    "SocketSpec",
     "Table",
     "parse_signal",
     "read_service_table",

@@ -1,0 +1,736 @@
+"""hurd-vm / childhurd (issue 6): configuration, QEMU argv, the secret-service
+protocol, and the real thing (QEMU under TCG with the test guest).
+
+Layers, quickest first:
+
+1. ``[[hurd-vm]]`` tables → specs: names, defaults, errors, the exact argv
+   (written out by hand here, as ``docs/service-hurd-vm.md`` documents it).
+2. The host side of the secret service (``services/_secret_service.py``)
+   against a guest written here from Guix's ``secret-service-receive-secrets``
+   (hello, one S-expression, exact byte counts), and against the test guest's
+   own ``secretd`` (compiled from ``contrib/guest/secretd.c``) run on the host.
+3. A real daemon with real QEMU (``qemu-system-x86_64``, TCG: ``kvm = false``)
+   booting the test guest (``contrib/guest/build``: a Debian kernel and a busybox
+   initramfs): handshake as readiness, the installed files reported on the SSH
+   port, two instances, a guest that never answers, QMP power-down on stop.
+
+The QEMU tests need qemu-system-x86, qemu-utils, gcc, libc6-dev, cpio and the
+guest (``contrib/dev test`` installs and builds them, as root).  Without them
+they skip when not root and fail as root (CI runs as root).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import trio
+from helpers import Deadline, Supervisor, run_supervisor, wait_until
+
+from services import _secret_service as ss
+from services import hurd_vm
+from supervisor import ConfigErrors
+from supervisor.config import parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+QEMU = "/usr/bin/qemu-system-x86_64"
+STATE = Path("/var/lib/sv-test")
+
+
+def parse(*tables: dict[str, Any]) -> dict[str, Any]:
+    """Build ``[[hurd-vm]]`` tables in-process → {name: spec}."""
+    config = parse_config({"hurd-vm": list(tables)}, overrides={"state_dir": STATE})
+    return {s.name: s for s in config.services}
+
+
+def errors(*tables: dict[str, Any]) -> list[str]:
+    with pytest.raises(ConfigErrors) as info:
+        parse(*tables)
+    return [str(e) for e in info.value.errors]
+
+
+# ---------------------------------------------------------------------------------------
+# 1. configuration and the argv
+
+
+def net(id_: int) -> list[str]:
+    return ["--device", "rtl8139,netdev=net0", "--netdev",
+            (f"user,id=net0,hostfwd=tcp:127.0.0.1:{11004 + 1000 * id_}-:1004,"
+             f"hostfwd=tcp:127.0.0.1:{10022 + 1000 * id_}-:22,hostfwd=tcp:127.0.0.1:{15900 + 1000 * id_}-:5900")]
+
+
+QMP_ARGS = ["-chardev", "socket,id=qmp,fd=3,server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
+
+
+def test_default_argv_is_guix_plus_qmp_and_vnc() -> None:
+    specs = parse({"qemu": QEMU, "image": "/srv/hurd.img", "kvm": False})
+    spec = specs["hurd-vm"]
+    assert spec.provides == ("childhurd",)
+    assert list(spec.command) == [
+        "/usr/bin/qemu-system-x86_64", "-m", "512",
+        "--device", "rtl8139,netdev=net0",
+        "--netdev", ("user,id=net0,hostfwd=tcp:127.0.0.1:11004-:1004,hostfwd=tcp:127.0.0.1:10022-:22,"
+                     "hostfwd=tcp:127.0.0.1:15900-:5900"),
+        "--snapshot",
+        "--hda", "/srv/hurd.img",
+        "--no-reboot",
+        "-chardev", "socket,id=qmp,fd=3,server=on,wait=off", "-mon", "chardev=qmp,mode=control",
+        "-vnc", "127.0.0.1:0",
+    ]
+    assert spec.user == "childhurd" and spec.group == "kvm"
+    assert spec.clear_environment and spec.environment == (("TMPDIR", "/tmp"),)
+    assert [(s.name, s.path, s.mode) for s in spec.sockets] == [("qmp", f"{STATE}/hurd-vm.qmp", 0o600)]
+    assert spec.ready_hook is not None and spec.stop_hook is not None and spec.prepare_hook is not None
+    assert spec.respawn
+
+
+def test_argv_with_id_overlay_options_and_kvm() -> None:
+    specs = parse({"id": 3, "qemu": QEMU, "image": "/srv/hurd.img", "disk-size": "5G", "memory-size": 1024,
+                   "options": ["-smp", "2"], "kvm": True})
+    spec = specs["hurd-vm3"]
+    assert spec.provides == ("childhurd3",)
+    assert list(spec.command) == [
+        QEMU, "-m", "1024", *net(3), "-smp", "2", "--hda", f"{STATE}/hurd-vm3/disk.qcow2", "--no-reboot",
+        *QMP_ARGS, "-vnc", "127.0.0.1:3", "--enable-kvm"]
+
+
+def test_no_image_no_disk_and_own_net_options() -> None:
+    specs = parse({"id": 1, "qemu": QEMU, "kvm": False, "options": [], "vnc-display": 42,
+                   "net-options": ["--netdev", "user,id=n,hostfwd=tcp:127.0.0.1:2222-:22",
+                                   "--device", "e1000,netdev=n"]})
+    assert list(specs["hurd-vm1"].command) == [
+        QEMU, "-m", "512", "--netdev", "user,id=n,hostfwd=tcp:127.0.0.1:2222-:22", "--device", "e1000,netdev=n",
+        "--no-reboot", *QMP_ARGS, "-vnc", "127.0.0.1:42"]
+
+
+def test_kvm_auto_follows_dev_kvm() -> None:
+    specs = parse({"qemu": QEMU, "image": "/srv/hurd.img"})
+    usable = hurd_vm.kvm_usable("kvm", "childhurd")
+    assert ("--enable-kvm" in specs["hurd-vm"].command) == usable
+
+
+def test_two_instances_side_by_side() -> None:
+    specs = parse({"id": 1, "qemu": QEMU, "kvm": False}, {"id": 2, "qemu": QEMU, "kvm": False})
+    assert sorted(specs) == ["hurd-vm1", "hurd-vm2"]
+    assert specs["hurd-vm2"].provides == ("childhurd2",)
+    assert "hostfwd=tcp:127.0.0.1:12022-:22" in specs["hurd-vm2"].command[6]
+
+
+def test_defaults_follow_the_seed() -> None:
+    from supervisor import Table
+    problems: list[Any] = []
+    s = hurd_vm.read_settings(Table({}, "hurd-vm[0]", problems))
+    assert problems == []
+    assert (s.memory_size, s.options, s.secret_root, s.disk_size, s.id) == (
+        512, ("--snapshot",), "/etc/childhurd", "guess", None)
+    assert (s.handshake_timeout, s.connect_retries) == (180.0, 60)
+
+
+@pytest.mark.parametrize(("tables", "expected"), [
+    ([{"id": 0}], "hurd-vm[0].id: must be at least 1, got 0"),
+    ([{"id": "1"}], 'hurd-vm[0].id: expected an integer, got "1"'),
+    ([{"image": "hurd.img"}], 'hurd-vm[0].image: must be an absolute path, got "hurd.img"'),
+    ([{"disk-size": "5X", "image": "/a"}],
+     'hurd-vm[0].disk-size: expected "guess", a size in bytes or a size like "5G", got "5X"'),
+    ([{"disk-size": "5G"}], 'hurd-vm[0].disk-size: needs "image" (the overlay is backed by it)'),
+    ([{"kvm": "yes"}], 'hurd-vm[0].kvm: expected "auto", true or false, got "yes"'),
+    ([{"memory-size": 0}], "hurd-vm[0].memory-size: must be at least 1, got 0"),
+    ([{"options": "--snapshot"}], 'hurd-vm[0].options: expected an array of strings, got "--snapshot"'),
+    ([{"secret-root": "etc/childhurd"}], 'hurd-vm[0].secret-root: must be an absolute path, got "etc/childhurd"'),
+    ([{"qemu": "bin/qemu"}], 'hurd-vm[0].qemu: expected an absolute path or a program name on PATH, got "bin/qemu"'),
+    ([{"qemu": "no-such-qemu-here"}],
+     'hurd-vm[0].qemu: "no-such-qemu-here" is not on PATH (install qemu-system-x86 or give an absolute path)'),
+    ([{"os": "hurd"}], ("hurd-vm[0].os: unknown key (known keys: auto-start, connect-retries, disk-size, "
+                        "generate-host-keys, group, handshake-timeout, id, image, kvm, memory-size, net-options, "
+                        "options, powerdown-timeout, qemu, requires, secret-root, user, vnc-display)")),
+    ([{"id": 1}, {"id": 1}],
+     "hurd-vm[1].id: instance hurd-vm1 is defined twice (also at hurd-vm[0]); give each [[hurd-vm]] its own id"),
+    ([{}, {"id": 5, "net-options": ["--netdev", "user,id=n,hostfwd=tcp:127.0.0.1:10022-:22"]}],
+     ("hurd-vm[1]: port 10022 (a forward in net-options of hurd-vm5) is also the SSH of hurd-vm port "
+      "(hurd-vm[0]); give the instances different ids")),
+    ([{"id": 1}, {"id": 2, "vnc-display": 1}],
+     ("hurd-vm[1]: port 5901 (VNC display of hurd-vm2) is also the VNC display of hurd-vm1 port (hurd-vm[0]); "
+      "give the instances different ids")),
+])
+def test_config_errors_name_the_key(tables: list[dict[str, Any]], expected: str) -> None:
+    assert errors(*[{"kvm": False, "qemu": QEMU, **t} for t in tables]) == [expected]
+
+
+def test_check_lists_the_services(tmp_path: Path) -> None:
+    conf = tmp_path / "init.toml"
+    conf.write_text(f'[[hurd-vm]]\nqemu = "{QEMU}"\nkvm = false\n\n[[hurd-vm]]\nid = 1\nqemu = "{QEMU}"\n'
+                    'kvm = false\nrequires = ["net"]\n\n[services.net]\ncommand = ["/bin/true"]\n')
+    proc = run_supervisor("--check", "-c", str(conf), "--state-dir", str(tmp_path / "s"))
+    assert proc.returncode == 0, proc
+    lines = [line.strip() for line in proc.stdout.splitlines()[1:]]
+    assert [line for line in lines if not line.startswith("runs:")] == [
+        "hurd-vm  provides: childhurd  requires: -",
+        "hurd-vm1  provides: childhurd1  requires: net",
+        "net  requires: -"]
+    if "runs: /bin/true" in lines:  # the engine shows each argv too
+        assert f"runs: {QEMU} -m 512 {' '.join(net(0))} --snapshot --no-reboot {' '.join(QMP_ARGS)} " \
+               "-vnc 127.0.0.1:0" in lines
+
+
+# ---------------------------------------------------------------------------------------
+# 2. the secret-service protocol, host side
+
+
+def test_guile_string_escapes() -> None:
+    assert ss.guile_string('a"b\\c\nd\te\x01') == '"a\\"b\\\\c\\nd\\te\\x1;"'
+    assert ss.guile_string("grüße") == '"grüße"'
+
+
+def test_reader_and_hello() -> None:
+    datum, n = ss.read_datum(ss.HELLO + b"rest")
+    assert n == len(ss.HELLO) and ss.valid_hello(datum)
+    assert ss.valid_hello(ss.read_datum(b"  (secret-service-server\n (version 1 2))")[0])
+    assert not ss.valid_hello(ss.read_datum(b"(secret-service-server)")[0])
+    assert not ss.valid_hello(ss.read_datum(b'("secret-service-server" (version 0))')[0])
+    assert not ss.valid_hello(ss.read_datum(b"(secret-service-server (version 0) extra)")[0])
+    datum, _ = ss.read_datum(b'(files (("/a\\"b\\x41;" 3 33188)))')
+    assert datum == [ss.Symbol("files"), [['/a"bA', 3, 33188]]]
+
+
+def make_secrets(root: Path) -> dict[str, tuple[bytes, int]]:
+    """Three files of different modes (and a name that needs escaping)."""
+    files = {
+        "/etc/ssh/ssh_host_ed25519_key": (b"-----BEGIN OPENSSH PRIVATE KEY-----\nfake\n", 0o600),
+        "/etc/ssh/ssh_host_ed25519_key.pub": (b"ssh-ed25519 AAAAC3Nza fake\n", 0o644),
+        '/usr/local/bin/hello "world"': (bytes(range(256)) * 3, 0o751),
+    }
+    for name, (data, mode) in files.items():
+        path = root / name.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        path.chmod(mode)
+    return files
+
+
+class Guest:
+    """Guix's guest side (``secret-service-receive-secrets``), written from the
+    protocol description: accept one client, hello, close the listener, read
+    ``(secrets (version 0) (files ((NAME SIZE MODE) ...)))`` and exactly SIZE
+    bytes per file, installing each under `root` with chmod MODE."""
+
+    def __init__(self, root: Path, hello: bytes = ss.HELLO, drop_first: int = 0, delay: float = 0.0) -> None:
+        self.root, self.hello, self.drop_first, self.delay = root, hello, drop_first, delay
+        self.header = b""
+        self.files: list[tuple[str, int, int]] = []
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+        self.done = trio.Event()
+
+    async def serve(self) -> None:
+        listener = trio.socket.from_stdlib_socket(self.listener)
+        for _ in range(self.drop_first):  # what QEMU does while nothing listens in the guest
+            conn, _ = await listener.accept()
+            conn.close()
+        conn, _ = await listener.accept()
+        await trio.sleep(self.delay)
+        await conn.send(self.hello)
+        listener.close()
+        buf = b""
+        depth, in_string, escape, end = 0, False, False, None
+        while end is None:
+            chunk = await conn.recv(65536)
+            assert chunk, "end of stream inside the secrets datum"
+            start = len(buf)
+            buf += chunk
+            for i in range(start, len(buf)):
+                c = buf[i:i + 1]
+                if in_string:
+                    if escape:
+                        escape = False
+                    elif c == b"\\":
+                        escape = True
+                    elif c == b'"':
+                        in_string = False
+                elif c == b'"':
+                    in_string = True
+                elif c == b"(":
+                    depth += 1
+                elif c == b")":
+                    depth -= 1
+                    if depth == 0:
+                        end = i + 1
+                        break
+        self.header, rest = buf[:end], buf[end:]
+        tokens = re.findall(rb'\(|\)|"(?:[^"\\]|\\.)*"|[^\s()"]+', self.header)
+        assert tokens[:8] == [b"(", b"secrets", b"(", b"version", b"0", b")", b"(", b"files"], tokens
+        i = 9
+        while tokens[i] == b"(":
+            name = json.loads(tokens[i + 1].decode())  # Guile's \" and \\ are JSON's too
+            self.files.append((name, int(tokens[i + 2]), int(tokens[i + 3])))
+            i += 5
+        assert tokens[i:] == [b")", b")", b")"], tokens[i:]
+        for name, size, mode in self.files:
+            while len(rest) < size:
+                chunk = await conn.recv(65536)
+                assert chunk, f"end of stream inside {name}"
+                rest += chunk
+            path = self.root / name.lstrip("/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+            path.write_bytes(rest[:size])
+            path.chmod(mode & 0o7777)
+            rest = rest[size:]
+        assert rest == b"" and await conn.recv(1) == b"", "bytes after the last file"
+        conn.close()
+        self.done.set()
+
+
+async def test_send_secrets_exact_bytes(tmp_path: Path) -> None:
+    src, dst = tmp_path / "secrets", tmp_path / "guest"
+    files = make_secrets(src)
+    guest = Guest(dst)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(guest.serve)
+        sent = await ss.send_secrets("127.0.0.1", guest.port, str(src), retries=0, handshake_timeout=5)
+    names = sorted(files)
+    assert [f.name for f in sent] == names
+    assert guest.header == (
+        b'(secrets (version 0) (files (("/etc/ssh/ssh_host_ed25519_key" 41 33152) '
+        b'("/etc/ssh/ssh_host_ed25519_key.pub" 27 33188) ("/usr/local/bin/hello \\"world\\"" 768 33257))))')
+    assert guest.files == [(n, len(files[n][0]), stat.S_IFREG | files[n][1]) for n in names]
+    for name, (data, mode) in files.items():
+        path = dst / name.lstrip("/")
+        assert path.read_bytes() == data
+        assert stat.S_IMODE(path.stat().st_mode) == mode
+
+
+async def test_missing_secret_root_sends_an_empty_list(tmp_path: Path) -> None:
+    guest = Guest(tmp_path / "guest")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(guest.serve)
+        sent = await ss.send_secrets("127.0.0.1", guest.port, str(tmp_path / "none"), retries=0,
+                                     handshake_timeout=5)
+    assert sent == [] and guest.header == b"(secrets (version 0) (files ()))"
+
+
+async def test_connection_refused_is_retried(tmp_path: Path) -> None:
+    guest = Guest(tmp_path / "guest")
+    port = guest.port
+    guest.listener.close()  # refused for a while
+    messages: list[str] = []
+
+    async def late_guest() -> None:
+        await trio.sleep(0.5)
+        guest.listener = socket.socket()
+        guest.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        guest.listener.bind(("127.0.0.1", port))
+        guest.listener.listen(1)
+        await guest.serve()
+
+    make_secrets(tmp_path / "s")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(late_guest)
+        sent = await ss.send_secrets("127.0.0.1", port, str(tmp_path / "s"), retries=10, retry_delay=0.2,
+                                     handshake_timeout=5, log=messages.append)
+    assert len(sent) == 3
+    assert any(m.startswith("retrying connection [") for m in messages), messages
+
+
+async def test_refused_too_often_fails(tmp_path: Path) -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with pytest.raises(ss.SecretServiceError, match=rf"cannot connect to 127.0.0.1:{port} after 3 attempts"):
+        await ss.send_secrets("127.0.0.1", port, str(tmp_path), retries=2, retry_delay=0.05)
+
+
+async def test_closed_before_hello_is_a_retry(tmp_path: Path) -> None:
+    make_secrets(tmp_path / "s")
+    guest = Guest(tmp_path / "guest", drop_first=2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(guest.serve)
+        sent = await ss.send_secrets("127.0.0.1", guest.port, str(tmp_path / "s"), retries=5,
+                                     reconnect_interval=0.05, handshake_timeout=5)
+    assert len(sent) == 3 and guest.done.is_set()
+
+
+async def test_hello_timeout(tmp_path: Path) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)  # accepts (kernel backlog) but never says hello
+    port = listener.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(ss.SecretServiceError, match="timeout while waiting for the handshake"):
+        await ss.send_secrets("127.0.0.1", port, str(tmp_path), retries=0, handshake_timeout=0.5)
+    assert 0.4 < time.monotonic() - t0 < 3
+    listener.close()
+
+
+@pytest.mark.parametrize("hello", [b"(secret-service-client (version 0))", b"hello\n", b"(1 2 3)",
+                                   b"(secret-service-server (version 0)"])
+async def test_invalid_hello_fails(tmp_path: Path, hello: bytes) -> None:
+    guest = Guest(tmp_path / "guest", hello=hello)
+
+    async def serve() -> None:
+        listener = trio.socket.from_stdlib_socket(guest.listener)
+        conn, _ = await listener.accept()
+        await conn.send(hello)
+        conn.close()  # EOF after a partial or wrong datum
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        with pytest.raises(ss.SecretServiceError, match="invalid handshake"):
+            await ss.send_secrets("127.0.0.1", guest.port, str(tmp_path), retries=0, handshake_timeout=5)
+
+
+async def test_cancel_closes(tmp_path: Path) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    with trio.move_on_after(0.3) as scope:
+        await ss.send_secrets("127.0.0.1", listener.getsockname()[1], str(tmp_path), handshake_timeout=60)
+    assert scope.cancelled_caught
+    conn, _ = listener.accept()
+    conn.settimeout(2)
+    assert conn.recv(10) == b""  # the host closed its end
+    conn.close()
+    listener.close()
+
+
+@pytest.fixture(scope="module")
+def secretd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        need("gcc (to build contrib/guest/secretd.c)")
+    out = tmp_path_factory.mktemp("secretd") / "secretd"
+    proc = subprocess.run([gcc, "-static", "-O2", "-Wall", "-Wno-format-truncation", "-o", str(out),
+                           str(ROOT / "contrib" / "guest" / "secretd.c")], check=False, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        need(f"a static C toolchain (gcc libc6-dev): {proc.stderr.strip()[-300:]}")
+    return out
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def read_report(port: int, timeout: float = 10.0) -> list[str]:
+    deadline = Deadline(timeout)
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=3) as c:
+                data = b""
+                while chunk := c.recv(65536):
+                    data += chunk
+            if data:
+                return data.decode().splitlines()
+        except OSError:
+            pass
+        if deadline.expired():
+            raise AssertionError(f"no report on port {port} within {timeout} s")
+        time.sleep(0.1)
+
+
+def expected_report(files: dict[str, tuple[bytes, int]]) -> list[str]:
+    return [f"{name} {len(data)} {stat.S_IFREG | mode:o} {hashlib.sha256(data).hexdigest()}"
+            for name, (data, mode) in sorted(files.items())]
+
+
+async def test_guest_secretd_receives_exactly(tmp_path: Path, secretd: Path) -> None:
+    files = make_secrets(tmp_path / "s")
+    port, report = free_port(), free_port()
+    dst = tmp_path / "guest"
+    proc = subprocess.Popen([str(secretd), "-a", "127.0.0.1", "-p", str(port), "-s", str(report),  # noqa: ASYNC220
+                             "-r", str(dst), "-t", "20"], stderr=subprocess.PIPE, text=True)
+    try:
+        sent = await ss.send_secrets("127.0.0.1", port, str(tmp_path / "s"), retries=20, retry_delay=0.1,
+                                     handshake_timeout=5)
+        assert len(sent) == 3
+        lines = await trio.to_thread.run_sync(read_report, report)
+        assert lines == expected_report(files)
+        for name, (data, mode) in files.items():
+            assert (dst / name.lstrip("/")).read_bytes() == data
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=5)
+    assert "secret service: received 3 secret files" in err, err
+
+
+def test_guest_secretd_rejects_bad_secrets(tmp_path: Path, secretd: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen([str(secretd), "-a", "127.0.0.1", "-p", str(port), "-s", str(free_port()),
+                             "-r", str(tmp_path), "-t", "20"], stderr=subprocess.PIPE, text=True)
+    c = wait_until(lambda: _try_connect(port), 5, "secretd listening")
+    assert c.recv(100) == ss.HELLO
+    c.sendall(b"(secrets (version 1) (files ()))")
+    assert proc.wait(5) == 1
+    assert "invalid secrets received" in proc.stderr.read()
+    c.close()
+
+
+def test_guest_secretd_times_out(tmp_path: Path, secretd: Path) -> None:
+    proc = subprocess.run([str(secretd), "-a", "127.0.0.1", "-p", str(free_port()), "-t", "1"],
+                          check=False, capture_output=True, text=True, timeout=10)
+    assert proc.returncode == 1 and "did not receive any secrets; time out" in proc.stderr
+
+
+def _try_connect(port: int) -> socket.socket | None:
+    try:
+        return socket.create_connection(("127.0.0.1", port), timeout=5)
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# 3. the real thing: QEMU (TCG) and the test guest
+
+
+def need(what: str) -> None:
+    message = f"missing: {what}"
+    if os.getuid() == 0:
+        pytest.fail(message + " -- run `contrib/dev test` (as root it installs them)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def guest() -> Path:
+    """The test guest's directory (vmlinuz, initrd.gz), built or taken from the cache."""
+    if os.getuid() != 0:
+        pytest.skip("QEMU runs as the childhurd user, created when missing: needs root")
+    for tool in (QEMU, "/usr/bin/qemu-img", "/usr/bin/ssh-keygen"):
+        if not os.path.exists(tool):
+            need(tool)
+    proc = subprocess.run([str(ROOT / "contrib" / "guest" / "build")], check=False, capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode != 0:
+        need(f"the test guest (contrib/guest/build failed: {proc.stderr.strip()[-500:]})")
+    out = Path(proc.stdout.strip().splitlines()[-1])
+    assert (out / "vmlinuz").is_file() and (out / "initrd.gz").is_file()
+    return out
+
+
+def vm_table(sup: Supervisor, guest: Path, secret_root: Path, **extra: Any) -> dict[str, Any]:
+    """A ``[[hurd-vm]]`` table booting the test guest (TCG), tagged for cleanup."""
+    options = ["--snapshot", "-kernel", str(guest / "vmlinuz"), "-initrd", str(guest / "initrd.gz"),
+               "-append", "console=ttyS0 panic=-1 no_timer_check quiet", "-serial", "stdio",
+               "-name", sup.marker(f"vm{extra.get('id', '')}")]
+    return {"qemu": QEMU, "kvm": False, "memory-size": 256, "options": options,
+            "secret-root": str(secret_root), "auto-start": False, "handshake-timeout": 60, **extra}
+
+
+def qemu_procs(sup: Supervisor, id_: Any = "") -> list[psutil.Process]:
+    marker = sup.marker(f"vm{id_}")
+    out = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info["status"] != psutil.STATUS_ZOMBIE and marker in (p.info["cmdline"] or []):
+            out.append(p)
+    return out
+
+
+def test_start_sends_secrets_and_the_guest_has_them(sup: Supervisor, guest: Path, tmp_path: Path) -> None:
+    files = make_secrets(tmp_path / "secrets")
+    sup.start({"hurd-vm": [vm_table(sup, guest, tmp_path / "secrets")]})
+    t0 = time.monotonic()
+    sup.herd("start", "hurd-vm", check=True, timeout=90)
+    took = time.monotonic() - t0
+    status = sup.status("hurd-vm")
+    assert status["state"] == "running", status
+    # Ready means sent: the guest installed them before its report port opened.
+    assert read_report(10022, timeout=10) == expected_report(files)
+    details = status["details"]
+    assert details["ports"] == {"ssh": 10022, "secrets": 11004, "vnc": 15900}
+    assert details["secret-root"] == str(tmp_path / "secrets") and details["phase"] == "running"
+    assert details["secrets-sent"]["files"] == 3
+    [qemu] = qemu_procs(sup)
+    assert qemu.username() == "childhurd"
+    assert qemu.gids().real == __import__("grp").getgrnam("kvm").gr_gid
+    assert qemu.environ().get("TMPDIR") == "/tmp" and "PATH" not in qemu.environ()
+    text = sup.herd("status", "childhurd", check=True).stdout
+    assert "ports: ssh=10022, secrets=11004, vnc=15900" in text, text
+    log = "\n".join(line[2] for line in sup.log_lines("hurd-vm"))
+    assert "secret service: received 3 secret files" in log, log
+    print(f"start (boot + handshake) took {took:.1f} s")
+
+    # Stop: ACPI power-down over QMP; QEMU exits by itself (no signal).
+    pid = qemu.pid
+    t0 = time.monotonic()
+    sup.herd("stop", "hurd-vm", check=True, timeout=60)
+    assert time.monotonic() - t0 < 15
+    assert not qemu_procs(sup)
+    status = sup.status("hurd-vm")
+    assert status["state"] == "stopped"
+    assert status["last-exit"]["code"] == 0 and status["last-exit"]["signal"] is None, status["last-exit"]
+    log = "\n".join(line[2] for line in sup.log_lines("hurd-vm"))
+    assert "guest: power button pressed: powering off" in log, log
+    assert "SIGKILL" not in log and "did not stop by itself" not in log, log
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_two_instances_and_stop_one(sup: Supervisor, guest: Path, tmp_path: Path) -> None:
+    roots = {}
+    for i in (1, 2):
+        roots[i] = tmp_path / f"secrets{i}"  # empty: SSH host keys are generated there
+    sup.start({"hurd-vm": [vm_table(sup, guest, roots[1], id=1), vm_table(sup, guest, roots[2], id=2)]})
+    with trio_free_parallel() as run:
+        run(lambda: sup.herd("start", "hurd-vm1", check=True, timeout=120))
+        run(lambda: sup.herd("start", "childhurd2", check=True, timeout=120))
+    for i, port in ((1, 11022), (2, 12022)):
+        keys = sorted(p.name for p in (roots[i] / "etc" / "ssh").iterdir())
+        assert "ssh_host_ed25519_key" in keys and "ssh_host_ed25519_key.pub" in keys, keys
+        for name in keys:
+            mode = stat.S_IMODE((roots[i] / "etc" / "ssh" / name).stat().st_mode)
+            assert mode == (0o644 if name.endswith(".pub") else 0o600), (name, oct(mode))
+        lines = read_report(port)
+        assert [line.split()[0] for line in lines] == [f"/etc/ssh/{k}" for k in keys]
+        assert sup.status(f"hurd-vm{i}")["details"]["ports"]["ssh"] == port
+    sup.herd("stop", "childhurd1", check=True, timeout=60)
+    assert not qemu_procs(sup, 1) and len(qemu_procs(sup, 2)) == 1
+    assert sup.status("hurd-vm1")["state"] == "stopped" and sup.status("hurd-vm2")["state"] == "running"
+    assert read_report(12022)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", 11022), timeout=2)
+
+
+class trio_free_parallel:
+    """Run blocking callables in threads; re-raise the first failure at exit."""
+
+    def __enter__(self) -> Any:
+        import threading
+        self.threads: list[Any] = []
+        self.errors: list[BaseException] = []
+
+        def run(fn: Any) -> None:
+            def target() -> None:
+                try:
+                    fn()
+                except BaseException as exc:  # noqa: BLE001 - re-raised below
+                    self.errors.append(exc)
+            t = threading.Thread(target=target)
+            t.start()
+            self.threads.append(t)
+
+        return run
+
+    def __exit__(self, *exc: object) -> None:
+        for t in self.threads:
+            t.join(300)
+        if self.errors:
+            raise self.errors[0]
+
+
+def test_guest_that_never_answers_fails_the_start(sup: Supervisor, guest: Path, tmp_path: Path) -> None:
+    table = vm_table(sup, guest, tmp_path / "secrets", **{"handshake-timeout": 4, "connect-retries": 2})
+    table["options"] = ["--snapshot", "-name", sup.marker("vm")]  # no disk, no kernel: nothing boots
+    sup.start({"hurd-vm": [table], "services": {"other": {"command": ["/bin/sleep", "1000"],
+                                                          "auto-start": False}}})
+    result: dict[str, Any] = {}
+    import threading
+
+    def start() -> None:
+        result["proc"] = sup.herd("start", "hurd-vm", timeout=60)
+
+    t0 = time.monotonic()
+    th = threading.Thread(target=start)
+    th.start()
+    wait_until(lambda: qemu_procs(sup), 10, "QEMU running")
+    # Meanwhile the supervisor answers at once and starts other services.
+    q0 = time.monotonic()
+    st = sup.rstatus("hurd-vm")
+    assert st["state"] == "starting"
+    assert time.monotonic() - q0 < 1.0
+    sup.herd("start", "other", check=True, timeout=10)
+    th.join(60)
+    took = time.monotonic() - t0
+    proc = result["proc"]
+    assert proc.returncode != 0
+    assert "timeout while waiting for the handshake from 127.0.0.1:11004 (4 s" in proc.stderr + proc.stdout, proc
+    assert 3.5 < took < 20, took
+    assert not qemu_procs(sup)
+    status = sup.status("hurd-vm")
+    assert status["state"] == "stopped"
+    assert "timeout while waiting for the handshake" in status["last-failure"]
+    assert status["last-exit"]["signal"] != "SIGKILL", status["last-exit"]
+
+
+def test_stop_cancels_a_start_in_progress(sup: Supervisor, guest: Path, tmp_path: Path) -> None:
+    table = vm_table(sup, guest, tmp_path / "secrets")
+    table["options"] = ["--snapshot", "-name", sup.marker("vm")]  # never answers
+    sup.start({"hurd-vm": [table]})
+    import threading
+    result: dict[str, Any] = {}
+    th = threading.Thread(target=lambda: result.setdefault("p", sup.herd("start", "hurd-vm", timeout=60)))
+    th.start()
+    wait_until(lambda: qemu_procs(sup), 10, "QEMU running")
+    t0 = time.monotonic()
+    sup.herd("stop", "hurd-vm", check=True, timeout=30)
+    assert time.monotonic() - t0 < 10
+    th.join(30)
+    assert result["p"].returncode != 0
+    assert not qemu_procs(sup)
+    assert sup.status("hurd-vm")["state"] == "stopped"
+
+
+def test_disk_size_gives_a_qcow2_overlay(sup: Supervisor, guest: Path, tmp_path: Path) -> None:
+    image = tmp_path / "base.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(image), "8M"], check=True)
+    # QEMU runs as childhurd: it must reach the state directory and the image.
+    opened = []
+    for d in [*reversed(tmp_path.parents), tmp_path]:
+        if str(d).startswith("/tmp/") and not os.stat(d).st_mode & stat.S_IXOTH:
+            opened.append((d, os.stat(d).st_mode))
+            os.chmod(d, os.stat(d).st_mode | stat.S_IXOTH)
+    try:
+        files = make_secrets(tmp_path / "secrets")
+        table = vm_table(sup, guest, tmp_path / "secrets", image=str(image), **{"disk-size": "64M"})
+        table["options"] = [o for o in table["options"] if o != "--snapshot"]
+        image.chmod(0o644)
+        sup.start({"hurd-vm": [table]})
+        sup.herd("start", "hurd-vm", check=True, timeout=90)
+        overlay = sup.state_dir / "hurd-vm" / "disk.qcow2"
+        info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(overlay)],
+                                         capture_output=True, text=True, check=True).stdout)
+        assert info["format"] == "qcow2" and info["virtual-size"] == 64 * 2**20
+        assert info["backing-filename"] == str(image) and info["backing-filename-format"] == "raw"
+        [qemu] = qemu_procs(sup)
+        assert "--hda" in qemu.cmdline() and str(overlay) in qemu.cmdline()
+        assert read_report(10022) == expected_report(files)
+        assert sup.status("hurd-vm")["details"]["disk"] == str(overlay)
+        sup.herd("stop", "hurd-vm", check=True, timeout=60)
+    finally:
+        for d, mode in opened:
+            os.chmod(d, mode)
+
+
+def test_guest_reboot_respawns(sup: Supervisor, guest: Path, tmp_path: Path) -> None:
+    make_secrets(tmp_path / "secrets")
+    sup.start({"hurd-vm": [vm_table(sup, guest, tmp_path / "secrets")]})
+    sup.herd("start", "hurd-vm", check=True, timeout=90)
+    [first] = qemu_procs(sup)
+    state = sup.state_dir / "hurd-vm.qmp"
+    # A guest reboot (here: a reset from the monitor) ends QEMU (--no-reboot) ...
+    c = socket.socket(socket.AF_UNIX)
+    c.connect(str(state))
+    f = c.makefile("rwb")
+    f.readline()
+    for cmd in ("qmp_capabilities", "system_reset"):
+        f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+        f.flush()
+    c.close()
+    # ... and the service respawns it, handshake included.
+    wait_until(lambda: (q := qemu_procs(sup)) and q[0].pid != first.pid, 30, "a new QEMU")
+    wait_until(lambda: sup.rstatus("hurd-vm")["state"] == "running", 60, "running again")
+    assert read_report(10022)
