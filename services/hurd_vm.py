@@ -34,8 +34,7 @@ from typing import Any
 import structlog
 import trio
 
-from supervisor import BuildContext, ServiceSpec, ServiceType, Table
-from supervisor import SocketSpec  # not exported by `supervisor` (yet)
+from supervisor import BuildContext, ServiceSpec, ServiceType, SocketSpec, Table
 
 from . import _secret_service as secrets
 
