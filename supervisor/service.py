@@ -101,6 +101,7 @@ class Service(TimerMixin):
         self.output = ServiceOutput(spec.name, log_path, hub, max_size=spec.log_max_size,
                                     max_backups=spec.log_max_backups)
         self._ready = trio.Event()  # set by READY=1 during the current start attempt
+        self._stay_down: str | None = None  # the attempt ended with a stay-down exit
         self._watchdog_deadline = math.inf
         self._watchdog_scope: trio.CancelScope | None = None
         self._timer_scope: trio.CancelScope | None = None
@@ -463,7 +464,12 @@ class Service(TimerMixin):
                 if strays is not None:
                     strays.scan()  # its orphans were just re-parented to us
                 return  # the usual daemon fork: the parent exits 0, the pid file tells the rest
-            result.append((False, f"{child.status.describe()} before it was ready"))
+            stay_down = dict(self.spec.stay_down_exits).get(child.status.code)  # type: ignore[arg-type]
+            if stay_down is not None:  # "not needed here" is an answer, not a failure
+                self._stay_down = stay_down
+                result.append((False, stay_down))
+            else:
+                result.append((False, f"{child.status.describe()} before it was ready"))
             cancel.cancel()
 
         async with trio.open_nursery() as nursery:
@@ -492,6 +498,13 @@ class Service(TimerMixin):
                     and self.child is None):
                 assert self.last_exit is not None  # exited between readiness and now
                 self._on_crash(self.last_exit)
+            return
+        stay_down, self._stay_down = self._stay_down, None
+        if stay_down is not None:  # not needed here: no startup failure recorded
+            self.status_text = stay_down
+            self.output.note(f"Service {self.name} stays down: {stay_down}.")
+            self._set_state(State.STOPPED, stay_down)
+            self._reply_starts(Outcome(False, code="start-failed", message=f"{self.name}: {stay_down}"))
             return
         self.last_failure = reason
         self.history.startup_failures.append(time.time())
