@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 from herd.protocol import ProtocolError as ProtocolError
 
+from ._output import note as note
 from .config import BuildContext as BuildContext
 from .config import ServiceType as ServiceType
 from .config import parse_signal as parse_signal
@@ -41,6 +42,7 @@ __all__ = [
     "ServiceType",
     "SocketSpec",
     "Table",
+    "note",
     "parse_signal",
     "read_service_table",
 ]

@@ -8,6 +8,7 @@ and a future re-exec can hand the read ends over.  Lines longer than
 
 from __future__ import annotations
 
+import contextvars
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -20,7 +21,21 @@ from typing import Final
 import structlog
 import trio
 
-__all__ = ["LogLine", "LogHub", "ServiceOutput", "MAX_LINE"]
+__all__ = ["LogLine", "LogHub", "ServiceOutput", "MAX_LINE", "note", "CURRENT"]
+
+#: The output of the service whose actor runs the current task (its hooks too).
+CURRENT: contextvars.ContextVar["ServiceOutput | None"] = contextvars.ContextVar("service_output", default=None)
+
+
+def note(text: str) -> bool:
+    """For hooks and actions: add a line to the current service's log
+    (stream "supervisor"), as `herd log` and `herd status` show it.  Returns
+    False (and does nothing) outside a service's tasks."""
+    output = CURRENT.get()
+    if output is None:
+        return False
+    output.note(text)
+    return True
 
 MAX_LINE: Final = 64 * 1024
 log = structlog.get_logger("supervisor.output")

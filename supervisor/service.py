@@ -50,6 +50,7 @@ from ._actor import (
     _StopDone,
     _Trigger,
 )
+from ._output import CURRENT as output_token
 from ._output import LogHub, LogLine, ServiceOutput
 from ._probes import (
     drain,
@@ -167,6 +168,7 @@ class Service(TimerMixin):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         structlog.contextvars.bind_contextvars(service=self.name)
+        output_token.set(self.output)  # inherited by this actor's tasks: supervisor.note()
         try:
             self._bind_sockets()
             async with trio.open_nursery() as nursery:
