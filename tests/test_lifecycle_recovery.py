@@ -1,0 +1,266 @@
+"""Issue 8 acceptance: what survives the supervisor process.
+
+* Crash recovery: after the supervisor (not PID 1) is SIGKILLed, a new one
+  started with the same state directory and configuration re-adopts the
+  services that still run (same PIDs, checked against the kernel's start
+  time so a reused PID is never adopted), starts only what is missing, and
+  keeps supervising the adopted processes (a later SIGKILL is respawned).
+* Runtime intent: ``herd stop X`` and ``herd disable X`` are remembered in
+  the state directory, so neither a crash nor a clean restart (SIGTERM, start
+  again) undoes them.
+
+The services here are plain ``sleep``: an adopted process's stdout still
+goes to the dead supervisor's pipe, so they must print nothing.  A SIGKILLed
+supervisor's children are re-parented to init; the harness's teardown finds
+them by the token in their environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import tomllib
+from typing import Any
+
+import psutil
+import tomli_w
+
+from helpers import (
+    MARKER_ENV,
+    SLEEP,
+    TOKEN_ENV,
+    Supervisor,
+    find_pids,
+    pid_alive,
+    sleeper,
+    wait_until,
+)
+
+# --------------------------------------------------------------------------
+# Helpers of this file
+
+
+def restart(sup: Supervisor) -> None:
+    """Start a new daemon on the same sockets, state and log directories and
+    configuration, once the previous one is gone.  Its stderr is kept aside
+    as ``daemon.N.err``."""
+    assert sup.proc is not None and sup.proc.poll() is not None, "the previous daemon still runs"
+    n = 1
+    while (sup.tmp / f"daemon.{n}.err").exists():
+        n += 1
+    sup.stderr_path.rename(sup.tmp / f"daemon.{n}.err")
+    sup.proc = None
+    sup.notify_path.unlink(missing_ok=True)
+    sup.start(None)
+
+
+def crash(sup: Supervisor) -> None:
+    """SIGKILL the daemon (its services live on, re-parented to init)."""
+    assert sup.proc is not None
+    sup.send_signal(signal.SIGKILL)  # also remembers its children for the teardown
+    sup.wait_exit(10)
+
+
+def daemon_events(sup: Supervisor) -> list[dict[str, Any]]:
+    """The current daemon's own log so far (JSON lines on its stderr), in order."""
+    out: list[dict[str, Any]] = []
+    try:
+        text = sup.stderr_path.read_text(errors="replace")
+    except FileNotFoundError:
+        return out
+    for line in text.splitlines():
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("event"), str):
+            out.append(obj)
+    return out
+
+
+def wait_running(sup: Supervisor, names: list[str], timeout: float = 15.0) -> dict[str, int]:
+    def up() -> dict[str, int] | None:
+        st = sup.rstatus()
+        if all(st[n]["state"] == "running" and st[n]["pid"] for n in names):
+            return {n: st[n]["pid"] for n in names}
+        return None
+
+    return wait_until(up, timeout, f"services {names} to be running")
+
+
+def wait_state(sup: Supervisor, name: str, state: str, timeout: float = 10.0) -> dict[str, Any]:
+    return wait_until(lambda: (s := sup.rstatus(name))["state"] == state and s, timeout,
+                      f"{name} to be {state}")
+
+
+def assert_one_process_each(sup: Supervisor, pids: dict[str, int]) -> None:
+    for name, pid in pids.items():
+        assert find_pids(sup.marker(name)) == {pid}, (
+            f"{name}: processes {find_pids(sup.marker(name))}, expected only {pid}")
+
+
+def assert_no_process(sup: Supervisor, *names: str) -> None:
+    for name in names:
+        assert find_pids(sup.marker(name)) == set(), f"{name} runs: {find_pids(sup.marker(name))}"
+
+
+def wait_respawned(sup: Supervisor, name: str, old_pid: int, timeout: float = 10.0) -> dict[str, Any]:
+    def respawned() -> dict[str, Any] | None:
+        svc = sup.rstatus(name)
+        if svc["state"] == "running" and svc["pid"] not in (None, old_pid):
+            return svc
+        return None
+
+    return wait_until(respawned, timeout, f"{name} to be respawned")
+
+
+# --------------------------------------------------------------------------
+# Crash recovery
+
+
+def test_crash_recovery_readopts_running_services(sup: Supervisor) -> None:
+    workers = [f"w{i}" for i in range(10)]
+    services = {name: sleeper(sup.marker(name)) for name in workers}
+    services.update({
+        "gone": sleeper(sup.marker("gone")),         # dies while no supervisor runs
+        "held": sleeper(sup.marker("held")),         # stopped by the operator
+        "held-dep": sleeper(sup.marker("held-dep"), requires=["held"]),
+        "off": sleeper(sup.marker("off")),           # disabled by the operator
+    })
+    sup.start({"services": services})
+    pids = wait_running(sup, [*workers, "gone", "held", "held-dep", "off"])
+
+    sup.herd("stop", "held", check=True)           # takes held-dep down first
+    assert_no_process(sup, "held", "held-dep")
+    sup.herd("disable", "off", check=True)
+    os.kill(pids["off"], signal.SIGKILL)            # disabled: not respawned
+    wait_state(sup, "off", "stopped")
+    assert_no_process(sup, "off")
+
+    crash(sup)
+    kept = {name: pids[name] for name in workers}
+    assert all(pid_alive(pid) for pid in kept.values()), "a service died with the supervisor"
+    os.kill(pids["gone"], signal.SIGKILL)
+    wait_until(lambda: not pid_alive(pids["gone"]), 5, "gone to die")
+
+    restart(sup)
+    after = wait_running(sup, [*workers, "gone"])
+    # The same ten processes, supervised again; only the missing one was started.
+    assert {n: after[n] for n in workers} == kept
+    assert after["gone"] != pids["gone"]
+    assert_one_process_each(sup, after)
+    # The operator's stop and disable hold across the crash.
+    status = sup.status()
+    assert status["held"]["state"] == "stopped" and status["held-dep"]["state"] == "stopped"
+    assert status["off"]["state"] == "stopped" and status["off"]["enabled"] is False, status["off"]
+    assert_no_process(sup, "held", "held-dep", "off")
+    cp = sup.herd("start", "off", check=1)
+    assert "disabled" in cp.stdout + cp.stderr
+
+    events = daemon_events(sup)
+    adopted = sorted(ev["service"] for ev in events if ev["event"] == "adopted a running service")
+    assert adopted == sorted(workers), adopted
+
+    # Adopted processes stay supervised: a SIGKILL is noticed and respawned.
+    os.kill(kept["w3"], signal.SIGKILL)
+    svc = wait_respawned(sup, "w3", kept["w3"])
+    after["w3"] = svc["pid"]
+    assert_one_process_each(sup, after)
+
+
+def test_adopted_service_is_respawned_after_sigkill(sup: Supervisor) -> None:
+    workers = [f"w{i}" for i in range(3)]
+    sup.start({"services": {name: sleeper(sup.marker(name)) for name in workers}})
+    pids = wait_running(sup, workers)
+    crash(sup)
+    restart(sup)
+    assert wait_running(sup, workers) == pids
+    for victim in ("w0", "w2"):
+        os.kill(pids[victim], signal.SIGKILL)
+        svc = wait_respawned(sup, victim, pids[victim])
+        pids[victim] = svc["pid"]
+    assert_one_process_each(sup, pids)
+    assert sup.rstatus("w1")["pid"] == pids["w1"]
+    # And the supervisor stops adopted processes like its own.
+    sup.herd("stop", "w1", check=True)
+    assert_no_process(sup, "w1")
+
+
+def test_reused_pid_is_never_adopted(sup: Supervisor) -> None:
+    """The record of a service names a PID that now belongs to another process
+    (simulated: the record is pointed at a decoy started earlier): it is not
+    adopted, and not touched."""
+    decoy_marker = sup.marker("decoy")
+    decoy = subprocess.Popen([SLEEP, "1000000"], env={**os.environ, MARKER_ENV: decoy_marker,
+                                                      TOKEN_ENV: sup.token},
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        sup.start({"services": {"svc": sleeper(sup.marker("svc")), "other": sleeper(sup.marker("other"))}})
+        pids = wait_running(sup, ["svc", "other"])
+        crash(sup)
+        os.kill(pids["svc"], signal.SIGKILL)
+        wait_until(lambda: not pid_alive(pids["svc"]), 5, "svc to die")
+
+        record_path = sup.state_dir / "services" / "svc.toml"
+        record = tomllib.loads(record_path.read_text())
+        assert record.get("pid") == pids["svc"], record
+        gap = psutil.Process(pids["other"]).create_time() - psutil.Process(decoy.pid).create_time()
+        assert gap > 0.1, f"the decoy started only {gap:.3f} s before the services"
+        record["pid"] = decoy.pid  # the PID number is alive again, as another process
+        record_path.write_text(tomli_w.dumps(record))
+
+        restart(sup)
+        after = wait_running(sup, ["svc", "other"])
+        assert after["other"] == pids["other"]
+        assert after["svc"] not in (pids["svc"], decoy.pid), "the decoy was adopted"
+        assert find_pids(sup.marker("svc")) == {after["svc"]}
+        sup.herd("stop", "svc", check=True)
+        assert decoy.poll() is None and find_pids(decoy_marker) == {decoy.pid}, "the decoy was touched"
+        events = daemon_events(sup)
+        assert any(ev["event"] == "recorded process is gone" and ev.get("service") == "svc" for ev in events)
+    finally:
+        decoy.kill()
+        decoy.wait()
+
+
+# --------------------------------------------------------------------------
+# Intent across a clean restart
+
+
+def test_intent_survives_a_clean_restart(sup: Supervisor) -> None:
+    sup.start({"services": {
+        "plain": sleeper(sup.marker("plain")),
+        "held": sleeper(sup.marker("held")),
+        "held-dep": sleeper(sup.marker("held-dep"), requires=["held"]),
+        "off": sleeper(sup.marker("off")),
+    }})
+    wait_running(sup, ["plain", "held", "held-dep", "off"])
+    sup.herd("stop", "held", check=True)
+    sup.herd("disable", "off", check=True)  # disabled while it runs: it runs on until stopped
+
+    assert sup.stop() == 0
+    assert_no_process(sup, "plain", "held", "held-dep", "off")
+
+    restart(sup)
+    pids = wait_running(sup, ["plain"])
+    status = sup.status()
+    # Stopped by the operator: stays stopped, and so does what requires it.
+    assert status["held"]["state"] == "stopped", status["held"]
+    assert status["held-dep"]["state"] == "stopped", status["held-dep"]
+    # Disabled: stays disabled, is not started, cannot be started.
+    assert status["off"]["state"] == "stopped" and status["off"]["enabled"] is False, status["off"]
+    cp = sup.herd("start", "off", check=1)
+    assert "disabled" in cp.stdout + cp.stderr
+    assert_no_process(sup, "held", "held-dep", "off")
+    assert_one_process_each(sup, pids)
+
+    # The operator changes their mind; that is remembered as well.
+    sup.herd("enable", "off", check=True)
+    sup.herd("start", "held", check=True)
+    assert sup.stop() == 0
+    restart(sup)
+    pids = wait_running(sup, ["plain", "held", "held-dep", "off"])
+    assert_one_process_each(sup, pids)
+    assert sup.rstatus("off")["enabled"] is True
