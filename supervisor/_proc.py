@@ -27,7 +27,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, final
 
-import psutil
 import trio
 
 from .spec import RLIMIT_NAMES, ServiceSpec
@@ -84,7 +83,7 @@ class Child:
         self._pidfd = pidfd
         self.exited = trio.Event()
         self.status: ExitStatus | None = None
-        self._start_time: float | None = None
+        self._start_time: int | None = None
         _owned[pid] = self
 
     @property
@@ -92,13 +91,11 @@ class Child:
         return self._pidfd
 
     @property
-    def start_time_ticks(self) -> float | None:
-        """The kernel's start time of the process (identifies it with its pid)."""
+    def start_time_ticks(self) -> int | None:
+        """The kernel's start time of the process, in clock ticks since boot:
+        with the pid, it names one process exactly."""
         if self._start_time is None and self.status is None:
-            try:
-                self._start_time = psutil.Process(self.pid).create_time()
-            except psutil.Error:
-                pass
+            self._start_time = start_ticks(self.pid)
         return self._start_time
 
     @classmethod
@@ -342,6 +339,16 @@ def _stat(pid: int) -> tuple[str, int] | None:
         return None
     rest = data[data.rfind(b")") + 2:].split()
     return rest[0].decode(), int(rest[2])
+
+
+def start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat: when the process started (clock ticks)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return int(data[data.rfind(b")") + 2:].split()[19])
 
 
 def process_group_members(pgid: int, candidates: Iterable[int]) -> list[int]:

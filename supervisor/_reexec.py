@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
@@ -26,6 +28,7 @@ import trio
 
 from herd.protocol import ProtocolError
 
+from . import _proc
 from ._state import REEXEC_ENV, read_toml, write_atomic
 
 __all__ = ["HELD_SIGNALS", "check_new_image", "exec_self", "take_handover"]
@@ -49,18 +52,29 @@ async def check_new_image() -> None:
         ProtocolError: ``action-failed`` with what the check printed.
     """
     argv = [*_argv(), "--check"]
-    try:
-        with trio.fail_after(CHECK_TIMEOUT):
-            result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False,
-                                            stdin=b"")
-    except trio.TooSlowError:
-        raise ProtocolError("action-failed", f"re-exec refused: the check of the new image took over "
-                                             f"{CHECK_TIMEOUT:g} s") from None
-    except OSError as exc:
-        raise ProtocolError("action-failed", f"re-exec refused: cannot run the new image: {exc}") from None
-    if result.returncode != 0:
-        text = (result.stdout + result.stderr).decode(errors="replace").strip().splitlines()
-        detail = " | ".join(text[-5:]) or f"exit status {result.returncode}"
+    # Spawned directly and waited on by pidfd, not with trio.run_process: that
+    # would leave an idle worker thread, which could take a signal held for
+    # the exec (signals are blocked in the main thread only).
+    with tempfile.TemporaryFile() as out:
+        try:
+            popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                     close_fds=True)
+        except OSError as exc:
+            raise ProtocolError("action-failed", f"re-exec refused: cannot run the new image: {exc}") from None
+        popen.returncode = 0  # reaped through its pidfd below, never by Popen
+        child = _proc.Child(popen.pid, os.pidfd_open(popen.pid))
+        with trio.move_on_after(CHECK_TIMEOUT) as scope:
+            status = await child.wait()
+        if scope.cancelled_caught:
+            child.signal(signal.SIGKILL)
+            with trio.CancelScope(shield=True):
+                await child.wait()
+            raise ProtocolError("action-failed", f"re-exec refused: the check of the new image took over "
+                                                 f"{CHECK_TIMEOUT:g} s")
+        out.seek(0)
+        text = out.read().decode(errors="replace").strip().splitlines()
+    if status.code != 0:
+        detail = " | ".join(text[-5:]) or status.describe()
         log.error("re-exec refused: the new image failed its check", output=detail)
         raise ProtocolError("action-failed", f"re-exec refused: the new image failed its check: {detail}")
 

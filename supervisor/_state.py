@@ -23,7 +23,9 @@ import psutil
 import structlog
 import tomli_w
 
-__all__ = ["REEXEC_ENV", "StateStore", "process_start_time", "same_process", "write_atomic", "read_toml"]
+from . import _proc
+
+__all__ = ["REEXEC_ENV", "StateStore", "same_process", "write_atomic", "read_toml"]
 
 REEXEC_ENV: Final = "SUPERVISOR_REEXEC_STATE"
 
@@ -54,22 +56,17 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def process_start_time(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.Error, OSError):
-        return None
-
-
-def same_process(pid: int, start_time: float | None) -> bool:
-    """True when `pid` is alive (not a zombie) and started at `start_time`."""
-    if not pid or start_time is None:
+def same_process(pid: int, start_ticks: int | None) -> bool:
+    """True when `pid` is alive (not a zombie) and started at exactly `start_ticks`."""
+    if not pid or not isinstance(start_ticks, int) or isinstance(start_ticks, bool):
         return False
     try:
         proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and abs(proc.create_time() - start_time) < 0.05
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
     except (psutil.Error, OSError):
         return False
+    return _proc.start_ticks(pid) == start_ticks
 
 
 class StateStore:

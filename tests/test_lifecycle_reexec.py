@@ -174,9 +174,10 @@ def in_exec_window(pid: int) -> bool:
     """The daemon holds SIGUSR1, SIGHUP, SIGTERM and SIGINT blocked only from
     just before its exec until the new image listens for signals again.  (A
     signal handler blocks only its own signal while it runs: SIGUSR1 alone
-    blocked is not the window.)"""
-    mask = blocked_signals(pid)
-    return all(mask & (1 << (sig - 1)) for sig in HELD)
+    blocked is not the window; and vfork() or creating a thread blocks *every*
+    signal for a moment, which under load can last milliseconds: the window
+    is exactly these four.)"""
+    return blocked_signals(pid) == sum(1 << (sig - 1) for sig in HELD)
 
 
 def catch_exec_window(sup: Supervisor, sent: float, stable: float = 0.002, timeout: float = 15.0) -> bool:
