@@ -143,6 +143,8 @@ def decode_request(line: bytes) -> Request:
         obj = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError("bad-request", f"not JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("bad-request", "JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad-request", f"expected a JSON object, got {type(obj).__name__}")
     req_id = obj.get("id")

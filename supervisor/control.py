@@ -257,6 +257,10 @@ class _Connection:
         except ProtocolError as exc:
             self._error(getattr(exc, "request_id", None), exc.code, exc.message)
             return
+        except Exception as exc:  # never let one bad line take the server down
+            log.exception("undecodable request")
+            self._error(None, "bad-request", f"cannot decode the request: {type(exc).__name__}")
+            return
         if self.in_flight >= MAX_IN_FLIGHT:
             self._error(req.id, "too-many-requests",
                         f"more than {MAX_IN_FLIGHT} requests in flight on this connection")
@@ -399,7 +403,7 @@ def _count_arg(req: Request, default: int) -> int:
         return default
     if len(req.args) == 1:
         value = req.args[0]
-        if isinstance(value, str) and value.isdigit():
+        if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 9:
             value = int(value)
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_LOG_LINES:
             return value

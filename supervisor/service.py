@@ -177,7 +177,8 @@ class Service(TimerMixin):
                     nursery.start_soon(self._activation_watch)
                 if self.child is not None:  # adopted at start-up (crash recovery, re-exec)
                     nursery.start_soon(self._monitor, self.child)
-                    self.output.resume(nursery)
+                # pipes handed over by a re-exec are read again, running or not
+                self.output.resume(nursery)
                 task_status.started()
                 async for msg in self._inbox:
                     self._handle(msg)
