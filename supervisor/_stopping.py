@@ -73,8 +73,12 @@ async def terminate(child: _proc.Child, spec: ServiceSpec, note: Callable[[str],
     if mode == "tree":
         extra = _proc.descendants(child.pid)
     elif mode == "process-group":
+        owned = _proc.owned_pids()
         candidates = _proc.descendants(child.pid) + [
-            p for p in _proc.own_children() if p != child.pid
+            # orphans re-parented to us; supervised main processes each lead a
+            # session of their own, so they are never in this group (skipping
+            # them keeps stopping N services O(N), not O(N²))
+            p for p in _proc.own_children() if p not in owned
         ]
         pgid = child.pgid()
         extra = _proc.process_group_members(pgid, candidates) if pgid is not None else []
