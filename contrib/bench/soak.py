@@ -1,0 +1,874 @@
+"""A bounded chaos run against our supervisor, then a check of its invariants.
+
+    contrib/bench/soak [--minutes 10] [--seed N] [--keep]
+
+For the given time (default 10 minutes) it:
+
+* SIGKILLs random services (the pid the daemon reports, sometimes one found by psutil);
+* runs start/stop/restart/enable/disable/status storms from many clients at once,
+  pipelined, each reply checked;
+* re-executes the daemon (SIGUSR1) now and then, if `reexec root` is supported;
+* sends misbehaving clients: silent ones, garbage, half lines, clients that
+  hang up mid-line, clients that never read their replies or their events.
+
+Then it quiesces (every service enabled and started again) and checks:
+
+* every service's state matches reality (psutil): running => exactly one live
+  process carrying the service's marker, and it is the status pid, a child of
+  the daemon; stopped => none;
+* no zombie children of the daemon, no duplicate service processes;
+* the daemon's fd count and RSS are back near the start (tolerances below);
+* no lost log line: each counter service prints `SEQ RUN N` with N = 0, 1, 2, …
+  per process run, and records its last N in a side file; each run's lines in
+  the log file must be gap-free from 0 and reach the side file's N;
+* no `internal` error, no request without a reply, no traceback in the daemon's log;
+* SIGTERM stops everything and the daemon exits 0.
+
+It prints one line, `soak: PASS …` or `soak: FAIL …`, and exits 0 or 1.
+Loopback only (Unix sockets); every loop is bounded by the deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+sys.path.insert(0, str(ROOT))
+from herd.protocol import ERROR_CODES  # noqa: E402
+
+SLEEP = shutil.which("sleep") or "/bin/sleep"
+MARKER_ENV = "SOAK_MARKER"
+FD_TOLERANCE = 8
+RSS_TOLERANCE = (1.5, 16 * 2**20)  # end <= max(start * 1.5, start + 16 MiB)
+
+#: A service that prints a gap-free counter, one line per write(2), and keeps
+#: its last number in a side file (written after the line).
+COUNTER = r"""
+import os, sys, time, random
+marker, seqdir = sys.argv[1], sys.argv[2]
+run = "%d-%d" % (os.getpid(), time.monotonic_ns())
+fd = os.open(os.path.join(seqdir, run + ".seq"), os.O_WRONLY | os.O_CREAT, 0o644)
+rng = random.Random()
+n = 0
+while True:
+    burst = 40 if rng.random() < 0.02 else 1
+    for _ in range(burst):
+        os.write(1, b"SEQ %s %d\n" % (run.encode(), n))
+        os.pwrite(fd, b"%20d" % n, 0)
+        n += 1
+    time.sleep(rng.uniform(0.01, 0.05))
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[soak {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Conn:
+    """One connection speaking the control protocol; replies matched by id."""
+
+    def __init__(self, path: Path, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.buf = b""
+        self.next_id = 0
+        hello = self.read(timeout)
+        if not hello or hello.get("hello") != "supervisor":
+            raise ConnectionError(f"bad hello {hello!r}")
+
+    def read(self, timeout: float) -> dict | None:
+        end = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no reply in time")
+            self.sock.settimeout(left)
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return json.loads(line)
+
+    def send(self, action: str, service: str | None = None, args: list | None = None) -> int:
+        self.next_id += 1
+        req: dict[str, Any] = {"id": self.next_id, "action": action}
+        if service is not None:
+            req["service"] = service
+        if args is not None:
+            req["args"] = args
+        self.sock.sendall(json.dumps(req).encode() + b"\n")
+        return self.next_id
+
+    def replies(self, ids: list[int], timeout: float) -> dict[int, dict]:
+        got: dict[int, dict] = {}
+        end = time.monotonic() + timeout
+        while len(got) < len(ids):
+            obj = self.read(max(0.001, end - time.monotonic()))
+            if obj is None:
+                raise ConnectionError(f"closed with {len(ids) - len(got)} replies outstanding")
+            if "event" in obj:
+                continue
+            got[obj.get("id")] = obj
+        return got
+
+    def call(self, action: str, service: str | None = None, timeout: float = 60.0) -> dict:
+        i = self.send(action, service)
+        return self.replies([i], timeout)[i]
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Soak:
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        self.rng = random.Random(a.seed)
+        self.token = f"soak{os.getpid()}x{self.rng.randrange(10**6)}"
+        self.tmp = Path(tempfile.mkdtemp(prefix="soak-"))
+        self.sockdir = Path(tempfile.mkdtemp(prefix="soak-", dir="/tmp"))
+        self.rw, self.ro = self.sockdir / "rw.sock", self.sockdir / "ro.sock"
+        self.seqdir = self.tmp / "seq"
+        self.seqdir.mkdir()
+        self.log_dir = self.tmp / "log"
+        self.proc: subprocess.Popen | None = None
+        self.deadline = 0.0
+        self.stop_event = threading.Event()
+        self.lock = threading.Lock()
+        self.failures: list[str] = []
+        self.stats: Counter[str] = Counter()
+        self.codes: Counter[str] = Counter()
+        self.services: dict[str, dict] = {}
+        self.counters: list[str] = []
+        self.reexec_supported = False
+
+    # ---- set-up ---------------------------------------------------------------------------
+
+    def marker(self, name: str) -> str:
+        return f"{self.token}-{name}"
+
+    def config(self) -> str:
+        py = sys.executable
+        out = []
+        names = []
+        for i in range(self.a.counters):
+            name = f"count{i}"
+            svc: dict[str, Any] = {"command": [py, "-c", COUNTER, self.marker(name), str(self.seqdir)],
+                                   "respawn-delay": self.rng.choice([0, 0, 0.05, 0.2]), "stop-timeout": 5}
+            if i % 4 == 3:
+                svc["requires"] = [f"count{i - 1}"]
+            if i % 5 == 4:
+                svc["respawn-limit"] = {"count": 3, "seconds": 5}
+            # Half of them rotate their log often (no backup dropped: every line stays checkable).
+            svc["log-max-size"] = 32768 if i % 2 else 0
+            svc["log-max-backups"] = 1000
+            self.services[name] = svc
+            self.counters.append(name)
+            names.append(name)
+        for i in range(self.a.sleepers):
+            name = f"sleep{i}"
+            svc = {"command": [SLEEP, "1000000"], "respawn-delay": 0, "stop-timeout": 5}
+            if i % 3 == 2:
+                svc["kill-mode"] = "tree"
+            if i % 4 == 1:
+                svc["requires"] = ["count0"]
+            self.services[name] = svc
+            names.append(name)
+        for name, svc in self.services.items():
+            env = {MARKER_ENV: self.marker(name)}
+            out.append(f"[services.{name}]")
+            out.append("command = " + json.dumps(svc["command"]))
+            for key in ("respawn-delay", "stop-timeout"):
+                out.append(f"{key} = {svc[key]}")
+            if "requires" in svc:
+                out.append("requires = " + json.dumps(svc["requires"]))
+            for key in ("log-max-size", "log-max-backups"):
+                if key in svc:
+                    out.append(f"{key} = {svc[key]}")
+            if "kill-mode" in svc:
+                out.append(f'kill-mode = "{svc["kill-mode"]}"')
+            if "respawn-limit" in svc:
+                rl = svc["respawn-limit"]
+                out.append(f"respawn-limit = {{ count = {rl['count']}, seconds = {rl['seconds']} }}")
+            out.append("environment = { " + ", ".join(f'{k} = "{v}"' for k, v in env.items()) + " }")
+            out.append("")
+        return "\n".join(out)
+
+    def start_daemon(self) -> None:
+        conf = self.tmp / "init.toml"
+        conf.write_text(self.config())
+        notify_path = self.sockdir / "notify"
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(notify_path))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["NOTIFY_SOCKET"] = str(notify_path)
+        env["SOAK_TOKEN"] = self.token
+        self.stderr_path = self.tmp / "daemon.err"
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "supervisor", "-c", str(conf), "-s", str(self.rw),
+                 "--status-socket", str(self.ro), "--state-dir", str(self.tmp / "state"),
+                 "--log-dir", str(self.log_dir), "--log-format", "json"],
+                env=env, cwd=self.tmp, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                start_new_session=True)
+        try:
+            notify.settimeout(0.2)
+            end = time.monotonic() + 20
+            while time.monotonic() < end:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"daemon exited {self.proc.returncode} before READY=1: {self.err_tail(3)}")
+                try:
+                    if "READY=1" in notify.recv(4096).decode(errors="replace").splitlines():
+                        break
+                except socket.timeout:
+                    pass
+            else:
+                raise RuntimeError("no READY=1 within 20 s")
+        finally:
+            notify.close()
+
+    def err_tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.stderr_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def fail(self, what: str) -> None:
+        with self.lock:
+            if len(self.failures) < 200:
+                self.failures.append(what)
+
+    def count(self, key: str, k: int = 1) -> None:
+        with self.lock:
+            self.stats[key] += k
+
+    def check_reply(self, rep: dict, where: str) -> None:
+        if not isinstance(rep.get("ok"), bool):
+            self.fail(f"{where}: malformed reply {rep}")
+            return
+        if not rep["ok"]:
+            code = (rep.get("error") or {}).get("code")
+            with self.lock:
+                self.codes[str(code)] += 1
+            if code not in ERROR_CODES or code == "internal":
+                self.fail(f"{where}: error {rep.get('error')}")
+
+    def status(self, timeout: float = 30) -> dict[str, dict]:
+        c = Conn(self.ro, timeout)
+        try:
+            rep = c.call("status", timeout=timeout)
+        finally:
+            c.close()
+        if not rep.get("ok"):
+            raise RuntimeError(f"status failed: {rep}")
+        return {s["name"]: s for s in rep["result"]["services"]}
+
+    def daemon(self) -> psutil.Process:
+        assert self.proc is not None
+        return psutil.Process(self.proc.pid)
+
+    def marked(self) -> dict[str, list[psutil.Process]]:
+        """Live processes carrying a service marker, by service name."""
+        out: dict[str, list[psutil.Process]] = defaultdict(list)
+        prefix = self.token + "-"
+        for p in psutil.process_iter(["pid", "cmdline", "environ", "status"]):
+            info = p.info
+            if info.get("status") == psutil.STATUS_ZOMBIE:
+                continue
+            m = (info.get("environ") or {}).get(MARKER_ENV)
+            if not m:
+                m = next((x for x in (info.get("cmdline") or []) if x.startswith(prefix)), None)
+            if m and m.startswith(prefix):
+                out[m[len(prefix):]].append(p)
+        return out
+
+    # ---- chaos actors ------------------------------------------------------------------------
+
+    def running(self) -> bool:
+        return not self.stop_event.is_set() and time.monotonic() < self.deadline
+
+    def killer(self) -> None:
+        rng = random.Random(self.rng.random())
+        while self.running():
+            time.sleep(rng.uniform(0.1, 0.6))
+            try:
+                if rng.random() < 0.8:
+                    st = self.status(10)
+                    pids = [(n, s["pid"]) for n, s in st.items() if s.get("pid") and s["state"] == "running"]
+                    if pids:
+                        name, pid = rng.choice(pids)
+                        os.kill(pid, signal.SIGKILL)
+                        self.count("kills")
+                else:
+                    marked = self.marked()
+                    procs = [p for ps in marked.values() for p in ps]
+                    if procs:
+                        rng.choice(procs).kill()
+                        self.count("kills")
+            except (ProcessLookupError, psutil.Error):
+                pass
+            except (OSError, TimeoutError, ConnectionError, RuntimeError, ValueError) as exc:
+                self.count("killer-status-errors")
+                if not self.recently_reexeced():
+                    self.fail(f"killer: status failed: {type(exc).__name__}: {exc}")
+
+    def storm(self, k: int) -> None:
+        rng = random.Random(self.rng.random() + k)
+        names = list(self.services)
+        conn: Conn | None = None
+        while self.running():
+            try:
+                if conn is None or rng.random() < 0.05:
+                    if conn:
+                        conn.close()
+                    conn = Conn(self.rw)
+                    self.count("connections")
+                ids = []
+                for _ in range(rng.choice([1, 1, 2, 3, 5, 8])):
+                    action = rng.choices(["status", "start", "stop", "restart", "enable", "disable", "status1"],
+                                         [25, 22, 15, 15, 12, 4, 7])[0]
+                    name = rng.choice(names) if rng.random() > 0.02 else "no-such-service"
+                    if action == "status":
+                        ids.append(conn.send("status"))
+                    elif action == "status1":
+                        ids.append(conn.send("status", name, [rng.randrange(0, 20)]))
+                    else:
+                        ids.append(conn.send(action, name))
+                    self.count("requests")
+                got = conn.replies(ids, 120)
+                for rep in got.values():
+                    self.check_reply(rep, "storm")
+            except TimeoutError:
+                self.fail("storm: no reply within 120 s")
+                conn.close() if conn else None
+                conn = None
+            except (ConnectionError, OSError) as exc:
+                self.count("storm-connections-dropped")
+                if not self.recently_reexeced():
+                    self.fail(f"storm: connection lost: {type(exc).__name__}: {exc}")
+                if conn:
+                    conn.close()
+                conn = None
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0, 0.05))
+        if conn:
+            conn.close()
+
+    def dashboard(self) -> None:
+        """A polling dashboard on the status socket."""
+        conn: Conn | None = None
+        while self.running():
+            try:
+                if conn is None:
+                    conn = Conn(self.ro)
+                rep = conn.call("status", timeout=30)
+                self.check_reply(rep, "dashboard")
+                self.count("polls")
+            except (ConnectionError, OSError, TimeoutError) as exc:
+                self.count("dashboard-connections-dropped")
+                if not self.recently_reexeced():
+                    self.fail(f"dashboard: {type(exc).__name__}: {exc}")
+                if conn:
+                    conn.close()
+                conn = None
+            time.sleep(0.02)
+        if conn:
+            conn.close()
+
+    def subscriber(self) -> None:
+        """Follows events and logs while it reads them (a well-behaved one)."""
+        while self.running():
+            try:
+                c = Conn(self.ro)
+                ids = [c.send("subscribe"), c.send("log", None, [5, "follow"])]
+                c.replies(ids, 30)
+                end = time.monotonic() + 5
+                while self.running() and time.monotonic() < end:
+                    try:
+                        obj = c.read(1)
+                    except TimeoutError:
+                        continue
+                    if obj is None:
+                        break
+                    self.count("events")
+                c.close()
+            except (ConnectionError, OSError, TimeoutError) as exc:
+                if not self.recently_reexeced():
+                    self.fail(f"subscriber: {type(exc).__name__}: {exc}")
+                time.sleep(0.1)
+
+    def misbehaver(self) -> None:
+        rng = random.Random(self.rng.random() + 99)
+        silent: list[socket.socket] = []
+        try:
+            while self.running():
+                time.sleep(rng.uniform(0.05, 0.4))
+                kind = rng.choice(["silent", "hangup", "garbage", "half-close", "half-keep", "no-read",
+                                   "no-read-events", "binary", "close-silent"])
+                try:
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    s.settimeout(5)
+                    s.connect(str(self.rw if rng.random() < 0.5 else self.ro))
+                    if kind == "silent" or kind == "half-keep":
+                        if kind == "half-keep":
+                            s.sendall(b'{"id": 1, "action": "sta')
+                        silent.append(s)
+                        if len(silent) > 30:
+                            silent.pop(0).close()
+                    elif kind == "hangup":
+                        s.close()
+                    elif kind == "garbage":
+                        s.sendall(b"}{ not json at all\n" * rng.randrange(1, 50) + b"\xff\xfe\n")
+                        s.close()
+                    elif kind == "binary":
+                        s.sendall(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 4096))))
+                        s.close()
+                    elif kind == "half-close":
+                        s.sendall(b'{"id": 1, "action": "start", "service": "co')
+                        s.close()
+                    elif kind == "no-read":
+                        s.setblocking(False)
+                        try:
+                            for _ in range(400):
+                                s.send(b'{"action": "status"}\n')
+                        except (BlockingIOError, OSError):
+                            pass
+                        silent.append(s)
+                    elif kind == "no-read-events":
+                        s.sendall(b'{"id": 1, "action": "subscribe"}\n{"id": 2, "action": "log", "args": [0, "follow"]}\n')
+                        silent.append(s)
+                    elif kind == "close-silent" and silent:
+                        silent.pop(rng.randrange(len(silent))).close()
+                        s.close()
+                    else:
+                        s.close()
+                    self.count("bad-clients")
+                except OSError as exc:
+                    self.count("bad-client-connect-errors")
+                    if not self.recently_reexeced() and not isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                        self.fail(f"misbehaver ({kind}): {type(exc).__name__}: {exc}")
+        finally:
+            for s in silent:
+                s.close()
+
+    def reexecer(self) -> None:
+        rng = random.Random(self.rng.random() + 7)
+        while self.running():
+            end = time.monotonic() + rng.uniform(0.6, 1.4) * self.a.reexec_every
+            while self.running() and time.monotonic() < end:
+                time.sleep(0.1)
+            if not self.running():
+                return
+            self.last_reexec = time.monotonic()
+            try:
+                os.kill(self.proc.pid, signal.SIGUSR1)
+                self.count("reexecs")
+            except OSError as exc:
+                self.fail(f"re-exec: {exc}")
+            # serving again within 10 s?
+            end = time.monotonic() + 10
+            while time.monotonic() < end:
+                try:
+                    c = Conn(self.rw, 2)
+                    ok = c.call("ping", timeout=5).get("ok")
+                    c.close()
+                    if ok:
+                        break
+                except (OSError, TimeoutError, ConnectionError, ValueError):
+                    time.sleep(0.02)
+            else:
+                self.fail("not serving again within 10 s of a re-exec")
+
+    def sampler(self) -> None:
+        """The daemon's RSS and fd count every 15 s, to tell a leak from a plateau."""
+        self.samples: list[tuple[float, float, int]] = []
+        t0 = time.monotonic()
+        while self.running():
+            try:
+                d = self.daemon()
+                self.samples.append((time.monotonic() - t0, d.memory_info().rss / 2**20, d.num_fds()))
+            except psutil.Error:
+                pass
+            end = time.monotonic() + 15
+            while self.running() and time.monotonic() < end:
+                time.sleep(0.2)
+
+    last_reexec = -1e9
+
+    def recently_reexeced(self) -> bool:
+        return time.monotonic() - self.last_reexec < 5
+
+    # ---- the run ---------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        a = self.a
+        t_start = time.monotonic()
+        self.start_daemon()
+        self.wait_quiet(60)
+        time.sleep(1)
+        d = self.daemon()
+        fd0, rss0 = d.num_fds(), d.memory_info().rss
+        try:
+            c = Conn(self.rw)
+            rep = c.call("reexec", "root", timeout=30)
+            c.close()
+            self.reexec_supported = not (not rep.get("ok") and rep["error"]["code"] == "unsupported")
+            if a.no_reexec and self.reexec_supported:
+                log("re-exec supported, but --no-reexec: only the probe re-exec happens")
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            self.fail(f"reexec probe: {exc}")
+        if self.reexec_supported:
+            self.last_reexec = time.monotonic()
+            time.sleep(1)
+            self.wait_quiet(30)
+            fd0, rss0 = d.num_fds(), d.memory_info().rss  # the baseline is a re-exec'd daemon
+        log(f"daemon pid {d.pid}: {len(self.services)} services, fds {fd0}, rss {rss0 / 2**20:.1f} MiB, "
+            f"re-exec {'supported' if self.reexec_supported else 'unsupported'}; chaos for {a.minutes:g} min")
+
+        self.deadline = time.monotonic() + a.minutes * 60
+        threads = [threading.Thread(target=self.killer, daemon=True),
+                   threading.Thread(target=self.sampler, daemon=True),
+                   threading.Thread(target=self.dashboard, daemon=True),
+                   threading.Thread(target=self.subscriber, daemon=True),
+                   threading.Thread(target=self.misbehaver, daemon=True)]
+        threads += [threading.Thread(target=self.storm, args=(k,), daemon=True) for k in range(a.clients)]
+        if self.reexec_supported and not a.no_reexec:
+            threads.append(threading.Thread(target=self.reexecer, daemon=True))
+        for t in threads:
+            t.start()
+        while time.monotonic() < self.deadline:
+            time.sleep(0.5)
+            if self.proc.poll() is not None:
+                self.fail(f"daemon exited with {self.proc.returncode} during the chaos")
+                break
+        self.stop_event.set()
+        for t in threads:
+            t.join(180)
+            if t.is_alive():
+                self.fail(f"a chaos thread ({t.name}) did not finish within 180 s of the end")
+        if self.proc.poll() is None:
+            self.final_checks(fd0, rss0)
+        self.elapsed = time.monotonic() - t_start
+        return self.verdict()
+
+    def wait_quiet(self, timeout: float) -> dict[str, dict]:
+        end = time.monotonic() + timeout
+        st: dict[str, dict] = {}
+        while time.monotonic() < end:
+            try:
+                st = self.status(10)
+            except (OSError, ConnectionError, TimeoutError, RuntimeError):
+                time.sleep(0.1)
+                continue
+            if all(s["state"] in ("running", "stopped") for s in st.values()):
+                return st
+            time.sleep(0.1)
+        busy = {n: s["state"] for n, s in st.items() if s["state"] not in ("running", "stopped")}
+        self.fail(f"services still busy after {timeout:g} s: {busy}")
+        return st
+
+    def final_checks(self, fd0: int, rss0: int) -> None:
+        # Quiesce: every service enabled and started, as at the beginning.
+        c = Conn(self.rw, 30)
+        try:
+            for name in self.services:
+                self.check_reply(c.call("enable", name, 30), "final enable")
+            ids = [c.send("start", name) for name in self.services]
+            for rep in c.replies(ids, 120).values():
+                self.check_reply(rep, "final start")
+                if not rep["ok"]:
+                    self.fail(f"final start: {rep['error']}")
+        finally:
+            c.close()
+        time.sleep(2)
+        st = self.wait_quiet(60)
+        self.check_state(st, "after restart of all")
+        # Part of the services stopped, to check that side too.
+        stopped = [n for n in self.services if n.startswith("sleep")][::2]
+        c = Conn(self.rw, 30)
+        try:
+            for name in stopped:
+                self.check_reply(c.call("stop", name, 60), "final stop")
+        finally:
+            c.close()
+        st = self.wait_quiet(60)
+        self.check_state(st, "after stopping some")
+        c = Conn(self.rw, 30)
+        try:
+            for name in stopped:
+                self.check_reply(c.call("start", name, 60), "final start")
+        finally:
+            c.close()
+        time.sleep(2)
+        self.wait_quiet(60)
+        # Resources: all my connections are closed; give the daemon a moment to notice.
+        d = self.daemon()
+        end = time.monotonic() + 15
+        while True:
+            fd1, rss1 = d.num_fds(), d.memory_info().rss
+            zombies = [p.pid for p in d.children() if _status(p) == psutil.STATUS_ZOMBIE]
+            ok = fd1 <= fd0 + FD_TOLERANCE and not zombies
+            if ok or time.monotonic() > end:
+                break
+            time.sleep(0.5)
+        self.fds, self.rss = (fd0, fd1), (rss0, rss1)
+        if fd1 > fd0 + FD_TOLERANCE:
+            self.fail(f"daemon fds {fd0} -> {fd1} (tolerance +{FD_TOLERANCE}): "
+                      f"{_fd_summary(d.pid)}")
+        if rss1 > max(rss0 * RSS_TOLERANCE[0], rss0 + RSS_TOLERANCE[1]):
+            series = " ".join(f"{t:.0f}s:{r:.0f}" for t, r, _ in getattr(self, "samples", []))
+            self.fail(f"daemon RSS {rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MiB (MiB during the chaos: {series})")
+        if zombies:
+            self.fail(f"zombie children of the daemon: {zombies}")
+        # Orderly shutdown.
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(60)
+            if rc != 0:
+                self.fail(f"daemon exited {rc} on SIGTERM")
+        except subprocess.TimeoutExpired:
+            self.fail("daemon did not exit within 60 s of SIGTERM")
+        time.sleep(0.5)
+        left = {n: [p.pid for p in ps] for n, ps in self.marked().items() if ps}
+        if left:
+            self.fail(f"service processes left after SIGTERM: {left}")
+        # Every counter has stopped and the daemon has drained their pipes: now the logs are complete.
+        self.check_logs()
+        self.check_daemon_log()
+
+    def check_state(self, st: dict[str, dict], when: str) -> None:
+        marked = self.marked()
+        dpid = self.proc.pid
+        for name in self.services:
+            s = st.get(name)
+            procs = marked.get(name, [])
+            if s is None:
+                self.fail(f"{when}: {name} missing from status")
+                continue
+            if s["state"] == "running":
+                if len(procs) != 1:
+                    self.fail(f"{when}: {name} running (pid {s['pid']}) but {len(procs)} live processes: "
+                              f"{[p.pid for p in procs]}")
+                elif procs[0].pid != s["pid"]:
+                    self.fail(f"{when}: {name} status pid {s['pid']} but the live process is {procs[0].pid}")
+                else:
+                    try:
+                        if procs[0].ppid() != dpid:
+                            self.fail(f"{when}: {name} pid {s['pid']} is not a child of the daemon")
+                    except psutil.Error:
+                        pass
+            elif s["state"] == "stopped":
+                if procs:
+                    self.fail(f"{when}: {name} stopped but processes live: {[p.pid for p in procs]}")
+            else:
+                self.fail(f"{when}: {name} is {s['state']}")
+            if not s.get("enabled", True):
+                self.fail(f"{when}: {name} still disabled after enable")
+
+    def check_logs(self) -> None:
+        lines_total = runs_total = 0
+        for name in self.counters:
+            seqs: dict[str, list[int]] = defaultdict(list)
+            try:
+                text = self.log_text(name)
+            except OSError as exc:
+                self.fail(f"log of {name}: {exc}")
+                continue
+            self.rotations = getattr(self, "rotations", 0) + len(list(self.log_dir.glob(f"{name}.log.*")))
+            for line in text.splitlines():
+                parts = line.split(" ")
+                if len(parts) == 5 and parts[2] == "SEQ":
+                    try:
+                        seqs[parts[3]].append(int(parts[4]))
+                    except ValueError:
+                        self.fail(f"log of {name}: garbled line {line!r}")
+                elif "SEQ" in line:
+                    self.fail(f"log of {name}: garbled line {line!r}")
+            for run, ns in seqs.items():
+                runs_total += 1
+                lines_total += len(ns)
+                if ns != list(range(len(ns))):
+                    missing = sorted(set(range(max(ns) + 1)) - set(ns))
+                    dup = [k for k, v in Counter(ns).items() if v > 1]
+                    self.fail(f"log of {name}, run {run}: {len(ns)} lines, missing {missing[:10]}"
+                              f"{'…' if len(missing) > 10 else ''}, duplicated {dup[:10]}, "
+                              f"out of order {ns != sorted(ns)}")
+                try:
+                    last = int((self.seqdir / f"{run}.seq").read_text().strip() or -1)
+                except (OSError, ValueError):
+                    last = -1
+                if ns and max(ns) < last:
+                    self.fail(f"log of {name}, run {run}: ends at {max(ns)} but the process wrote up to {last}")
+        seq_runs = {f.stem for f in self.seqdir.glob("*.seq")}
+        logged_runs: set[str] = set()
+        for name in self.counters:
+            try:
+                for line in self.log_text(name).splitlines():
+                    parts = line.split(" ")
+                    if len(parts) == 5 and parts[2] == "SEQ":
+                        logged_runs.add(parts[3])
+            except OSError:
+                pass
+        for run in seq_runs - logged_runs:
+            try:
+                last = int((self.seqdir / f"{run}.seq").read_text().strip() or -1)
+            except (OSError, ValueError):
+                last = -1
+            if last >= 0:
+                self.fail(f"run {run} wrote lines 0..{last} but none reached a log file")
+        self.log_lines, self.log_runs = lines_total, runs_total
+
+    def log_text(self, name: str) -> str:
+        """The service's log, rotated files first (oldest first)."""
+        rotated = sorted(self.log_dir.glob(f"{name}.log.*"), key=lambda p: -int(p.suffix[1:]))
+        return "".join(p.read_text(errors="replace") for p in [*rotated, self.log_dir / f"{name}.log"])
+
+    def check_daemon_log(self) -> None:
+        bad = []
+        try:
+            for line in self.stderr_path.read_text(errors="replace").splitlines():
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    if "Traceback" in line:
+                        bad.append(line[:300])
+                    continue
+                if isinstance(obj, dict) and ("exception" in obj or obj.get("level") in ("critical",)):
+                    bad.append(f"{obj.get('event')}: {str(obj.get('exception', ''))[-300:]}")
+        except OSError:
+            pass
+        if bad:
+            self.fail(f"{len(bad)} exception(s) in the daemon's log, first: {bad[0]}")
+
+    def verdict(self) -> int:
+        s = self.stats
+        fds = getattr(self, "fds", None)
+        rss = getattr(self, "rss", None)
+        summary = (f"{self.a.minutes:g} min chaos ({getattr(self, 'elapsed', 0):.0f} s in all), "
+                   f"{len(self.services)} services, {s['kills']} kills, {s['requests']} requests "
+                   f"({s['polls']} polls), {s['reexecs'] if self.reexec_supported else 'no (unsupported)'} re-execs, "
+                   f"{s['bad-clients']} bad clients")
+        if fds and rss:
+            summary += (f"; fds {fds[0]}->{fds[1]}, rss {rss[0] / 2**20:.1f}->{rss[1] / 2**20:.1f} MiB")
+        if hasattr(self, "log_lines"):
+            summary += (f"; {self.log_lines} log lines in {self.log_runs} runs gap-free "
+                        f"({getattr(self, 'rotations', 0)} rotations)") if not any(
+                "log of" in f for f in self.failures) else ""
+        dropped = s["storm-connections-dropped"] + s["dashboard-connections-dropped"]
+        if dropped:
+            summary += f"; {dropped} connections dropped around re-execs"
+        if getattr(self, "samples", None):
+            log("daemon rss MiB / fds during the chaos: "
+                + " ".join(f"{t:.0f}s:{r:.1f}/{f}" for t, r, f in self.samples))
+        codes = ", ".join(f"{k} {v}" for k, v in self.codes.most_common())
+        if codes:
+            log(f"error replies: {codes}")
+        if self.failures:
+            for f in self.failures:
+                log(f"FAIL: {f}")
+            print(f"soak: FAIL {len(self.failures)} problem(s), first: {self.failures[0]} [{summary}]", flush=True)
+            return 1
+        print(f"soak: PASS {summary}", flush=True)
+        return 0
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        for ps in self.marked().values():
+            for p in ps:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+        shutil.rmtree(self.sockdir, ignore_errors=True)
+        if not self.a.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            log(f"kept {self.tmp}")
+
+
+def _status(p: psutil.Process) -> str:
+    try:
+        return p.status()
+    except psutil.Error:
+        return "gone"
+
+
+def _fd_summary(pid: int) -> str:
+    kinds: Counter[str] = Counter()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            kinds[target.split(":")[0] if ":" in target else "file"] += 1
+    except OSError:
+        pass
+    return ", ".join(f"{k} {v}" for k, v in kinds.most_common())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description="Bounded chaos run against the supervisor, then invariant checks.")
+    p.add_argument("--minutes", type=float, default=10.0, help="length of the chaos phase (default 10)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--clients", type=int, default=8, help="storm clients (default 8)")
+    p.add_argument("--counters", type=int, default=8, help="counter services (default 8)")
+    p.add_argument("--sleepers", type=int, default=6, help="sleep services (default 6)")
+    p.add_argument("--reexec-every", type=float, default=15.0, help="seconds between re-execs (about)")
+    p.add_argument("--no-reexec", action="store_true", help="no re-execs (to tell their faults from others)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs) for a look")
+    a = p.parse_args()
+    if a.seed is None:
+        a.seed = random.randrange(10**6)
+    log(f"seed {a.seed}")
+    s = Soak(a)
+
+    def on_term(signum, frame):  # noqa: ANN001
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        return s.run()
+    except KeyboardInterrupt:
+        print("soak: FAIL interrupted", flush=True)
+        return 1
+    except Exception as exc:  # a harness error is a failure, with what happened
+        s.fail(f"harness: {type(exc).__name__}: {exc}")
+        log(s.err_tail())
+        return s.verdict()
+    finally:
+        s.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
