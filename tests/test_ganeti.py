@@ -709,7 +709,7 @@ def test_real_daemons_without_a_cluster(tmp_path: Path) -> None:
         wait("noded-up", "ganeti-noded", values=["running"]),
         {"id": "version", "do": "http", "method": "POST", "url": "http://127.0.0.1:1811/version", "data": "[]"},
         *settled,
-        wait("kvmd-down", "ganeti-kvmd", "last-exit", timeout=10),
+        wait("kvmd-down", "ganeti-kvmd", "last-exit", timeout=45),
         {"id": "pause", "do": "sleep", "arg": 2},  # time enough for a respawn loop to show
         {"id": "all", "do": "status"},
         herd("wconfd-human", "status", "ganeti-wconfd"),
