@@ -169,6 +169,11 @@ def find_procs_any(markers: dict[str, str]) -> list[tuple[str, int]]:
     return out
 
 
+#: A poll stuck behind a misbehaving client would wait for its line timeout
+#: (10 s) or forever; anything under this bound was not blocked.
+POLL_BOUND = 2.0
+
+
 def test_misbehaving_clients_do_not_block_others(sup: Supervisor) -> None:
     sup.start({"services": {n: sleeper(sup.marker(n)) for n in ("a", "b", "c")}})
     wait_until(lambda: all(s["state"] == "running" for s in sup.rstatus().values()), 10, "a, b, c running")
@@ -199,7 +204,7 @@ def test_misbehaving_clients_do_not_block_others(sup: Supervisor) -> None:
                     return
                 dt = time.monotonic() - t0
                 latencies.append(dt)
-                if dt >= 0.1:
+                if dt >= POLL_BOUND:
                     slow.append(f"poll {n}: {dt * 1000:.0f} ms")
                 if rep.get("ok") is not True or len(rep["result"]["services"]) != 3:
                     poll_errors.append(f"poll {n}: bad reply {rep}")
@@ -286,7 +291,10 @@ def test_misbehaving_clients_do_not_block_others(sup: Supervisor) -> None:
 
     assert not poll_errors, poll_errors
     assert len(latencies) >= 43, f"only {len(latencies)} polls"
-    assert not slow, f"{len(slow)} of {len(latencies)} status polls took 100 ms or more: {slow[:10]}"
+    # Every poll is answered, and none waits on a bad client.  The bound is
+    # generous on purpose (a shared machine stalls for 100s of ms); the latency
+    # itself is measured by contrib/bench and the soak, not asserted here.
+    assert not slow, f"{len(slow)} of {len(latencies)} status polls took {POLL_BOUND} s or more: {slow[:10]}"
 
     assert outcome["oversize-end"] == "disconnected", outcome
     assert outcome["oversize-sent"] < 100 * 1024 * 1024
