@@ -236,6 +236,7 @@ def render_service(svc: SVC, *, now: float | None = None, color: bool = False) -
         lines.append(f"  Failed to start at {when(failures[-1])}.")
     if svc.get("last-failure"):
         lines.append(f"  Last failure: {_sentence(tame(svc['last-failure']))}")
+    lines.extend("  " + line for line in render_processes(svc.get("processes")))
     if svc.get("log-file"):
         lines.append(f"  Log file: {tame(svc['log-file'])}")
     actions = svc.get("actions") or []
@@ -251,6 +252,32 @@ def render_service(svc: SVC, *, now: float | None = None, color: bool = False) -
         lines.append("  Recent messages (use '-n' to view more or less):")
         lines.extend("    " + tame(render_logline(entry, with_service=False)) for entry in recent)
     return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def render_processes(procs: Any) -> list[str]:
+    """The live figures of a service's processes (one-service status)."""
+    if not isinstance(procs, Mapping):
+        return []
+    if procs.get("containment") != "cgroup":
+        return ["Processes are tracked by process group and tree (no cgroup)."]
+    count = procs.get("processes")
+    parts = [f"Processes: {count}"]
+    if procs.get("cpu-usec") is not None:
+        parts.append(f"CPU {procs['cpu-usec'] / 1e6:.2f} s")
+    if procs.get("memory-bytes") is not None:
+        parts.append(f"memory {_size(procs['memory-bytes'])}")
+    out = [", ".join(parts) + f" (cgroup {procs.get('cgroup')})."]
+    if procs.get("left-over"):
+        out.append(f"Left-over processes: {procs['left-over']} (kill-mode \"process\" left them running).")
+    return out
 
 
 def render_details(details: dict[str, Any]) -> list[str]:

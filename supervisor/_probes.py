@@ -59,7 +59,7 @@ async def wait_pid_file(path: str, on_poll: Callable[[], None] | None = None) ->
         try:
             with open(path) as f:
                 text = f.read().strip()
-            if text.isdigit() and int(text) > 1 and os.path.exists(f"/proc/{int(text)}"):
+            if text.isdigit() and int(text) >= 1 and os.path.exists(f"/proc/{int(text)}"):
                 return int(text)
         except OSError:
             pass

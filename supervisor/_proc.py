@@ -194,13 +194,20 @@ def _lookup_group(group: str | int) -> int:
 _LISTEN_PID_WRAPPER = ("/bin/sh", "-c", 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"')
 
 
-def _child_setup(limits: Sequence[tuple[str, int, int]], listen_fds: Sequence[int]):
-    """What must happen in the child between fork and exec (kept minimal)."""
+def _child_setup(limits: Sequence[tuple[str, int, int]], listen_fds: Sequence[int],
+                 cgroup_fd: int | None = None):
+    """What must happen in the child between fork and exec (kept minimal).
+
+    `cgroup_fd` is the service's ``cgroup.procs``, open for writing: the child
+    joins its cgroup first, so that nothing it ever runs starts outside it.
+    """
     resolved = [(getattr(resource, RLIMIT_NAMES[name]), soft, hard) for name, soft, hard in limits]
     n = len(listen_fds)
     upper = os.sysconf("SC_OPEN_MAX")  # ours: no fd of ours is above it (rlimits may lower the child's)
 
     def apply() -> None:
+        if cgroup_fd is not None:
+            os.write(cgroup_fd, b"0")
         for res, soft, hard in resolved:
             inf = resource.RLIM_INFINITY
             resource.setrlimit(res, (inf if soft < 0 else soft, inf if hard < 0 else hard))
@@ -217,12 +224,14 @@ def _child_setup(limits: Sequence[tuple[str, int, int]], listen_fds: Sequence[in
 
 
 def spawn(spec: ServiceSpec, *, stdout: int, stderr: int, extra_env: dict[str, str] | None = None,
-          listen_fds: Sequence[tuple[int, str]] = ()) -> Child:
+          listen_fds: Sequence[tuple[int, str]] = (), cgroup_fd: int | None = None) -> Child:
     """Start `spec.command` in a new session, with the spec's credentials.
 
     The child gets /dev/null as stdin, `stdout`/`stderr` as given, and no other
     descriptor but the `listen_fds` (fd, name), which it receives as 3, 4, …
     with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID set (socket activation).
+    With `cgroup_fd` (the service's ``cgroup.procs``) it joins that cgroup
+    before it executes the command.
 
     Raises:
         SpawnError: naming the reason (command not found, no such user, …).
@@ -258,8 +267,8 @@ def spawn(spec: ServiceSpec, *, stdout: int, stderr: int, extra_env: dict[str, s
         if shutil.which(argv[0], path=env.get("PATH", os.defpath)) is None:
             raise SpawnError(f"command not found: {argv[0]}")
         argv = [*_LISTEN_PID_WRAPPER, *argv]
-    if spec.resource_limits or listen_fds:
-        kwargs["preexec_fn"] = _child_setup(spec.resource_limits, [fd for fd, _ in listen_fds])
+    if spec.resource_limits or listen_fds or cgroup_fd is not None:
+        kwargs["preexec_fn"] = _child_setup(spec.resource_limits, [fd for fd, _ in listen_fds], cgroup_fd)
     try:
         popen = subprocess.Popen(
             argv,

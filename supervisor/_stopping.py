@@ -6,6 +6,7 @@ if its start fails.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 from collections.abc import Callable
@@ -13,12 +14,10 @@ from collections.abc import Callable
 import trio
 
 from . import _proc
+from ._containment import KILL_WAIT, Containment
 from .spec import ServiceSpec
 
 __all__ = ["terminate", "Strays", "KILL_WAIT"]
-
-#: After SIGKILL, how long to wait for the processes to vanish.
-KILL_WAIT = 10.0
 
 
 class Strays:
@@ -63,11 +62,21 @@ class Strays:
 
 
 
-async def terminate(child: _proc.Child, spec: ServiceSpec, note: Callable[[str], None]) -> None:
+async def terminate(child: _proc.Child | None, spec: ServiceSpec, note: Callable[[str], None],
+                    containment: Containment | None = None) -> None:
     """Stop a service's processes per its kill-mode; return when they are gone.
 
     Sends `stop-signal`, waits `stop-timeout`, then SIGKILLs what is left.
+    With a cgroup, "gone" means the cgroup is empty (except under kill-mode
+    "process", which stops the main process only), and the SIGKILL is
+    ``cgroup.kill``: nothing that forked, double-forked or called setsid
+    survives.  `child` may be None when only left-over processes remain.
     """
+    if containment is not None and containment.cgroup is not None:
+        await _terminate_cgroup(child, spec, note, containment)
+        return
+    if child is None:
+        return
     mode = spec.kill_mode
     extra: list[int] = []
     if mode == "tree":
@@ -124,3 +133,56 @@ def _signal_all(child: _proc.Child, mode: str, fds: list[int], sig: int) -> None
             child.signal_group(signal.SIGCONT)
         else:
             child.signal(signal.SIGCONT)
+
+
+async def _terminate_cgroup(child: _proc.Child | None, spec: ServiceSpec, note: Callable[[str], None],
+                            containment: Containment) -> None:
+    mode = spec.kill_mode
+    if mode == "process":  # the main process only: what else is in the cgroup stays
+        if child is None or not child.alive:
+            return
+        _signal_all(child, mode, [], spec.stop_signal)
+        with trio.move_on_after(spec.stop_timeout) as scope:
+            await child.exited.wait()
+        if scope.cancelled_caught:
+            note(f"Grace period of {spec.stop_timeout:g} s is over; sending SIGKILL to {spec.name}.")
+            child.signal(signal.SIGKILL)
+            with trio.move_on_after(KILL_WAIT):
+                await child.exited.wait()
+        return
+    assert containment.cgroup is not None
+    group: list[int] = []  # pidfds of the main process's group (process-group)
+    if child is not None and child.alive and mode == "process-group":
+        pgid = child.pgid()
+        if pgid is not None:
+            members = _proc.process_group_members(pgid, containment.pids())
+            group = [fd for fd in map(_proc.pidfd_or_none, members) if fd is not None]
+        _signal_all(child, mode, [], spec.stop_signal)
+    else:  # tree (or nothing but left-overs): every process in the cgroup
+        containment.cgroup.signal(spec.stop_signal)
+        containment.cgroup.signal(signal.SIGCONT)
+    try:
+        with trio.move_on_after(spec.stop_timeout) as scope:
+            if child is not None:
+                await child.exited.wait()
+            if mode == "process-group" and child is not None:
+                await _proc.wait_pidfds_gone(group)
+                # the group is gone; others (setsid, a double fork) get the
+                # stop-signal too, within the same grace period
+                if containment.populated():
+                    containment.cgroup.signal(spec.stop_signal)
+                    containment.cgroup.signal(signal.SIGCONT)
+            await containment.wait_empty(math.inf)
+    finally:
+        for fd in group:
+            os.close(fd)
+    if scope.cancelled_caught:
+        note(f"Grace period of {spec.stop_timeout:g} s is over; sending SIGKILL to {spec.name}.")
+    if containment.populated():
+        # Grace over, or the group is gone but others (setsid, double fork) are
+        # left: the stop is complete only when the cgroup is empty.
+        if not await containment.kill_all():
+            note(f"Processes of {spec.name} survived SIGKILL for {KILL_WAIT:g} s.")
+    if child is not None and child.alive:
+        with trio.move_on_after(KILL_WAIT):
+            await child.exited.wait()

@@ -63,7 +63,7 @@ class TimerMixin:
         started = time.time()
         try:
             out, err = self.output.writers(self._nursery)
-            child = _proc.spawn(self.spec, stdout=out, stderr=err)
+            child = self._spawn(self.spec, out, err)
         except _proc.SpawnError as exc:
             self.last_run = {"start": started, "end": started, "error": str(exc)}
             self.output.note(f"Run of {self.name} failed to start: {exc}")
@@ -86,7 +86,7 @@ class TimerMixin:
         if self.last_run is not None and self.last_run.get("pid") == child.pid:
             self.last_run["overrun"] = True
         with trio.CancelScope(shield=True):
-            await terminate(child, self.spec, self.output.note)
+            await terminate(child, self.spec, self.output.note, self.containment)
 
     def _on_run_finished(self, child: _proc.Child) -> None:
         assert child.status is not None
@@ -97,6 +97,9 @@ class TimerMixin:
         run.pop("time", None)
         self.last_run = run
         self.output.note(f"Run of {self.name} {child.status.describe()}.")
+        if self.containment.populated() and self._nursery is not None:  # what the run left
+            self._nursery.start_soon(self.containment.sweep, self.spec.stop_signal,
+                                     self.spec.stop_timeout, self.output.note)
         self.save()
         self._publish(self, self.state, self.state, f"run {child.status.describe()}")
 

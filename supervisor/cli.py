@@ -21,6 +21,7 @@ import trio
 from herd.protocol import ProtocolError, default_paths
 
 from . import __version__, _proc
+from ._cgroup import CgroupUnavailable, Hierarchy
 from ._logging import configure_logging
 from ._notify import sd_notify
 from ._notify_server import NotifyServer
@@ -48,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", help="directory for service logs")
     p.add_argument("--log-format", choices=("console", "json"), help="format of the supervisor's own log")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--no-cgroups", action="store_true",
+                   help="track services by process group and tree, not by cgroup (the fallback)")
     p.add_argument("--check", action="store_true", help="validate the configuration, print the services, exit")
     p.add_argument("--version", action="version", version=f"supervisor {__version__}")
     return p
@@ -88,12 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     if config.path is None:
         log.warning("no configuration file; running with no services", config=str(config_path))
     try:
-        return trio.run(_run, config, settings, overrides)
+        return trio.run(_run, config, settings, overrides, not args.no_cgroups)
     except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled inside
         return 130
 
 
-async def _run(config: Config, settings: Settings, overrides: dict[str, Any]) -> int:
+def _open_cgroups(settings: Settings, wanted: bool) -> tuple[Hierarchy | None, str | None]:
+    """This supervisor's cgroup subtree, or None and why (said once, in the log)."""
+    if not wanted:
+        reason = "cgroups turned off (--no-cgroups)"
+    else:
+        try:
+            return Hierarchy.open(settings.state_dir), None
+        except CgroupUnavailable as exc:
+            reason = str(exc)
+    log.warning("services are tracked by process group and tree, not by cgroup", reason=reason)
+    return None, reason
+
+
+async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cgroups: bool = True) -> int:
     handover = take_handover()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
         # Signals held across a re-exec are delivered now, to the receiver above.
@@ -118,7 +134,9 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any]) ->
             return 1
         if os.getpid() != 1:
             _proc.set_child_subreaper()
-        engine = Engine(config, log_dir=settings.log_dir, notify_socket=notify_path, overrides=overrides)
+        hierarchy, no_cgroups = _open_cgroups(settings, cgroups)
+        engine = Engine(config, log_dir=settings.log_dir, notify_socket=notify_path, overrides=overrides,
+                        cgroups=hierarchy, no_cgroups_reason=no_cgroups)
         try:
             notify = NotifyServer(notify_path, engine.route_notify, fd=notify_fd)
         except OSError as exc:

@@ -26,6 +26,8 @@ from . import __version__
 from ._notify_server import ancestors, session_of
 from ._output import LogHub
 from . import _proc
+from ._cgroup import Hierarchy, Watcher
+from ._containment import Containment
 from ._state import StateStore, same_process
 from .config import Config, load_config
 from .schema import ConfigErrors
@@ -52,8 +54,13 @@ class Engine:
     """Owns the service actors; the control server only calls its methods."""
 
     def __init__(self, config: Config, *, log_dir: Path, notify_socket: Path | None = None,
-                 overrides: dict[str, Any] | None = None) -> None:
+                 overrides: dict[str, Any] | None = None, cgroups: Hierarchy | None = None,
+                 no_cgroups_reason: str | None = None) -> None:
         self.config = config
+        #: this supervisor's cgroup subtree; None: fall back to process trees
+        self.cgroups = cgroups
+        self.no_cgroups_reason = no_cgroups_reason
+        self.watcher = Watcher() if cgroups is not None else None
         self.overrides = overrides or {}
         self.notify_socket = notify_socket
         self.graph: Graph = config.graph
@@ -69,13 +76,17 @@ class Engine:
 
     def _new_service(self, spec: Any) -> Service:
         path = Path(spec.log_file) if spec.log_file else self.log_dir / f"{spec.name}.log"
+        group = self.cgroups.service(spec.name) if self.cgroups is not None else None
+        containment = Containment(spec.name, group, self.watcher, self.pid_owner)
         return Service(spec, log_path=path, hub=self.hub, publish=self._on_state,
-                       notify_socket=self.notify_socket, activate=self._activate)
+                       notify_socket=self.notify_socket, activate=self._activate, containment=containment)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run every service actor until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.watcher is not None:
+                await nursery.start(self.watcher.run)
             for service in self.services.values():
                 await nursery.start(self._run_actor, service)
             task_status.started()
@@ -110,7 +121,11 @@ class Engine:
                     os.set_inheritable(passed["pidfd"], False)
                     child = _proc.Child(passed["pid"], passed["pidfd"])
             elif record is not None and record.get("pid") and service.spec.command is not None:
-                if same_process(record["pid"], record.get("pid-start")):
+                group = service.containment.cgroup
+                if group is not None and not group.contains(record["pid"]):
+                    log.info("recorded process is gone", service=name, pid=record["pid"],
+                             why="no such process in the service's cgroup")
+                elif same_process(record["pid"], record.get("pid-start")):
                     try:
                         child = _proc.Child.adopt(record["pid"])
                         log.info("adopted a running service", service=name, pid=child.pid)
@@ -255,20 +270,34 @@ class Engine:
 
     # -- sd_notify -------------------------------------------------------------------------
 
+    def pid_owner(self, pid: int, *, notify_only: bool = False) -> str | None:
+        """The service a process belongs to: its cgroup's; without cgroups, the
+        service whose main process it is, or is in the session or below of."""
+        if self.cgroups is not None:
+            name = self.cgroups.owner_of(pid)
+            if name is None or name not in self.services:
+                return None
+            return name if not notify_only or self.services[name].spec.ready.type == "notify" else None
+        mains = {s.child.pid: s.name for s in self.services.values()
+                 if s.child is not None and s.child.alive
+                 and (not notify_only or s.spec.ready.type == "notify")}
+        found = mains.get(pid)
+        if found is None:
+            sid = session_of(pid)
+            found = mains.get(sid) if sid is not None else None
+        if found is None:
+            found = next((mains[a] for a in ancestors(pid) if a in mains), None)
+        return found
+
     def route_notify(self, pid: int, fields: dict[str, str]) -> None:
         """Hand a notify message to the service the *sender* belongs to.
 
-        The sender is the service's main process, or in its session, or a
-        descendant of it; anything else is ignored.
+        The sender is in the service's cgroup (without cgroups: it is the
+        service's main process, in its session, or a descendant of it);
+        anything else is ignored.
         """
-        mains = {s.child.pid: s for s in self.services.values()
-                 if s.child is not None and s.child.alive and s.spec.ready.type == "notify"}
-        service = mains.get(pid)
-        if service is None:
-            sid = session_of(pid)
-            service = mains.get(sid) if sid is not None else None
-        if service is None:
-            service = next((mains[a] for a in ancestors(pid) if a in mains), None)
+        owner = self.pid_owner(pid, notify_only=True)
+        service = self.services.get(owner) if owner is not None else None
         if service is None:
             log.warning("notify message from a process of no notify service ignored", pid=pid,
                         keys=sorted(fields))
@@ -456,6 +485,8 @@ class Engine:
         for svc in self.services.values():
             if svc.state is not State.STOPPED:
                 await self._stop(svc, stopped)
+        if self.cgroups is not None:
+            self.cgroups.remove()
         return stopped
 
     def _check_running(self) -> None:
@@ -492,7 +523,14 @@ class Engine:
         return {"dot": self.graph.to_dot()}
 
     def ping(self) -> dict[str, Any]:
-        return {"pong": True, "version": __version__, "pid": os.getpid(), "since": self.started_at}
+        return {"pong": True, "version": __version__, "pid": os.getpid(), "since": self.started_at,
+                "containment": self.containment()}
+
+    def containment(self) -> dict[str, Any]:
+        """How services' processes are tracked: cgroups, or the fallback (and why)."""
+        if self.cgroups is not None:
+            return {"mode": "cgroup", "cgroup": self.cgroups.rel, "mount": str(self.cgroups.mount)}
+        return {"mode": "process-tree", "reason": self.no_cgroups_reason}
 
 
 def _default_doc(spec: Any) -> str:

@@ -17,6 +17,8 @@ Edges (source → target, and why):
 * running → stopping: stop requested
 * running → starting: the process exited and will be respawned
 * running → stopped: the process exited, no respawn (disabled, limit hit, respawn off)
+* running → stopping: the process exited and left others in its cgroup (stopped first)
+* stopping → starting: those left-overs are gone, and the service is respawned
 * stopping → stopped: every process of the service is gone
 """
 
@@ -35,6 +37,7 @@ import structlog
 import trio
 
 from . import _proc, _sockets
+from ._containment import Containment
 from ._actor import (
     Outcome,
     State,
@@ -78,8 +81,10 @@ class Service(TimerMixin):
 
     def __init__(self, spec: ServiceSpec, *, log_path: Path, hub: LogHub, publish: StatePublisher,
                  notify_socket: Path | None = None,
-                 activate: Callable[[Service], Awaitable[bool]] | None = None) -> None:
+                 activate: Callable[[Service], Awaitable[bool]] | None = None,
+                 containment: Containment | None = None) -> None:
         self.spec = spec
+        self.containment = containment or Containment(spec.name, None, None, lambda pid: None)
         self.pending_spec: ServiceSpec | None = None  # a reload's new definition, applied when stopped
         self.intent: str | None = None  # "up"/"down": what an operator last asked for (persisted)
         self.store: StateStore | None = None
@@ -118,6 +123,7 @@ class Service(TimerMixin):
         self._initiator: _Reply | None = None  # the start request that began this attempt
         self._stop_initiator: _Reply | None = None
         self._hook_ran = False
+        self._crashed: _proc.ExitStatus | None = None  # stopping what a crashed process left
         self._nursery: trio.Nursery | None = None
         self._inbox_send, self._inbox = trio.open_memory_channel[Any](math.inf)
 
@@ -356,6 +362,7 @@ class Service(TimerMixin):
     async def _attempt_start(self) -> tuple[bool, str | None]:
         spec = self.spec
         strays: Strays | None = None
+        before: set[int] = set()
         try:
             with trio.fail_after(spec.start_timeout):
                 if spec.schedule is not None:  # a timer: being up means being armed
@@ -377,18 +384,24 @@ class Service(TimerMixin):
                     await trio.lowlevel.checkpoint_if_cancelled()
                 if spec.ready.type == "pid-file":
                     remove_stale(spec.ready.path)
-                    strays = Strays()
+                    if self.containment.cgroup is None:
+                        strays = Strays()
                 if self._socket_error is not None:
                     return False, self._socket_error
-                child = _proc.spawn(spec, stdout=out, stderr=err, extra_env=self._extra_env(),
-                                    listen_fds=[(sock.fileno(), s.name)
-                                                for sock, s in zip(self.listeners, spec.sockets)])
+                if spec.kill_mode != "process" and self.containment.populated():
+                    # a previous run's processes (a crash of ours, say): a fresh
+                    # start must not find its port taken
+                    await self.containment.sweep(spec.stop_signal, spec.stop_timeout, self.output.note)
+                before = self.containment.pids()
+                child = self._spawn(spec, out, err)
                 self.child = child
                 self._nursery.start_soon(self._monitor, child)
                 log.debug("spawned", pid=child.pid, command=list(spec.command))
                 if spec.one_shot:
                     await child.exited.wait()
                     assert child.status is not None
+                    # whatever the one-shot left behind is stopped with it
+                    await self.containment.sweep(spec.stop_signal, spec.stop_timeout, self.output.note)
                     if child.status.code == 0:
                         return True, None
                     return False, child.status.describe()
@@ -406,7 +419,30 @@ class Service(TimerMixin):
             if not verdict[0]:  # a daemon that forked away must not outlive its failed start
                 await strays.kill()
             strays.close()
+        if not verdict[0] and not (self.child is not None and self.child.alive):
+            # nothing for a stop to wait on, but what the start forked must go
+            # (under kill-mode "process" only that: older processes stay)
+            only = self.containment.pids() - before if spec.kill_mode == "process" else None
+            await self.containment.sweep(signal.SIGKILL, 0, self.output.note, only=only)
         return verdict
+
+    def _spawn(self, spec: ServiceSpec, out: int, err: int) -> _proc.Child:
+        """Start the command in the service's cgroup.
+
+        Raises:
+            _proc.SpawnError: it could not be started.
+        """
+        try:
+            cgroup_fd = self.containment.open_for_spawn()
+        except OSError as exc:
+            raise _proc.SpawnError(f"cannot use the cgroup of {self.name}: {exc.strerror or exc}") from None
+        try:
+            return _proc.spawn(spec, stdout=out, stderr=err, extra_env=self._extra_env(),
+                               listen_fds=[(sock.fileno(), s.name) for sock, s in zip(self.listeners, spec.sockets)],
+                               cgroup_fd=cgroup_fd)
+        finally:
+            if cgroup_fd is not None:
+                os.close(cgroup_fd)
 
     def _extra_env(self) -> dict[str, str]:
         env: dict[str, str] = {}
@@ -446,6 +482,12 @@ class Service(TimerMixin):
                 assert ready.path is not None
                 pid = await wait_pid_file(ready.path, strays.scan if strays is not None else None)
                 if pid != child.pid:  # a daemon that forked: supervise the real process
+                    why = self.containment.why_untrusted(pid, child.pid, strays.fds if strays is not None else ())
+                    if why is not None:
+                        self._refuse(f"PID {pid} from {ready.path}", why)
+                        result.append((False, f"PID {pid} from {ready.path} is not the service's: {why}"))
+                        cancel.cancel()
+                        return
                     try:
                         adopted = _proc.Child.adopt(pid)
                     except ProcessLookupError:
@@ -569,6 +611,7 @@ class Service(TimerMixin):
         self._nursery.start_soon(self._stop_worker, self._gen, self.child)
 
     async def _stop_worker(self, gen: int, child: _proc.Child | None) -> None:
+        leftovers = self.spec.kill_mode != "process" and self.containment.populated()
         with trio.CancelScope(shield=True):
             if child is not None and child.alive and self.spec.stop_hook is not None:
                 try:  # ask first (e.g. ACPI power-down); signal only if it does not go
@@ -581,8 +624,8 @@ class Service(TimerMixin):
                 except Exception as exc:
                     log.warning("stop hook failed", error=str(exc))
                     self.output.note(f"Stop hook of {self.name} failed: {exc}")
-            if child is not None and child.alive:
-                await terminate(child, self.spec, self.output.note)
+            if (child is not None and child.alive) or leftovers:
+                await terminate(child, self.spec, self.output.note, self.containment)
             if self.spec.command is None and self._hook_ran and self.spec.stop_hook is not None:
                 try:
                     with trio.fail_after(self.spec.stop_timeout):
@@ -594,6 +637,14 @@ class Service(TimerMixin):
         self._post(_StopDone(gen))
 
     def _on_stop_done(self) -> None:
+        crashed, self._crashed = self._crashed, None
+        if crashed is not None and not self._stop_waiters and not self._failing:
+            self._on_crash(crashed)  # what the crashed process left is gone: respawn or not
+            if self.state is State.STARTING:
+                self._pending_start = False  # the respawn answers who asked meanwhile
+            else:
+                self._resume_pending_start()
+            return
         failing, self._failing = self._failing, None
         self._set_state(State.STOPPED, f"failed to start: {failing}" if failing else "stopped")
         if not failing:
@@ -604,7 +655,12 @@ class Service(TimerMixin):
             reply.set(Outcome(True, initiated=reply is initiator))
         if failing:
             self._reply_starts(Outcome(False, code="start-failed", message=f"{self.name}: {failing}"))
-        elif self._pending_start and self._start_waiters:
+        else:
+            self._resume_pending_start()
+
+    def _resume_pending_start(self) -> None:
+        """A start asked for while stopping begins now."""
+        if self._pending_start and self._start_waiters:
             self._pending_start = False
             if self.enabled:
                 self._begin_start(self._start_waiters[0], delay=0.0, reason="start requested")
@@ -625,6 +681,13 @@ class Service(TimerMixin):
             self.last_exit = child.status
         self.child = None
         if self.state is State.RUNNING:
+            if self.spec.kill_mode != "process" and self.containment.populated():
+                # stop what it left (a server's workers keep its port) first
+                self._crashed = child.status
+                self.output.note(f"Service {self.name} {child.status.describe()}; "
+                                 "stopping the processes it left in its cgroup.")
+                self._begin_stop(f"{child.status.describe()}; stopping what it left")
+                return
             self._on_crash(child.status)
         # STARTING: the start worker sees it; STOPPING: the stop worker waits for it.
 
@@ -678,10 +741,16 @@ class Service(TimerMixin):
             self._watchdog_fire("the service asked for it (WATCHDOG=trigger)")
 
     def _adopt_main(self, new_pid: int, *, sender: int) -> None:
+        """MAINPID=: follow the hand-off, if the named process is the service's.
+
+        The sender is one of the service's processes already (the notify
+        router checked); the new main process must be one too.
+        """
         if self.child is not None and self.child.pid == new_pid:
             return
-        if self.child is not None and self.child.alive and sender != self.child.pid:
-            log.warning("MAINPID= ignored: not sent by the main process", sender=sender)
+        why = self.containment.why_untrusted(new_pid, self.child.pid if self.child is not None else None)
+        if why is not None:
+            self._refuse(f"MAINPID={new_pid} (sent by PID {sender})", why)
             return
         try:
             adopted = _proc.Child.adopt(new_pid)
@@ -691,6 +760,12 @@ class Service(TimerMixin):
         self.child = adopted
         assert self._nursery is not None
         self._nursery.start_soon(self._monitor, adopted)
+
+    def _refuse(self, what: str, why: str) -> None:
+        """A PID the service named is not its own: ignored, said once per reason."""
+        if self.containment.refused_once(why):
+            log.warning("ignored a PID the service named", what=what, reason=why)
+            self.output.note(f"Service {self.name}: ignored {what}: {why}.")
 
     async def _watchdog(self) -> None:
         assert self.spec.watchdog_sec
@@ -792,6 +867,7 @@ class Service(TimerMixin):
         }
         if log_lines:
             out["recent-log"] = [line.to_json() for line in self.output.recent(log_lines)]
+            out["processes"] = self._process_stats()
             if spec.schedule is not None:
                 out["details"] = timer_details(self._timer_json())
             if spec.details_hook is not None:
@@ -800,6 +876,16 @@ class Service(TimerMixin):
                 except Exception as exc:  # a details hook must never break status
                     out["details"] = {"error": f"{type(exc).__name__}: {exc}"}
         return out
+
+    def _process_stats(self) -> dict[str, Any]:
+        """Live figures of the service's processes (cgroup), for one-service status."""
+        stats: dict[str, Any] = {"containment": self.containment.mode}
+        if self.containment.cgroup is not None:
+            stats["cgroup"] = self.containment.cgroup.rel
+            stats.update(self.containment.stats() or {})
+            if self.state is State.STOPPED and stats.get("processes"):
+                stats["left-over"] = stats["processes"]  # kill-mode "process" left them running
+        return stats
 
     def recent_log(self, n: int) -> list[LogLine]:
         return self.output.recent(n)

@@ -34,10 +34,30 @@ import pytest
 from helpers import Supervisor
 
 
+#: Test modules that run twice: with cgroups, and with the fallback forced
+#: (--no-cgroups).  Service-type tests run with cgroups only (CI time).
+BOTH_WAYS = ("test_core_", "test_io_", "test_lifecycle_", "test_containment")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "containment" not in metafunc.fixturenames:
+        return
+    both = metafunc.module.__name__.startswith(BOTH_WAYS)
+    if metafunc.definition.get_closest_marker("cgroup_only") is not None:
+        both = False  # a case the fallback documents as out of its reach
+    metafunc.parametrize("containment", ["cgroup", "fallback"] if both else ["cgroup"], indirect=True)
+
+
 @pytest.fixture
-def sup(tmp_path: Path) -> Iterator[Supervisor]:
+def containment(request: pytest.FixtureRequest) -> str:
+    """How the daemon tracks processes: "cgroup", or "fallback" (--no-cgroups)."""
+    return getattr(request, "param", "cgroup")
+
+
+@pytest.fixture
+def sup(tmp_path: Path, containment: str) -> Iterator[Supervisor]:
     """An unstarted :class:`Supervisor`; call ``.start(config)``."""
-    s = Supervisor(tmp_path, uuid.uuid4().hex[:12])
+    s = Supervisor(tmp_path, uuid.uuid4().hex[:12], containment)
     try:
         yield s
     finally:
@@ -45,14 +65,14 @@ def sup(tmp_path: Path) -> Iterator[Supervisor]:
 
 
 @pytest.fixture
-def make_sup(tmp_path: Path) -> Iterator[Callable[[], Supervisor]]:
+def make_sup(tmp_path: Path, containment: str) -> Iterator[Callable[[], Supervisor]]:
     """A factory of further :class:`Supervisor` objects, each in its own directory."""
     made: list[Supervisor] = []
 
     def make() -> Supervisor:
         d = tmp_path / f"sup{len(made)}"
         d.mkdir()
-        s = Supervisor(d, uuid.uuid4().hex[:12])
+        s = Supervisor(d, uuid.uuid4().hex[:12], containment)
         made.append(s)
         return s
 

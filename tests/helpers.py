@@ -467,10 +467,73 @@ class Client:
 # The daemon under test
 
 
-class Supervisor:
-    """One `supervisor` daemon with private sockets and directories."""
+def _cgroup2_mounts() -> list[Path]:
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split(" ", 1)[0] == "cgroup2":
+                found.append(Path(left.split()[4]))
+    return found
 
-    def __init__(self, tmp_path: Path, token: str) -> None:
+
+def cgroup_subtree(state_dir: Path) -> Path | None:
+    """The cgroup subtree a supervisor on `state_dir` uses (found, not assumed)."""
+    import hashlib
+
+    name = "supervisor-" + hashlib.sha256(os.fsencode(os.path.realpath(state_dir))).hexdigest()[:12]
+    for mount in _cgroup2_mounts():
+        for candidate in (mount / name, *mount.glob(f"*/{name}"), *mount.glob(f"*/*/{name}")):
+            if candidate.is_dir():
+                return candidate
+    return None
+
+
+def cgroup_of(pid: int) -> str | None:
+    """``/a/b`` for the v2 cgroup of `pid`, or None when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return line[3:]
+    except OSError:
+        return None
+    return None
+
+
+def remove_cgroup_tree(top: Path) -> None:
+    """Kill everything in a cgroup subtree and remove it (test teardown)."""
+    try:
+        (top / "cgroup.kill").write_text("1")
+    except OSError:
+        pass
+    deadline = Deadline(10)
+    while not deadline.expired():
+        try:
+            if "populated 0" in (top / "cgroup.events").read_text():
+                break
+        except OSError:
+            return
+        time.sleep(0.02)
+    for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+    try:
+        top.rmdir()
+    except OSError:
+        pass
+
+
+class Supervisor:
+    """One `supervisor` daemon with private sockets and directories.
+
+    `containment` is "cgroup" (the default) or "fallback" (the daemon runs
+    with --no-cgroups and tracks services by process group and tree).
+    """
+
+    def __init__(self, tmp_path: Path, token: str, containment: str = "cgroup") -> None:
+        self.containment = containment
         self.token = token
         self.tmp = tmp_path
         # Unix socket paths are limited to 107 bytes: keep them under /tmp.
@@ -506,6 +569,7 @@ class Supervisor:
             "--state-dir", str(self.state_dir),
             "--log-dir", str(self.log_dir),
             "--log-format", "json",
+            *(["--no-cgroups"] if self.containment == "fallback" else []),
         ]
 
     # lifecycle -----------------------------------------------------------
@@ -711,6 +775,9 @@ class Supervisor:
                     pass
         leftovers = list(self.descendants.values()) + procs_with_token(self.token)
         kill_all(leftovers)
+        subtree = cgroup_subtree(self.state_dir)
+        if subtree is not None:
+            remove_cgroup_tree(subtree)
         tail = self.stderr_tail()
         if tail:
             print(f"--- supervisor stderr (tail) ---\n{tail}")

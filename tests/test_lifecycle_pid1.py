@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import tomli_w
 
-from helpers import REPO, find_pids, kill_all, procs_with_token
+from helpers import REPO, cgroup_subtree, find_pids, kill_all, procs_with_token, remove_cgroup_tree
 
 PY = sys.executable
 
@@ -245,7 +245,7 @@ def namespace() -> list[str]:
     return argv
 
 
-def test_pid1_reaps_orphans_and_shuts_down_on_sigterm(namespace: list[str], tmp_path: Path) -> None:
+def test_pid1_reaps_orphans_and_shuts_down_on_sigterm(namespace: list[str], tmp_path: Path, containment: str) -> None:
     token = uuid.uuid4().hex[:12]
     sockdir = Path(tempfile.mkdtemp(prefix="svt-", dir="/tmp"))
     work = tmp_path / "work"
@@ -275,7 +275,8 @@ def test_pid1_reaps_orphans_and_shuts_down_on_sigterm(namespace: list[str], tmp_
         "orphans": orphans,
         "args": ["-c", str(config_path), "-s", str(sockdir / "rw.sock"),
                  "--status-socket", str(sockdir / "ro.sock"), "--state-dir", str(tmp_path / "state"),
-                 "--log-dir", str(tmp_path / "log"), "--log-format", "json"],
+                 "--log-dir", str(tmp_path / "log"), "--log-format", "json",
+                 *(["--no-cgroups"] if containment == "fallback" else [])],
     }
     spec_file, driver = tmp_path / "spec.json", tmp_path / "driver.py"
     spec_file.write_text(json.dumps(spec))
@@ -286,6 +287,9 @@ def test_pid1_reaps_orphans_and_shuts_down_on_sigterm(namespace: list[str], tmp_
     finally:
         kill_all(procs_with_token(token))
         shutil.rmtree(sockdir, ignore_errors=True)
+        subtree = cgroup_subtree(tmp_path / "state")
+        if subtree is not None:
+            remove_cgroup_tree(subtree)
     daemon_log = log.read_text(errors="replace") if log.exists() else ""
     context = f"\nunshare stderr: {proc.stderr}\ndaemon log:\n{daemon_log[-6000:]}"
     lines = proc.stdout.strip().splitlines()
@@ -314,10 +318,17 @@ def test_pid1_reaps_orphans_and_shuts_down_on_sigterm(namespace: list[str], tmp_
     assert out["handlers"] and out["stray"], out
     assert proc.returncode == 0, f"unshare/supervisor exited {proc.returncode}{context}"
     order = record.read_text().split() if record.exists() else []
-    assert order == ["term-a", "term-b", "stray"], f"SIGTERM order {order}{context}"
     events = [json.loads(line) for line in daemon_log.splitlines() if line.startswith("{")]
     names = [ev.get("event") for ev in events]
-    assert "all services stopped" in names and "terminating stray processes" in names, names
-    assert names.index("all services stopped") < names.index("terminating stray processes")
+    if containment == "fallback":
+        assert order == ["term-a", "term-b", "stray"], f"SIGTERM order {order}{context}"
+        assert "all services stopped" in names and "terminating stray processes" in names, names
+        assert names.index("all services stopped") < names.index("terminating stray processes")
+    else:
+        # The spawner's setsid'd child is in the spawner's cgroup: no stray at
+        # all, it is stopped (with SIGTERM first) along with its service.
+        assert sorted(order) == ["stray", "term-a", "term-b"], f"SIGTERM order {order}{context}"
+        assert order.index("term-a") < order.index("term-b"), f"SIGTERM order {order}{context}"
+        assert "all services stopped" in names, names
     for name in ("orphaner", "spawner", "spawner-stray", "term-a", "term-b", "exiter"):
         assert find_pids(marker(name)) == set(), f"{name} survived"
