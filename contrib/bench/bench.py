@@ -340,6 +340,14 @@ class OursGraph(Ours):
     name = "ours-graph"
 
 
+class OursNoCgroups(Ours):
+    """Ours tracking processes without cgroups: what a cgroup per service costs."""
+    name = "ours-nocg"
+
+    def argv(self) -> list[str]:
+        return [*super().argv(), "--no-cgroups"]
+
+
 class _UnixHTTP(http.client.HTTPConnection):
     def __init__(self, path: str) -> None:
         super().__init__("localhost", timeout=30)
@@ -480,7 +488,7 @@ class Runit(_Dirs):
         self.proc.send_signal(signal.SIGHUP)  # runsvdir: TERM every runsv, which stops its service
 
 
-SYSTEMS: dict[str, type[System]] = {c.name: c for c in (Ours, OursGraph, Supervisord, Circus, S6, Runit)}
+SYSTEMS: dict[str, type[System]] = {c.name: c for c in (Ours, OursGraph, OursNoCgroups, Supervisord, Circus, S6, Runit)}
 PEERS = ["supervisord", "circus", "s6", "runit"]
 
 
