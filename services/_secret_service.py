@@ -20,6 +20,13 @@ one more connection now and then; the guest accepts one of them and says
 hello on it, and the others are closed unused.  The bytes on the wire of the
 connection used are exactly Guix's.  Anything that is not the hello fails.
 
+The secrets go only to the process that should get them (QEMU, whose pid the
+caller gives): any local user could listen on the forward port first.  Before
+each connection, whatever listens on the port must be that process's socket;
+before the files are sent, the socket that accepted the connection used must
+be one of its descriptors (``services/_socket_owner.py``).  Otherwise nothing
+is sent and the error names the holder.
+
 Everything here is async (Trio) and never blocks the event loop: file reads
 run in a worker thread.
 """
@@ -33,6 +40,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+
+from . import _socket_owner as owner
 
 __all__ = [
     "GUEST_PORT",
@@ -299,12 +308,35 @@ def collect(root: str) -> list[SecretFile]:
 Log = Callable[[str], None]
 
 
-async def _connect(host: str, port: int, retries: int, delay: float, log: Log,
+async def _verified(check: Callable[..., None], *args: Any) -> None:
+    """Run one of `owner`'s checks in a worker thread.
+
+    Raises:
+        SecretServiceError: the check failed (its message says why).
+    """
+    try:
+        await trio.to_thread.run_sync(check, *args)
+    except owner.RecipientError as exc:
+        raise SecretServiceError(str(exc)) from None
+
+
+async def _open(host: str, port: int, pid: int) -> trio.SocketStream:
+    """Connect, after checking who listens.
+
+    Raises:
+        SecretServiceError: the listener is not `pid`'s.
+        OSError: connecting failed.
+    """
+    await _verified(owner.check_listener, host, port, pid)
+    return await trio.open_tcp_stream(host, port)
+
+
+async def _connect(host: str, port: int, pid: int, retries: int, delay: float, log: Log,
                    attempt: list[int]) -> trio.SocketStream:
     while True:
         attempt[0] += 1
         try:
-            return await trio.open_tcp_stream(host, port)
+            return await _open(host, port, pid)
         except OSError as exc:
             left = retries + 1 - attempt[0]
             if left <= 0:
@@ -335,10 +367,11 @@ async def _read_hello(stream: trio.SocketStream) -> tuple[str, bytes, Any]:
                 raise SexpError(f"{len(buf)} bytes and no complete datum") from None
 
 
-async def send_secrets(host: str, port: int, root: str, *, retries: int = 60, retry_delay: float = 1.0,
-                       handshake_timeout: float = 180.0, reconnect_interval: float = 1.0,
-                       log: Log | None = None) -> list[SecretFile]:
-    """Send the files under `root` to the secret service at `host`:`port`.
+async def send_secrets(host: str, port: int, root: str, *, recipient_pid: int, retries: int = 60,
+                       retry_delay: float = 1.0, handshake_timeout: float = 180.0,
+                       reconnect_interval: float = 1.0, log: Log | None = None) -> list[SecretFile]:
+    """Send the files under `root` to the secret service at `host`:`port`,
+    served by process `recipient_pid` (QEMU, which forwards the port).
 
     Connecting is retried `retries` times, `retry_delay` apart, while refused.
     Then the hello must come within `handshake_timeout`.  While it has not
@@ -347,18 +380,21 @@ async def send_secrets(host: str, port: int, root: str, *, retries: int = 60, re
     retries the connection to the guest with a growing back-off, so a guest
     that starts listening later would be reached late; a fresh connection
     reaches it at once.  The guest accepts one of them and says hello on it;
-    the others are closed.  Returns the files sent.  Cancellation (a stop)
-    closes every connection.
+    the others are closed.  Before each connection, whatever listens on the
+    port must be `recipient_pid`'s; before the files are sent, the accepting
+    end of the connection used must be too (``_socket_owner.check_*``).
+    Returns the files sent.  Cancellation (a stop) closes every connection.
 
     Raises:
-        SecretServiceError: no connection, no hello in time, a wrong hello,
-            or an I/O error while sending.
+        SecretServiceError: no connection, another process on the port (named;
+            nothing is sent), no hello in time, a wrong hello, or an I/O
+            error while sending.
     """
     say = log or (lambda _msg: None)
     where = f"{host}:{port}"
     say(f"sending secrets to {where}")
     attempt = [0]
-    first = await _connect(host, port, retries, retry_delay, say, attempt)
+    first = await _connect(host, port, recipient_pid, retries, retry_delay, say, attempt)
     say("connected; waiting for handshake...")
     streams = [first]
     winner: tuple[trio.SocketStream, Any] | None = None
@@ -386,12 +422,17 @@ async def send_secrets(host: str, port: int, root: str, *, retries: int = 60, re
                     nursery.cancel_scope.cancel()
 
                 async def reconnect() -> None:
+                    nonlocal failure
                     interval = reconnect_interval
                     while True:
                         await trio.sleep(interval)
                         interval = min(interval * 1.5, 10.0)
                         try:
-                            stream = await trio.open_tcp_stream(host, port)
+                            stream = await _open(host, port, recipient_pid)
+                        except SecretServiceError as exc:
+                            failure = str(exc)
+                            nursery.cancel_scope.cancel()
+                            return
                         except OSError:
                             continue
                         streams.append(stream)
@@ -409,6 +450,7 @@ async def send_secrets(host: str, port: int, root: str, *, retries: int = 60, re
         for other in streams:
             if other is not stream:
                 await other.aclose()
+        await _verified(owner.check_peer, stream.socket, recipient_pid)
         say(f"sending files from {root!r}...")
         files = await trio.to_thread.run_sync(collect, root)
         try:

@@ -10,7 +10,9 @@ when missing) with ``TMPDIR=/tmp`` as its whole environment.
 
 Start = spawn QEMU, then the readiness step: the host side of the secret
 service (``services/_secret_service.py``) sends the files under
-``secret-root``; the service is up once they are sent.  Stop = QMP
+``secret-root``, only to QEMU: a port held by another process (checked before
+the spawn, before each connection and before sending) fails the start and
+names the holder; the service is up once they are sent.  Stop = QMP
 ``system_powerdown`` (the guest powers off, QEMU exits), then stop-signal
 after ``powerdown-timeout``, then SIGKILL.  A guest that never got its
 secrets is not asked: QMP ``quit`` ends QEMU at once.
@@ -37,6 +39,7 @@ import trio
 from supervisor import BuildContext, ServiceSpec, ServiceType, SocketSpec, Table
 
 from . import _secret_service as secrets
+from . import _socket_owner as owner
 
 __all__ = [
     "SERVICE_TYPES",
@@ -341,6 +344,10 @@ class HurdVM:
                 raise HurdVMError(f"image {s.image} does not exist or is not a file")
             if s.disk_size != "guess":
                 await self._overlay()
+        try:  # a squatter on the port would get the secrets (QEMU could not bind it)
+            await trio.to_thread.run_sync(owner.check_listener, "127.0.0.1", s.secrets_port, None)
+        except owner.RecipientError as exc:
+            raise HurdVMError(str(exc)) from None
         self.phase = "booting"
 
     async def _overlay(self) -> None:
@@ -365,7 +372,8 @@ class HurdVM:
         os.chmod(disk, 0o600)
 
     async def ready(self, spec: ServiceSpec, pid: int) -> None:
-        """After spawn: send the secrets; the service is up when they are sent."""
+        """After spawn: send the secrets to QEMU (`pid`), and to no other
+        process on its port; the service is up when they are sent."""
         s = self.s
         self.pid, self.phase = pid, "waiting for the guest's secret service"
         name = spec.name
@@ -373,7 +381,7 @@ class HurdVM:
         def say(msg: str) -> None:
             log.info(f"secret service: {msg}", service=name)
 
-        files = await secrets.send_secrets("127.0.0.1", s.secrets_port, s.secret_root,
+        files = await secrets.send_secrets("127.0.0.1", s.secrets_port, s.secret_root, recipient_pid=pid,
                                            retries=s.connect_retries, retry_delay=1.0,
                                            handshake_timeout=s.handshake_timeout, log=say)
         self.secrets_sent = time.time()

@@ -24,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pwd
 import re
+import shlex
 import shutil
 import socket
 import stat
@@ -36,7 +38,7 @@ from typing import Any
 import psutil
 import pytest
 import trio
-from helpers import Deadline, Supervisor, run_supervisor, wait_until
+from helpers import Deadline, Supervisor, python_for_other_users, run_supervisor, wait_until
 
 from services import _secret_service as ss
 from services import hurd_vm
@@ -45,6 +47,8 @@ from supervisor.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QEMU = "/usr/bin/qemu-system-x86_64"
+#: The guests written here run in the test process: it is the recipient.
+ME = os.getpid()
 STATE = Path("/var/lib/sv-test")
 
 
@@ -299,7 +303,8 @@ async def test_send_secrets_exact_bytes(tmp_path: Path) -> None:
     guest = Guest(dst)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(guest.serve)
-        sent = await ss.send_secrets("127.0.0.1", guest.port, str(src), retries=0, handshake_timeout=5)
+        sent = await ss.send_secrets("127.0.0.1", guest.port, str(src), recipient_pid=ME, retries=0,
+                                     handshake_timeout=5)
     names = sorted(files)
     assert [f.name for f in sent] == names
     assert guest.header == (
@@ -316,8 +321,8 @@ async def test_missing_secret_root_sends_an_empty_list(tmp_path: Path) -> None:
     guest = Guest(tmp_path / "guest")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(guest.serve)
-        sent = await ss.send_secrets("127.0.0.1", guest.port, str(tmp_path / "none"), retries=0,
-                                     handshake_timeout=5)
+        sent = await ss.send_secrets("127.0.0.1", guest.port, str(tmp_path / "none"), recipient_pid=ME,
+                                     retries=0, handshake_timeout=5)
     assert sent == [] and guest.header == b"(secrets (version 0) (files ()))"
 
 
@@ -338,8 +343,8 @@ async def test_connection_refused_is_retried(tmp_path: Path) -> None:
     make_secrets(tmp_path / "s")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(late_guest)
-        sent = await ss.send_secrets("127.0.0.1", port, str(tmp_path / "s"), retries=10, retry_delay=0.2,
-                                     handshake_timeout=5, log=messages.append)
+        sent = await ss.send_secrets("127.0.0.1", port, str(tmp_path / "s"), recipient_pid=ME, retries=10,
+                                     retry_delay=0.2, handshake_timeout=5, log=messages.append)
     assert len(sent) == 3
     assert any(m.startswith("retrying connection [") for m in messages), messages
 
@@ -350,7 +355,8 @@ async def test_refused_too_often_fails(tmp_path: Path) -> None:
     port = s.getsockname()[1]
     s.close()
     with pytest.raises(ss.SecretServiceError, match=rf"cannot connect to 127.0.0.1:{port} after 3 attempts"):
-        await ss.send_secrets("127.0.0.1", port, str(tmp_path), retries=2, retry_delay=0.05)
+        await ss.send_secrets("127.0.0.1", port, str(tmp_path), recipient_pid=ME, retries=2,
+                              retry_delay=0.05)
 
 
 async def test_closed_before_hello_is_a_retry(tmp_path: Path) -> None:
@@ -358,7 +364,7 @@ async def test_closed_before_hello_is_a_retry(tmp_path: Path) -> None:
     guest = Guest(tmp_path / "guest", drop_first=2)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(guest.serve)
-        sent = await ss.send_secrets("127.0.0.1", guest.port, str(tmp_path / "s"), retries=5,
+        sent = await ss.send_secrets("127.0.0.1", guest.port, str(tmp_path / "s"), recipient_pid=ME, retries=5,
                                      reconnect_interval=0.05, handshake_timeout=5)
     assert len(sent) == 3 and guest.done.is_set()
 
@@ -370,7 +376,8 @@ async def test_hello_timeout(tmp_path: Path) -> None:
     port = listener.getsockname()[1]
     t0 = time.monotonic()
     with pytest.raises(ss.SecretServiceError, match="timeout while waiting for the handshake"):
-        await ss.send_secrets("127.0.0.1", port, str(tmp_path), retries=0, handshake_timeout=0.5)
+        await ss.send_secrets("127.0.0.1", port, str(tmp_path), recipient_pid=ME, retries=0,
+                              handshake_timeout=0.5)
     assert 0.4 < time.monotonic() - t0 < 3
     listener.close()
 
@@ -389,7 +396,8 @@ async def test_invalid_hello_fails(tmp_path: Path, hello: bytes) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve)
         with pytest.raises(ss.SecretServiceError, match="invalid handshake"):
-            await ss.send_secrets("127.0.0.1", guest.port, str(tmp_path), retries=0, handshake_timeout=5)
+            await ss.send_secrets("127.0.0.1", guest.port, str(tmp_path), recipient_pid=ME, retries=0,
+                                  handshake_timeout=5)
 
 
 async def test_cancel_closes(tmp_path: Path) -> None:
@@ -397,13 +405,84 @@ async def test_cancel_closes(tmp_path: Path) -> None:
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     with trio.move_on_after(0.3) as scope:
-        await ss.send_secrets("127.0.0.1", listener.getsockname()[1], str(tmp_path), handshake_timeout=60)
+        await ss.send_secrets("127.0.0.1", listener.getsockname()[1], str(tmp_path), recipient_pid=ME,
+                              handshake_timeout=60)
     assert scope.cancelled_caught
     conn, _ = listener.accept()
     conn.settimeout(2)
     assert conn.recv(10) == b""  # the host closed its end
     conn.close()
     listener.close()
+
+
+class Taker:
+    """A guest that takes whatever comes: accepts every connection on
+    `listener`, says hello, and records each byte it receives."""
+
+    def __init__(self, listener: socket.socket) -> None:
+        self.listener = trio.socket.from_stdlib_socket(listener)
+        self.accepted = 0
+        self.received = b""
+
+    async def serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await self.listener.accept()
+                self.accepted += 1
+                nursery.start_soon(self._take, conn)
+
+    async def _take(self, conn: trio.socket.SocketType) -> None:
+        with conn:
+            await conn.send(ss.HELLO)
+            while chunk := await conn.recv(65536):
+                self.received += chunk
+
+
+async def send_past_the_recipient(root: Path, *, recipient_shares_listener: bool) -> tuple[str, int, int, Taker]:
+    """Send secrets to a port served by a `Taker` in this process, naming as
+    the recipient a ``sleep`` (holding the same listening socket, or not):
+    (the error, the port, the recipient's pid, the taker)."""
+    make_secrets(root)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    taker = Taker(listener)
+    shared = [listener.fileno()] if recipient_shares_listener else []
+    recipient = subprocess.Popen(["sleep", "60"], pass_fds=shared)  # the "QEMU"; it never accepts
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(taker.serve)
+            with pytest.raises(ss.SecretServiceError) as info:
+                await ss.send_secrets("127.0.0.1", port, str(root), recipient_pid=recipient.pid, retries=0,
+                                      handshake_timeout=5)
+            nursery.cancel_scope.cancel()
+    finally:
+        recipient.kill()
+        recipient.wait()
+        listener.close()
+    return str(info.value), port, recipient.pid, taker
+
+
+async def test_secrets_go_only_to_the_recipient_listener(tmp_path: Path) -> None:
+    """Someone else listens on the port: no connection at all, the holder is named."""
+    error, port, pid, taker = await send_past_the_recipient(tmp_path / "s", recipient_shares_listener=False)
+    me = psutil.Process()
+    assert error.startswith(
+        f"refusing to send secrets: 127.0.0.1:{port} is held by pid {ME} (user {me.username()}, uid {os.getuid()}): "
+        f"{shlex.join(me.cmdline())[:100]}"), error
+    assert error.endswith(f", not by QEMU (pid {pid})"), error
+    assert (taker.accepted, taker.received) == (0, b"")
+
+
+async def test_secrets_go_only_to_the_recipient_accepting(tmp_path: Path) -> None:
+    """The recipient holds the listening socket, but another process (this one,
+    sharing it) accepts the connection: the hello comes, nothing is sent."""
+    error, port, pid, taker = await send_past_the_recipient(tmp_path / "s", recipient_shares_listener=True)
+    assert error.startswith(
+        f"refusing to send secrets: the connection to 127.0.0.1:{port} was accepted by pid {ME} "), error
+    assert error.endswith(f", not by QEMU (pid {pid})"), error
+    assert taker.accepted >= 1 and taker.received == b""
 
 
 @pytest.fixture(scope="module")
@@ -457,8 +536,8 @@ async def test_guest_secretd_receives_exactly(tmp_path: Path, secretd: Path) -> 
     proc = subprocess.Popen([str(secretd), "-a", "127.0.0.1", "-p", str(port), "-s", str(report),  # noqa: ASYNC220
                              "-r", str(dst), "-t", "20"], stderr=subprocess.PIPE, text=True)
     try:
-        sent = await ss.send_secrets("127.0.0.1", port, str(tmp_path / "s"), retries=20, retry_delay=0.1,
-                                     handshake_timeout=5)
+        sent = await ss.send_secrets("127.0.0.1", port, str(tmp_path / "s"), recipient_pid=proc.pid, retries=20,
+                                     retry_delay=0.1, handshake_timeout=5)
         assert len(sent) == 3
         lines = await trio.to_thread.run_sync(read_report, report)
         assert lines == expected_report(files)
@@ -682,6 +761,134 @@ def test_stop_cancels_a_start_in_progress(sup: Supervisor, guest: Path, tmp_path
     assert result["p"].returncode != 0
     assert not qemu_procs(sup)
     assert sup.status("hurd-vm")["state"] == "stopped"
+
+
+SQUAT_PORT = 18004  # the secrets port of id = 7
+SQUATTER = f"""
+import select, socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(8)
+print("listening", flush=True)
+conns = []
+while True:
+    ready = select.select([s, sys.stdin, *conns], [], [])[0]
+    if sys.stdin in ready:  # closed: the test is done
+        break
+    if s in ready:
+        c, _ = s.accept()
+        print("accepted", flush=True)
+        c.sendall({ss.HELLO!r})
+        conns.append(c)
+    for c in [c for c in conns if c in ready]:
+        data = c.recv(65536)
+        if data:
+            print("received", len(data), flush=True)
+        else:
+            conns.remove(c)
+"""
+
+
+class Squatter:
+    """A local user (``nobody``) listening on 127.0.0.1:`port`, posing as the
+    guest: it accepts, says hello and reports every byte it receives."""
+
+    def __init__(self, port: int) -> None:
+        python = python_for_other_users()
+        if python is None:
+            need("a Python interpreter that nobody may run (/usr/bin/python3)")
+        nobody = pwd.getpwnam("nobody")
+        self.python = python
+        self.proc = subprocess.Popen([python, "-c", SQUATTER, str(port)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, cwd="/", user=nobody.pw_uid,
+                                     group=nobody.pw_gid, extra_groups=[])
+        self.pid = self.proc.pid
+        assert self.proc.stdout is not None
+        first = self.proc.stdout.readline()
+        assert first == "listening\n", f"the squatter could not listen on {port}: {first!r}"
+
+    def holder(self) -> str:
+        """How the supervisor should name it."""
+        # The script quoted, its newlines escaped: nothing the holder chose forges a log line.
+        return f"pid {self.pid} (user nobody, uid 65534): {self.python} -c '\\nimport select, socket, sys\\n"
+
+    def finish(self) -> list[str]:
+        """Stop it; what it saw (``accepted``, ``received N`` lines)."""
+        out, _ = self.proc.communicate(timeout=10)
+        return out.splitlines()
+
+
+@pytest.fixture
+def squat() -> Any:
+    """Start squatters (as root: they run as nobody); killed at the end."""
+    if os.getuid() != 0:
+        pytest.skip("the squatter runs as nobody, QEMU as childhurd: needs root")
+    if not os.path.exists(QEMU):
+        need(QEMU)
+    started: list[Squatter] = []
+
+    def start(port: int) -> Squatter:
+        started.append(Squatter(port))
+        return started[-1]
+
+    yield start
+    for s in started:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.communicate()
+
+
+def squat_table(sup: Supervisor, secret_root: Path, **extra: Any) -> dict[str, Any]:
+    """id 7 (secrets port 18004); QEMU with no disk and no kernel: nothing boots."""
+    return {"id": 7, "qemu": QEMU, "kvm": False, "memory-size": 64, "secret-root": str(secret_root),
+            "options": ["--snapshot", "-name", sup.marker("vm7")], "auto-start": False,
+            "handshake-timeout": 10, **extra}
+
+
+def test_squatter_before_the_start_gets_nothing(sup: Supervisor, squat: Any, tmp_path: Path) -> None:
+    """Issue 15 item 1: a local user listens on the secrets port before the
+    start.  QEMU is not even spawned (it could not bind the port); the start
+    fails naming the holder, who gets no connection and no byte."""
+    make_secrets(tmp_path / "secrets")
+    squatter = squat(SQUAT_PORT)
+    sup.start({"hurd-vm": [squat_table(sup, tmp_path / "secrets")]})
+    proc = sup.herd("start", "hurd-vm7", timeout=60)
+    assert squatter.finish() == []
+    assert proc.returncode != 0, proc
+    reason = (f"the secrets port 127.0.0.1:{SQUAT_PORT} is already held by {squatter.holder()}")
+    assert reason in proc.stdout + proc.stderr, proc
+    status = sup.status("hurd-vm7")
+    assert status["state"] == "stopped" and reason in status["last-failure"], status
+    assert "QEMU not started (the holder would be sent the secrets)" in status["last-failure"]
+    assert not qemu_procs(sup, 7)
+    assert "secrets-sent" not in status["details"]
+
+
+def test_squatter_after_qemu_started_gets_nothing(sup: Supervisor, squat: Any, tmp_path: Path) -> None:
+    """The squatter takes the port after QEMU started (here QEMU forwards no
+    port, so the port is free for it): the readiness step sees that the
+    listener is not QEMU's, sends nothing, stops QEMU and names the holder."""
+    import threading
+    make_secrets(tmp_path / "secrets")
+    table = squat_table(sup, tmp_path / "secrets", **{"net-options": ["-nic", "none"], "connect-retries": 30})
+    sup.start({"hurd-vm": [table]})
+    result: dict[str, Any] = {}
+    th = threading.Thread(target=lambda: result.setdefault("p", sup.herd("start", "hurd-vm7", timeout=90)))
+    th.start()
+    [qemu] = wait_until(lambda: qemu_procs(sup, 7), 10, "QEMU running")
+    squatter = squat(SQUAT_PORT)
+    th.join(90)
+    seen = squatter.finish()
+    assert [line for line in seen if line.startswith("received")] == [], seen
+    proc = result["p"]
+    assert proc.returncode != 0, proc
+    status = sup.status("hurd-vm7")
+    failure = status["last-failure"]
+    assert failure.startswith("refusing to send secrets: "), failure
+    assert squatter.holder() in failure and failure.endswith(f", not by QEMU (pid {qemu.pid})"), failure
+    assert failure in proc.stdout + proc.stderr, proc
+    assert status["state"] == "stopped" and "secrets-sent" not in status["details"], status
+    assert not qemu_procs(sup, 7)
 
 
 def test_disk_size_gives_a_qcow2_overlay(sup: Supervisor, guest: Path, tmp_path: Path) -> None:
