@@ -7,23 +7,18 @@ private ones from the actor's own workers (`_StartDone`, `_StopDone`,
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 from dataclasses import dataclass, field
 
 import trio
 
 from . import _proc
+from .lifecycle import State
 from .spec import ServiceSpec
 
 __all__ = ["State", "Outcome"]
 
 
-class State(enum.Enum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +110,6 @@ class _StopDone:  # private: the stop worker is finished
 
 @dataclass(slots=True)
 class _History:
-    respawn_mono: deque[float] = field(default_factory=lambda: deque(maxlen=64))
     respawns: deque[float] = field(default_factory=lambda: deque(maxlen=20))
     startup_failures: deque[float] = field(default_factory=lambda: deque(maxlen=20))
     changes: deque[tuple[str, float]] = field(default_factory=lambda: deque(maxlen=30))

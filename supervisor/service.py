@@ -8,18 +8,9 @@ generation number (a stale report from an abandoned attempt is ignored).
 So `status` is answered during a slow start, and a second `start` joins the
 first one's outcome.
 
-Edges (source → target, and why):
-
-* stopped → starting: start requested, or respawn after a crash
-* starting → running: ready (or one-shot → stopped: it completed)
-* starting → stopping: start failed with a process left, or stop requested
-* starting → stopped: start failed with no process left, or stop requested before spawn
-* running → stopping: stop requested
-* running → starting: the process exited and will be respawned
-* running → stopped: the process exited, no respawn (disabled, limit hit, respawn off)
-* running → stopping: the process exited and left others in its cgroup (stopped first)
-* stopping → starting: those left-overs are gone, and the service is respawned
-* stopping → stopped: every process of the service is gone
+The states and every edge between them are a table in `lifecycle.py`
+(docs/lifecycle.md is generated from it); `_set_state` checks each change
+against it.  What happens after a crash is `respawn.py`'s decision.
 """
 
 from __future__ import annotations
@@ -36,7 +27,7 @@ from typing import Any
 import structlog
 import trio
 
-from . import _proc, _sockets
+from . import _proc, _sockets, lifecycle, respawn
 from ._containment import Containment
 from ._actor import (
     Outcome,
@@ -69,11 +60,18 @@ from ._stopping import Strays, terminate
 from ._timers import TimerMixin, timer_details
 from .spec import ServiceSpec
 
-__all__ = ["State", "Outcome", "Service"]
+__all__ = ["State", "Outcome", "Service", "respawn_policy"]
 
 log = structlog.get_logger("supervisor.service")
 
 StatePublisher = Callable[["Service", State, State, "str | None"], None]
+
+
+def respawn_policy(spec: ServiceSpec) -> respawn.Policy:
+    """The respawn policy a spec configures."""
+    return respawn.Policy(respawn=spec.respawn, limit_count=spec.respawn_limit.count,
+                          limit_seconds=spec.respawn_limit.seconds, delay=spec.respawn_delay,
+                          stay_down=dict(spec.stay_down_exits))
 
 
 class Service(TimerMixin):
@@ -104,6 +102,7 @@ class Service(TimerMixin):
         self.status_text: str | None = None
         self.one_shot_done = False
         self.history = _History()
+        self.respawn_history = respawn.History()  # what the respawn policy decides from
         self.output = ServiceOutput(spec.name, log_path, hub, max_size=spec.log_max_size,
                                     max_backups=spec.log_max_backups)
         self._ready = trio.Event()  # set by READY=1 during the current start attempt
@@ -254,7 +253,7 @@ class Service(TimerMixin):
                 self.enabled = enabled
                 if enabled:
                     self.disabled_reason = None
-                    self.history.respawn_mono.clear()
+                    self.respawn_history.clear()
                 else:
                     self.disabled_reason = "disabled by the operator"
                 self.save()
@@ -281,7 +280,9 @@ class Service(TimerMixin):
                 raise AssertionError(f"unexpected message {msg!r}")
 
     def _set_state(self, new: State, reason: str | None = None) -> None:
+        """The only writer of `state`: every change is an edge of the lifecycle table."""
         old = self.state
+        lifecycle.check(old, new)
         if new is State.STOPPED:
             self._apply_pending_spec()
         if new is not State.RUNNING and self._timer_scope is not None:
@@ -532,6 +533,7 @@ class Service(TimerMixin):
             else:
                 pid = self.child.pid if self.child else None
                 self.output.note(f"Service {self.name} started" + (f" (PID {pid})." if pid else "."))
+                self.respawn_history.started = time.monotonic()
                 self._set_state(State.RUNNING, "started")
                 if self.spec.schedule is not None and self._nursery is not None:
                     self._timer_scope = trio.CancelScope()
@@ -692,32 +694,28 @@ class Service(TimerMixin):
         # STARTING: the start worker sees it; STOPPING: the stop worker waits for it.
 
     def _on_crash(self, status: _proc.ExitStatus) -> None:
+        """The main process exited while the service ran: ask the respawn policy."""
         what = status.describe()
         self.output.note(f"Service {self.name} {what}.")
         log.info("process exited", status=what)
-        spec = self.spec
-        reasons = dict(spec.stay_down_exits)
-        if status.code is not None and status.code in reasons:
-            self.status_text = reasons[status.code]
-            self.output.note(f"Service {self.name} stays down: {reasons[status.code]}.")
-            self._set_state(State.STOPPED, reasons[status.code])
-            return
-        if not spec.respawn or not self.enabled:
-            self._set_state(State.STOPPED, what)
-            return
-        limit = spec.respawn_limit
-        times = self.history.respawn_mono
-        now = time.monotonic()
-        if limit.count == 0 or (len(times) >= limit.count and now - times[-limit.count] <= limit.seconds):
-            self.enabled = False
-            self.disabled_reason = (f"Respawning too fast: more than {limit.count} respawns "
-                                    f"within {limit.seconds:g} s; last {what}")
-            self.output.note(f"Service {self.name} has been disabled. ({self.disabled_reason})")
-            log.warning("respawning too fast; disabled", limit=limit.count, seconds=limit.seconds)
-            self._set_state(State.STOPPED, self.disabled_reason)
-            return
-        times.append(now)
-        self._begin_start(None, delay=spec.respawn_delay, reason=f"{what}; respawning")
+        decision = respawn.decide(respawn_policy(self.spec), self.respawn_history,
+                                  respawn.Exit(time.monotonic(), status.code, status.signal), enabled=self.enabled)
+        match decision.verdict:
+            case respawn.Verdict.STAY_DOWN:
+                self.status_text = decision.reason
+                self.output.note(f"Service {self.name} stays down: {decision.reason}.")
+                self._set_state(State.STOPPED, decision.reason)
+            case respawn.Verdict.STOP:
+                self._set_state(State.STOPPED, decision.reason)
+            case respawn.Verdict.DISABLE:
+                self.enabled = False
+                self.disabled_reason = decision.reason
+                self.output.note(f"Service {self.name} has been disabled. ({decision.reason})")
+                log.warning("respawning too fast; disabled", limit=self.spec.respawn_limit.count,
+                            seconds=self.spec.respawn_limit.seconds)
+                self._set_state(State.STOPPED, decision.reason)
+            case respawn.Verdict.RESPAWN:
+                self._begin_start(None, delay=decision.delay, reason=decision.reason)
 
     def _on_notify(self, pid: int, fields: dict[str, str]) -> None:
         if "STATUS" in fields:

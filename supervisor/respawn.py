@@ -1,0 +1,143 @@
+"""The respawn policy: what happens when a running service's process exits.
+
+Pure: no I/O, no clock, no trio.  The service actor asks `decide` with the
+exit, the service's `Policy` and its `History`, and does what the `Decision`
+says.  Shepherd's rule is the default: respawn after `delay`, but more than
+`limit.count` respawns within `limit.seconds` disable the service until an
+operator enables it again.  Exits listed in `stay_down` mean "not needed
+here" (s6's permanent failure) and are never respawned.
+
+A capped exponential backoff (the delay grows per quick crash and resets
+after a long enough run) fits here as another way to compute the delay from
+the same history; see `Policy.backoff`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Verdict", "Decision", "Exit", "History", "Policy", "Backoff", "decide"]
+
+
+class Verdict(enum.Enum):
+    RESPAWN = "respawn"      # start again after `Decision.delay`
+    STAY_DOWN = "stay-down"  # an exit that means "not needed here"
+    STOP = "stop"            # respawn is off (or the service is disabled)
+    DISABLE = "disable"      # respawning too fast: disabled until enabled again
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    reason: str
+    delay: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """One exit of a main process: when (monotonic), and how."""
+
+    time: float
+    code: int | None
+    signal: int | None
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            import signal as _signal
+
+            try:
+                return f"terminated by {_signal.Signals(self.signal).name}"
+            except ValueError:
+                return f"terminated by signal {self.signal}"
+        return "exited (status unknown)" if self.code is None else f"exited with code {self.code}"
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Capped exponential backoff (room for the health-and-backoff work)."""
+
+    initial: float = 0.1
+    factor: float = 2.0
+    max: float = 300.0
+    reset_after: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    respawn: bool = True
+    limit_count: int = 5
+    limit_seconds: float = 7.0
+    delay: float = 0.1
+    stay_down: Mapping[int, str] = field(default_factory=dict)
+    backoff: Backoff | None = None
+
+
+@dataclass(slots=True)
+class History:
+    """What the policy remembers: recent exits and the respawns it ordered
+    (monotonic times), bounded."""
+
+    exits: deque[Exit] = field(default_factory=lambda: deque(maxlen=64))
+    respawns: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    started: float | None = None  # monotonic time the current run began (backoff's reset)
+
+    def clear(self) -> None:
+        self.exits.clear()
+        self.respawns.clear()
+
+    def to_record(self, now: float, wall: float) -> dict[str, Any]:
+        """Serializable form; monotonic times become wall-clock (epoch) times."""
+        def epoch(t: float) -> float:
+            return wall - (now - t)
+
+        return {"exits": [{"time": epoch(e.time), "code": e.code, "signal": e.signal} for e in self.exits],
+                "respawns": [epoch(t) for t in self.respawns]}
+
+    @classmethod
+    def from_record(cls, data: Any, now: float, wall: float) -> History:
+        """The inverse of `to_record` (bad entries are skipped)."""
+        history = cls()
+        if not isinstance(data, Mapping):
+            return history
+        for e in data.get("exits", []) or []:
+            if isinstance(e, Mapping) and isinstance(e.get("time"), (int, float)):
+                history.exits.append(Exit(now - (wall - float(e["time"])), e.get("code"), e.get("signal")))
+        for t in data.get("respawns", []) or []:
+            if isinstance(t, (int, float)):
+                history.respawns.append(now - (wall - float(t)))
+        return history
+
+
+def decide(policy: Policy, history: History, exit_: Exit, *, enabled: bool) -> Decision:
+    """What to do about `exit_` (already appended to `history` or not: it is
+    appended here).  Respawns ordered are recorded in `history`."""
+    history.exits.append(exit_)
+    what = exit_.describe()
+    if exit_.code is not None and exit_.code in policy.stay_down:
+        return Decision(Verdict.STAY_DOWN, policy.stay_down[exit_.code])
+    if not policy.respawn or not enabled:
+        return Decision(Verdict.STOP, what)
+    now = exit_.time
+    if policy.backoff is not None:
+        delay = _backoff_delay(policy.backoff, history, now)
+        history.respawns.append(now)
+        return Decision(Verdict.RESPAWN, f"{what}; respawning in {delay:g} s", delay)
+    n, window = policy.limit_count, policy.limit_seconds
+    recent = history.respawns
+    if n == 0 or (len(recent) >= n and now - recent[-n] <= window):
+        return Decision(Verdict.DISABLE, f"Respawning too fast: more than {n} respawns within {window:g} s; last {what}")
+    history.respawns.append(now)
+    return Decision(Verdict.RESPAWN, f"{what}; respawning", policy.delay)
+
+
+def _backoff_delay(b: Backoff, history: History, now: float) -> float:
+    """initial × factor^k, k = quick crashes in a row, capped at `max`; a run
+    that lasted `reset_after` resets k."""
+    if history.started is not None and now - history.started >= b.reset_after:
+        history.respawns.clear()
+    k = len(history.respawns)
+    return min(b.max, b.initial * (b.factor ** k))
