@@ -19,6 +19,7 @@ Wire format: newline-delimited JSON objects over a Unix stream socket.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,8 +128,30 @@ class Request:
 
 
 def encode(obj: Any) -> bytes:
-    """One protocol line: compact JSON, UTF-8, newline-terminated."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    """One protocol line: compact JSON, UTF-8, newline-terminated.
+
+    Always valid JSON: a lone surrogate (which a client can send as
+    ``"\\ud800"``) goes out as the same ``\\uXXXX`` escape.
+
+    Raises:
+        ValueError: `obj` holds a NaN or an infinity (JSON has no such numbers).
+    """
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return text.encode("utf-8", "backslashreplace") + b"\n"
+
+
+def _non_finite(obj: Any) -> str | None:
+    """Where `obj` holds a NaN or an infinity (``"args[0]"``), or None."""
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return where or "the request"
+        if isinstance(value, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
+    return None
 
 
 def decode_request(line: bytes) -> Request:
@@ -143,16 +166,24 @@ def decode_request(line: bytes) -> Request:
         obj = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError("bad-request", f"not JSON: {exc}") from None
+    except ValueError:  # Python refuses to convert integers of more than 4300 digits
+        raise ProtocolError("bad-request", "a number has too many digits") from None
     except RecursionError:
         raise ProtocolError("bad-request", "JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad-request", f"expected a JSON object, got {type(obj).__name__}")
     req_id = obj.get("id")
+    if isinstance(req_id, float) and not math.isfinite(req_id):
+        req_id = None  # never echoed: JSON has no such number
 
     def bad(message: str) -> ProtocolError:
         err = ProtocolError("bad-request", message)
         err.request_id = req_id  # type: ignore[attr-defined]
         return err
+
+    where = _non_finite(obj)
+    if where is not None:
+        raise bad(f"{where[:200]!r} is not a finite number (NaN and Infinity are not JSON)")
 
     if req_id is not None and not isinstance(req_id, (int, str)) or isinstance(req_id, bool):
         raise bad("'id' must be an integer or a string")
