@@ -99,11 +99,14 @@ class _Printer:
         return "\n".join(p for p in parts if p)
 
     def event(self, event: dict[str, Any]) -> None:
-        """Show one event object (follow modes)."""
+        """Show one event object (follow modes); say on stderr when some were lost."""
         if self.inv.json or self.inv.kind == "events":
             self.emit(render.json_line(event))
         elif event.get("event") == "log":
             self.emit(render.render_logline(event))
+        if event.get("event") == "overflow":
+            self.out.flush()
+            print(f"herd: warning: {render.render_overflow(event)}", file=sys.stderr, flush=True)
 
 
 def run(invocation: Invocation, conn: Connection, out: TextIO, *, color: bool = False) -> int:

@@ -14,11 +14,14 @@ Wire format: newline-delimited JSON objects over a Unix stream socket.
   ``{"id": 7, "ok": false, "error": {"code": "…", "message": "…"}, "messages": […]}``.
 * After a successful ``subscribe`` (or ``log`` with ``follow``) the server
   also sends event objects, which carry an ``"event"`` key and no ``"id"``.
+  A client more than `MAX_BACKLOG` events behind gets ``{"event":
+  "overflow", "stream": "state"|"log", "lost": N}`` in place of the N it lost.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +34,8 @@ __all__ = [
     "MAX_IN_FLIGHT",
     "MAX_CLIENTS",
     "MAX_QUEUED_BYTES",
+    "MAX_TOTAL_QUEUED_BYTES",
+    "MAX_BACKLOG",
     "MAX_LOG_LINES",
     "READ_ACTIONS",
     "WRITE_ACTIONS",
@@ -53,7 +58,8 @@ PROTOCOL_VERSION: Final = 1
 #: Longest request line the server accepts (bytes, newline included).
 MAX_LINE_BYTES: Final = 1024 * 1024
 
-#: A request line that has begun must be completed within this many seconds.
+#: A request line that has begun must be completed within this many seconds
+#: (each line on its own: the clock restarts with every new line).
 LINE_TIMEOUT: Final = 10.0
 #: Requests in flight at once on one connection.
 MAX_IN_FLIGHT: Final = 64
@@ -61,16 +67,27 @@ MAX_IN_FLIGHT: Final = 64
 MAX_CLIENTS: Final = 256
 #: Reply bytes queued for a client that does not read; past it, it is disconnected.
 MAX_QUEUED_BYTES: Final = 1024 * 1024
+#: Reply bytes queued for all clients of both sockets together; past it, the
+#: client with the most unread output is disconnected.
+MAX_TOTAL_QUEUED_BYTES: Final = 64 * 1024 * 1024
+#: Events (state changes, followed log lines) a client may fall behind by;
+#: past it, the newer ones are dropped and counted in an ``overflow`` event.
+MAX_BACKLOG: Final = 1000
 #: Most log lines one `log`/`status` request may ask for.
 MAX_LOG_LINES: Final = 10000
 
-#: Actions served on the read-only socket too.
+#: Built-in actions served on the read-only socket too.  The daemon declares
+#: each action once, in its action table (``supervisor/_actions.py``); these
+#: sets are that table's names for clients, which do not import the daemon.
 READ_ACTIONS: Final = frozenset(
     {"status", "detailed-status", "doc", "log", "graph", "subscribe", "ping"}
 )
 #: Built-in actions that change something; refused on the read-only socket.
+#: (``trigger`` is every timer's action; a service type's own actions say
+#: themselves whether they only read.)
 WRITE_ACTIONS: Final = frozenset(
-    {"start", "stop", "restart", "enable", "disable", "reload", "reexec"}
+    {"start", "stop", "restart", "enable", "disable", "reload", "reexec",
+     "power-off", "reboot", "halt", "trigger"}
 )
 
 # herd exit statuses.
@@ -91,6 +108,8 @@ ERROR_CODES: Final[dict[str, tuple[int, str]]] = {
     "unknown-service": (EXIT_USAGE, "no service provides this name"),
     "bad-arguments": (EXIT_USAGE, "the action's arguments are wrong"),
     "read-only": (EXIT_FAILED, "a write action was sent to the read-only socket"),
+    "permission-denied": (EXIT_FAILED, "the requester may not do this (e.g. make root load a file "
+                                       "that others can write)"),
     "disabled": (EXIT_FAILED, "the service is disabled; `herd enable` it first"),
     "start-failed": (EXIT_FAILED, "the service (or one of its requirements) failed to start"),
     "stop-failed": (EXIT_FAILED, "the service could not be stopped"),
@@ -127,8 +146,30 @@ class Request:
 
 
 def encode(obj: Any) -> bytes:
-    """One protocol line: compact JSON, UTF-8, newline-terminated."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    """One protocol line: compact JSON, UTF-8, newline-terminated.
+
+    Always valid JSON: a lone surrogate (which a client can send as
+    ``"\\ud800"``) goes out as the same ``\\uXXXX`` escape.
+
+    Raises:
+        ValueError: `obj` holds a NaN or an infinity (JSON has no such numbers).
+    """
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return text.encode("utf-8", "backslashreplace") + b"\n"
+
+
+def _non_finite(obj: Any) -> str | None:
+    """Where `obj` holds a NaN or an infinity (``"args[0]"``), or None."""
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return where or "the request"
+        if isinstance(value, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
+    return None
 
 
 def decode_request(line: bytes) -> Request:
@@ -143,16 +184,24 @@ def decode_request(line: bytes) -> Request:
         obj = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError("bad-request", f"not JSON: {exc}") from None
+    except ValueError:  # Python refuses to convert integers of more than 4300 digits
+        raise ProtocolError("bad-request", "a number has too many digits") from None
     except RecursionError:
         raise ProtocolError("bad-request", "JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad-request", f"expected a JSON object, got {type(obj).__name__}")
     req_id = obj.get("id")
+    if isinstance(req_id, float) and not math.isfinite(req_id):
+        req_id = None  # never echoed: JSON has no such number
 
     def bad(message: str) -> ProtocolError:
         err = ProtocolError("bad-request", message)
         err.request_id = req_id  # type: ignore[attr-defined]
         return err
+
+    where = _non_finite(obj)
+    if where is not None:
+        raise bad(f"{where[:200]!r} is not a finite number (NaN and Infinity are not JSON)")
 
     if req_id is not None and not isinstance(req_id, (int, str)) or isinstance(req_id, bool):
         raise bad("'id' must be an integer or a string")

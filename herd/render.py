@@ -30,6 +30,7 @@ __all__ = [
     "render_service",
     "render_services",
     "render_logline",
+    "render_overflow",
     "render_log",
     "render_doc",
     "render_ping",
@@ -161,6 +162,12 @@ def render_logline(line: Mapping[str, Any], *, with_service: bool = True) -> str
     if with_service:
         prefix += f" {line.get('service') or '-'}"
     return f"{prefix} {line.get('stream', 'stdout')}: {line.get('line', '')}"
+
+
+def render_overflow(event: Mapping[str, Any]) -> str:
+    """An ``overflow`` event: ``N log lines lost (client too slow)``."""
+    what = {"log": "log lines", "state": "state events"}.get(str(event.get("stream")), "events")
+    return f"{event.get('lost', '?')} {what} lost (client too slow)"
 
 
 def render_service(svc: SVC, *, now: float | None = None, color: bool = False) -> str:

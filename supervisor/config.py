@@ -417,14 +417,16 @@ def parse_config(
 
 
 def load_config(path: Path, *, service_types: dict[str, ServiceType] | None = None,
-                missing_ok: bool = False, overrides: dict[str, Any] | None = None) -> Config:
-    """Read and validate the configuration file at `path`.
+                missing_ok: bool = False, overrides: dict[str, Any] | None = None,
+                data: bytes | None = None) -> Config:
+    """Read and validate the configuration file at `path` (or `data`, its
+    content when the caller has read it already).
 
     Raises:
         ConfigErrors: the file is unreadable, not TOML, or invalid.
     """
     try:
-        data = path.read_bytes()
+        data = path.read_bytes() if data is None else data
     except FileNotFoundError:
         if missing_ok:
             return parse_config({}, path=None, service_types=service_types, overrides=overrides)

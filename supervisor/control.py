@@ -1,11 +1,16 @@
 """The control sockets: newline-delimited JSON, one task per connection.
 
-Each connection has a reader (bounded line size; a line once begun must be
-completed in `LINE_TIMEOUT`), a writer draining a bounded queue (a client
-that does not read its replies is dropped once `MAX_QUEUED_BYTES` wait for
-it), and one task per request, so several requests are in flight at once and
-a slow `stop` never delays a `status`.  The read-only socket refuses every
-action that changes something, whoever asks.
+Each connection has a reader (bounded line size; each line once begun must
+be completed in `LINE_TIMEOUT`), a writer draining a bounded queue, and one
+task per request, so several requests are in flight at once and a slow
+`stop` never delays a `status`.  A client that does not read its replies is
+dropped once `MAX_QUEUED_BYTES` wait for it, and when the replies waiting
+for all clients together pass `MAX_TOTAL_QUEUED_BYTES`, the client with the
+most unread output is dropped.  Event streams (`subscribe`, `log` with
+follow) wait for the client instead, and a client too far behind gets an
+``overflow`` event counting what it lost (`_backlog`).  Actions are
+dispatched through the table in `_actions`; the read-only socket refuses
+every action not declared read-only, whoever asks.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import math
 import os
 import socket
 import stat
+import struct
 from pathlib import Path
 from typing import Any, Final
 
@@ -27,11 +33,9 @@ from herd.protocol import (
     MAX_CLIENTS,
     MAX_IN_FLIGHT,
     MAX_LINE_BYTES,
-    MAX_LOG_LINES,
     MAX_QUEUED_BYTES,
+    MAX_TOTAL_QUEUED_BYTES,
     PROTOCOL_VERSION,
-    READ_ACTIONS,
-    WRITE_ACTIONS,
     ProtocolError,
     Request,
     decode_request,
@@ -39,12 +43,20 @@ from herd.protocol import (
 )
 
 from . import __version__
-from .engine import MESSAGES, Engine, say
+from ._actions import STREAMED, find_action
+from ._backlog import Backlog, Overflow
+from .engine import MESSAGES, Engine
 
 __all__ = ["ControlServer", "bind_unix_socket", "SocketInUse"]
 
 log = structlog.get_logger("supervisor.control")
 
+#: An event stream waits while more than this many bytes wait for its client
+#: (so events never trip `MAX_QUEUED_BYTES`: they fill the stream's backlog).
+STREAM_HIGH_WATER: Final = 256 * 1024
+#: The writer hands the socket at most this much at once, so that what a
+#: client has not read yet is known as it reads a large reply.
+_WRITE_CHUNK: Final = 256 * 1024
 
 
 class SocketInUse(Exception):
@@ -124,17 +136,48 @@ def check_socket_dir(directory: Path) -> None:
                                    f"(mode {stat.S_IMODE(st.st_mode):04o}); refusing")
 
 
+class ReplyBudget:
+    """Reply bytes waiting for all clients, of every socket, bounded together."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0
+        self.connections: set[_Connection] = set()
+
+    def charge(self, conn: _Connection, size: int) -> None:
+        """`conn` queued `size` more bytes; past the limit, drop the clients
+        (other than `conn`, whose reply is the one being queued) with the most
+        unread output until the total fits."""
+        self.total += size
+        if self.total <= self.limit:
+            return
+        for victim in sorted(self.connections, key=lambda c: c.queued, reverse=True):
+            if self.total <= self.limit or victim.queued == 0:
+                break
+            if victim is not conn:
+                victim.abort("the replies waiting for all clients exceed "
+                             f"{self.limit // (1024 * 1024)} MiB; this client has the most unread")
+
+    def release(self, size: int) -> None:
+        self.total -= size
+
+
+#: One budget for every connection of every socket in this process.
+BUDGET: Final = ReplyBudget(MAX_TOTAL_QUEUED_BYTES)
+
+
 class ControlServer:
     """Serves one socket (read-write or read-only) for an engine."""
 
     def __init__(self, engine: Engine, sock: trio.socket.SocketType, *, read_only: bool,
-                 path: Path, on_reexec: Any = None) -> None:
+                 path: Path, on_reexec: Any = None, budget: ReplyBudget = BUDGET) -> None:
         self.engine = engine
         self.sock = sock
         self.read_only = read_only
         self.path = path
         self.clients = 0
         self.reexec = on_reexec  # supervisor.cli.Reexec or None
+        self.budget = budget
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listener = trio.SocketListener(self.sock)
@@ -162,56 +205,129 @@ class ControlServer:
             await trio.aclose_forcefully(stream)
 
 
+def _peer_uid(stream: trio.SocketStream) -> int:
+    """The uid of the process at the other end (SO_PEERCRED); -1 if unknown."""
+    try:
+        creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return int(struct.unpack("3i", creds)[1])
+    except (OSError, struct.error):
+        return -1
+
+
 class _Connection:
     def __init__(self, server: ControlServer, stream: trio.SocketStream) -> None:
         self.server = server
         self.engine = server.engine
         self.stream = stream
-        self.queued = 0
+        self.peer_uid = _peer_uid(stream)
+        self.queued = 0  # bytes queued for the client and not yet taken by its socket
         self.in_flight = 0
         self._out_send, self._out_recv = trio.open_memory_channel[bytes](math.inf)
+        self._written = trio.lowlevel.ParkingLot()  # woken as the writer makes progress
         self._streams: set[trio.CancelScope] = set()  # subscriptions, log follows
         self._closing = False
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            self.nursery = nursery
-            nursery.start_soon(self._writer)
-            self.send({"hello": "supervisor", "protocol": PROTOCOL_VERSION, "version": __version__,
-                       "read-only": self.server.read_only})
-            async with trio.open_nursery() as requests:
-                self.requests = requests
-                await self._reader()
-                for scope in list(self._streams):  # the client is gone: end its streams
-                    scope.cancel()
-            self._out_send.close()  # the writer flushes what is queued, then ends
+        budget = self.server.budget
+        budget.connections.add(self)
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._writer)
+                self.send({"hello": "supervisor", "protocol": PROTOCOL_VERSION, "version": __version__,
+                           "read-only": self.server.read_only})
+                async with trio.open_nursery() as requests:
+                    self.requests = requests
+                    await self._reader()
+                    for scope in list(self._streams):  # the client is gone: end its streams
+                        scope.cancel()
+                self._out_send.close()  # the writer flushes what is queued, then ends
+        finally:
+            budget.connections.discard(self)
+            budget.release(self.queued)
+            self.queued = 0
 
     # -- output --------------------------------------------------------------------------
 
     def send(self, obj: Any) -> None:
         if self._closing:
             return
-        data = encode(obj)
+        try:
+            data = encode(obj)
+        except ValueError as exc:  # a NaN or an infinity in a reply: a daemon bug, never sent
+            log.error("reply not encodable as JSON", error=str(exc), kind=obj.get("event", "reply"))
+            if "event" in obj:
+                return
+            data = encode({"id": obj.get("id"), "ok": False, "messages": [], "error": {
+                "code": "internal", "message": f"the reply could not be encoded as JSON: {exc}"}})
         # One reply may be large (a long log); what is bounded is what waits
         # behind it for a client that does not read.
         if self.queued > MAX_QUEUED_BYTES:
-            log.warning("client does not read its replies; disconnecting", queued=self.queued)
-            self._abort()
+            self.abort(f"more than {MAX_QUEUED_BYTES} bytes of replies wait for it")
             return
         self.queued += len(data)
         self._out_send.send_nowait(data)
+        self.server.budget.charge(self, len(data))
 
-    def _abort(self) -> None:
+    def abort(self, reason: str) -> None:
+        """Close the connection now; what is queued for it is dropped."""
+        if self._closing:
+            return
+        log.warning("client does not read its replies; disconnecting", reason=reason,
+                    queued=self.queued, uid=self.peer_uid, read_only=self.server.read_only)
         self._closing = True
+        self.server.budget.release(self.queued)
+        self.queued = 0
         self.nursery.cancel_scope.cancel()
 
     async def _writer(self) -> None:
         try:
             async for data in self._out_recv:
-                await self.stream.send_all(data)
-                self.queued -= len(data)
+                view = memoryview(data)
+                for i in range(0, len(view), _WRITE_CHUNK):
+                    chunk = view[i:i + _WRITE_CHUNK]
+                    await self.stream.send_all(chunk)
+                    if self._closing:
+                        return
+                    self.queued -= len(chunk)
+                    self.server.budget.release(len(chunk))
+                    self._written.unpark_all()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self._abort()
+            self._closing = True
+            self.nursery.cancel_scope.cancel()
+
+    async def flushed(self) -> None:
+        """Wait until the client's socket has taken everything queued."""
+        while self.queued:
+            await self._written.park()
+
+    async def stream_events(self, req: Request, result: Any, kind: str, render: Any, *,
+                     backlog: Backlog[Any] | None = None, source: Any = None) -> None:
+        """Reply `result`, then send the events of `backlog` (or of the
+        channel `source`, through a backlog of its own) until the client goes.
+
+        The events wait while the client has not read `STREAM_HIGH_WATER`
+        bytes; meanwhile they fill the backlog, and what overflows it is sent
+        as one ``overflow`` event with the count.
+        """
+        backlog = backlog if backlog is not None else Backlog()
+        with trio.CancelScope() as scope:
+            self._streams.add(scope)
+            self.send({"id": req.id, "ok": True, "result": result, "messages": []})
+            async with trio.open_nursery() as nursery:
+                if source is not None:
+                    nursery.start_soon(backlog.pump, source)
+                while True:
+                    while self.queued > STREAM_HIGH_WATER:
+                        await self._written.park()
+                    item = await backlog.get()
+                    if isinstance(item, Overflow):
+                        log.debug("client fell behind; events dropped", stream=kind, lost=item.lost,
+                                  uid=self.peer_uid)
+                        self.send({"event": "overflow", "stream": kind, "lost": item.lost})
+                    else:
+                        self.send(render(item))
+        self._streams.discard(scope)
 
     def _error(self, req_id: Any, code: str, message: str) -> None:
         self.send({"id": req_id, "ok": False, "error": {"code": code, "message": message}, "messages": []})
@@ -220,7 +336,7 @@ class _Connection:
 
     async def _reader(self) -> None:
         buf = bytearray()
-        line_started: float | None = None
+        line_started: float | None = None  # when the line now in `buf` began
         while True:
             try:
                 if line_started is None:
@@ -237,7 +353,9 @@ class _Connection:
             if not data:
                 return
             buf += data
+            completed = False
             while (i := buf.find(b"\n")) >= 0:
+                completed = True
                 line = bytes(buf[:i])
                 del buf[:i + 1]
                 if len(line) + 1 > MAX_LINE_BYTES:
@@ -249,7 +367,10 @@ class _Connection:
                 self._error(None, "line-too-long",
                             f"request line longer than {MAX_LINE_BYTES} bytes; closing")
                 return
-            line_started = (line_started or trio.current_time()) if buf else None
+            if not buf:
+                line_started = None
+            elif completed or line_started is None:  # what is left is a new line: its own clock
+                line_started = trio.current_time()
 
     def _dispatch(self, line: bytes) -> None:
         try:
@@ -283,130 +404,29 @@ class _Connection:
             reply = {"id": req.id, "ok": True, "result": result, "messages": messages}
         finally:
             self.in_flight -= 1
-        if reply.get("result") is not _STREAMED:
+        if reply.get("result") is not STREAMED:
             self.send(reply)
 
-    # -- actions -------------------------------------------------------------------------
-
     async def _perform(self, req: Request) -> Any:
-        action, name, args = req.action, req.service, req.args
-        engine = self.engine
-        if self.server.read_only and action not in READ_ACTIONS:
-            custom = engine.lookup(name).spec.action(action) if name and engine.graph.resolve(name) else None
-            if action in WRITE_ACTIONS or (custom is not None and not custom.read_only):
-                raise ProtocolError("read-only", f"{action!r} is not allowed on the read-only socket")
-        if action == "ping":
-            return engine.ping()
-        if action == "status":
-            if name is None or name == "root":
-                _no_args(req)
-                return engine.status()
-            return engine.status(name, log_lines=_count_arg(req, 10))
-        if action == "detailed-status":
-            return engine.detailed_status(_count_arg(req, 10))
-        if action == "doc":
-            return engine.doc(name, args)  # type: ignore[arg-type]
-        if action == "graph":
-            _no_args(req)
-            return engine.graph_dot()
-        if action == "log":
-            return await self._log(req)
-        if action == "subscribe":
-            _no_args(req)
-            return await self._subscribe(req)
-        if name == "root" and action in ("stop", "power-off", "reboot", "halt"):
-            _no_args(req)
-            if self.server.reexec is None:
-                raise ProtocolError("unsupported", f"{action!r} root is not available here")
-            how = "exit" if action == "stop" else action
-            if how != "exit" and os.getpid() != 1:
-                raise ProtocolError("action-failed", f"{action!r} needs the supervisor to be PID 1")
-            self.server.reexec.request_shutdown(how)
-            say("Stopping every service; the supervisor then exits."
-                if how == "exit" else f"Stopping every service, then {action}.")
-            return {"shutdown": how}
-        if action in ("start", "stop", "restart", "enable", "disable"):
-            _no_args(req)
-            if action == "start":
-                return await engine.start(name)  # type: ignore[arg-type]
-            if action == "stop":
-                return await engine.stop(name)  # type: ignore[arg-type]
-            if action == "restart":
-                return await engine.restart(name)  # type: ignore[arg-type]
-            return await engine.set_enabled(name, action == "enable")  # type: ignore[arg-type]
-        if action == "reload" and (name is None or name == "root"):
-            if len(args) > 1 or (args and not (isinstance(args[0], str) and args[0].startswith("/"))):
-                raise ProtocolError("bad-arguments", "usage: reload root [ABSOLUTE-FILE]")
-            return await engine.reload(Path(args[0]) if args else None)
-        if action == "reexec" and (name is None or name == "root"):
-            _no_args(req)
-            if self.server.reexec is None:
-                raise ProtocolError("unsupported", "re-exec is not available here")
-            await self.server.reexec.prepare()
-            say_ = "Re-executing the supervisor; every service keeps running."
-            self.send({"id": req.id, "ok": True, "result": {"reexec": True}, "messages": [say_]})
-            with trio.move_on_after(1):  # let the reply reach the client first
-                while self.queued:
-                    await trio.sleep(0.005)
-            self.server.reexec.execute()
-            return _STREAMED
-        if name is None:
-            raise ProtocolError("unknown-action", f"unknown action {action!r}")
-        return await engine.custom_action(name, action, args)
+        """Run the action through the table (`_actions`), or the service's own.
 
-    async def _log(self, req: Request) -> Any:
-        args = list(req.args)
-        follow = False
-        if args and args[-1] == "follow":
-            follow = True
-            args.pop()
-        n = _count_arg(Request(req.id, req.action, req.service, args), 10)
-        if req.service:
-            service = self.engine.lookup(req.service)
-            lines = service.recent_log(n)
-            name: str | None = service.name
-        else:
-            lines = self.engine.hub.recent(n)
-            name = None
-        result = {"lines": [line.to_json() for line in lines]}
-        if not follow:
-            return result
-        with self.engine.hub.follow(name) as recv, trio.CancelScope() as scope:
-            self._streams.add(scope)
-            self.send({"id": req.id, "ok": True, "result": result, "messages": []})
-            async for line in recv:
-                self.send({"event": "log", **line.to_json()})
-        self._streams.discard(scope)
-        return _STREAMED
-
-    async def _subscribe(self, req: Request) -> object:
-        with self.engine.subscribe() as recv, trio.CancelScope() as scope:
-            self._streams.add(scope)
-            self.send({"id": req.id, "ok": True, "result": {"subscribed": True}, "messages": []})
-            async for event in recv:
-                self.send(event)
-        self._streams.discard(scope)
-        return _STREAMED
+        Raises:
+            ProtocolError: ``read-only`` for an action that is not read-only on
+                the read-only socket, ``unknown-action``, or the action's error.
+        """
+        action = find_action(req.action, req.service)
+        if action is not None:
+            if self.server.read_only and not action.read_only:
+                raise _refused(req)
+            return await action.handler(self, req, action.args(req))
+        if req.service is None:
+            raise ProtocolError("unknown-action", f"unknown action {req.action!r}")
+        custom = self.engine.action(req.service, req.action)
+        if self.server.read_only and not custom.read_only:
+            raise _refused(req)
+        return await self.engine.custom_action(req.service, req.action, req.args)
 
 
-#: Returned by actions whose reply was sent before their event stream began.
-_STREAMED: Final = object()
-
-
-def _no_args(req: Request) -> None:
-    if req.args:
-        raise ProtocolError("bad-arguments", f"{req.action!r} takes no arguments, got {req.args!r}")
-
-
-def _count_arg(req: Request, default: int) -> int:
-    if not req.args:
-        return default
-    if len(req.args) == 1:
-        value = req.args[0]
-        if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 9:
-            value = int(value)
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_LOG_LINES:
-            return value
-    raise ProtocolError("bad-arguments",
-                        f"{req.action!r} takes at most one argument, a line count 0-{MAX_LOG_LINES}; "
-                        f"got {req.args!r}")
+def _refused(req: Request) -> ProtocolError:
+    what = f"{req.action!r}" + (f" on {req.service!r}" if req.service else "")
+    return ProtocolError("read-only", f"{what} changes something; it is not allowed on the read-only socket")

@@ -23,6 +23,8 @@ import trio
 from herd.protocol import ProtocolError
 
 from . import __version__
+from ._backlog import Backlog
+from ._config_file import read_config_file
 from ._notify_server import ancestors, session_of
 from ._output import LogHub
 from . import _proc
@@ -33,9 +35,9 @@ from .config import Config, load_config
 from .schema import ConfigErrors
 from .graph import Graph
 from .service import Outcome, Service, State
-from .spec import ActionContext
+from .spec import ActionContext, ActionSpec
 
-__all__ = ["Engine", "say", "MESSAGES"]
+__all__ = ["Engine", "say", "MESSAGES", "TRIGGER"]
 
 log = structlog.get_logger("supervisor.engine")
 
@@ -67,7 +69,7 @@ class Engine:
         self.log_dir = log_dir
         self.hub = LogHub()
         self.services: dict[str, Service] = {}
-        self._subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
+        self._subscribers: set[Backlog[dict[str, Any]]] = set()
         self._nursery: trio.Nursery | None = None
         self.shutting_down = False
         self.started_at = time.time()
@@ -163,19 +165,27 @@ class Engine:
 
     # -- reload --------------------------------------------------------------------------
 
-    async def reload(self, path: Path | None = None) -> dict[str, Any]:
+    async def reload(self, path: Path | None = None, *, requester: int | None = None) -> dict[str, Any]:
         """Apply a configuration file as a diff; an invalid one changes nothing.
 
+        The file is read and parsed in a worker thread.  `requester` is the
+        uid of the client that asked (None: the daemon itself, on SIGHUP);
+        see `_config_file.read_config_file` for what it may load.
+
         Raises:
-            ProtocolError: ``config-error`` with every error (key paths), or
-                ``bad-arguments`` when there is no file to read.
+            ProtocolError: ``config-error`` with every error (key paths),
+                ``permission-denied`` (the requester may not load this file),
+                or ``bad-arguments`` when there is no file to read.
         """
         self._check_running()
         path = path or self.config.path
         if path is None:
             raise ProtocolError("bad-arguments", "no configuration file to reload; name one")
         try:
-            config = load_config(path, overrides=self.overrides)
+            config = await trio.to_thread.run_sync(self._load_config, path, requester)
+        except ProtocolError as exc:
+            log.warning("reload refused", config=str(path), requester=requester, error=exc.message)
+            raise
         except ConfigErrors as exc:
             log.warning("reload refused", config=str(path), errors=[str(e) for e in exc.errors])
             raise ProtocolError("config-error", "\n".join(str(e) for e in exc.errors)) from None
@@ -225,6 +235,15 @@ class Engine:
         return {"config": str(path), "added": added, "removed": removed, "changed": changed,
                 "pending": sorted(n for n in changed if self.services[n].pending_spec is not None)}
 
+    def _load_config(self, path: Path, requester: int | None) -> Config:
+        """In a worker thread: read the file safely, then parse it.
+
+        Raises:
+            ProtocolError: see `read_config_file`.
+            ConfigErrors: the configuration is invalid.
+        """
+        return load_config(path, overrides=self.overrides, data=read_config_file(path, requester=requester))
+
     # -- events --------------------------------------------------------------------------
 
     def _on_state(self, service: Service, old: State, new: State, reason: str | None) -> None:
@@ -240,24 +259,18 @@ class Engine:
         }
         if old is not new:
             log.info("state", service=service.name, old=old.value, new=new.value, reason=reason)
-        for chan in list(self._subscribers):
-            try:
-                chan.send_nowait(event)
-            except trio.WouldBlock:  # a subscriber that does not keep up is dropped
-                self._subscribers.discard(chan)
-                chan.close()
-            except trio.BrokenResourceError:
-                self._subscribers.discard(chan)
+        for backlog in self._subscribers:  # a subscriber too far behind loses events, counted
+            backlog.put(event)
 
     @contextmanager
-    def subscribe(self, buffer: int = 1000) -> Iterator[trio.MemoryReceiveChannel[dict[str, Any]]]:
-        send, recv = trio.open_memory_channel[dict[str, Any]](buffer)
-        self._subscribers.add(send)
+    def subscribe(self) -> Iterator[Backlog[dict[str, Any]]]:
+        """The state events from now on, until the block ends."""
+        backlog: Backlog[dict[str, Any]] = Backlog()
+        self._subscribers.add(backlog)
         try:
-            yield recv
+            yield backlog
         finally:
-            self._subscribers.discard(send)
-            send.close()
+            self._subscribers.discard(backlog)
 
     async def _activate(self, service: Service) -> bool:
         """A connection arrived on a lazy service's socket: start it (and its requirements)."""
@@ -423,21 +436,30 @@ class Engine:
         say(f"Enabled service {service.name}." if enabled else f"Disabled service {service.name}.")
         return {"service": service.name, "enabled": service.enabled}
 
-    async def custom_action(self, name: str, action: str, args: list[Any]) -> Any:
+    def action(self, name: str, action: str) -> ActionSpec:
+        """A service's custom action: its service type's, or a timer's `trigger`.
+
+        Raises:
+            ProtocolError: ``unknown-service`` or ``unknown-action``.
+        """
         service = self.lookup(name)
-        if action == "trigger" and service.spec.schedule is not None and service.spec.action(action) is None:
-            if args:
-                raise ProtocolError("bad-arguments", "trigger takes no arguments")
-            outcome = await service.trigger()
-            if not outcome.ok:
-                raise ProtocolError(outcome.code or "action-failed", outcome.message)
-            say(f"Timer {service.name} triggered (PID {service.child.pid if service.child else '?'}).")
-            return {"service": service.name, "pid": service.child.pid if service.child else None}
-        spec = service.spec.action(action)
-        if spec is None:
-            known = ", ".join(a.name for a in service.spec.actions) or "none"
-            raise ProtocolError("unknown-action",
-                                f"service {service.name} has no action {action!r} (its actions: {known})")
+        actions = _actions_of(service.spec)
+        for spec in actions:
+            if spec.name == action:
+                return spec
+        known = ", ".join(a.name for a in actions) or "none"
+        raise ProtocolError("unknown-action",
+                            f"service {service.name} has no action {action!r} (its actions: {known})")
+
+    async def custom_action(self, name: str, action: str, args: list[Any]) -> Any:
+        """Run a service's custom action (see `action`).
+
+        Raises:
+            ProtocolError: as `action`, or ``action-failed`` (or the
+                action's own error).
+        """
+        service = self.lookup(name)
+        spec = self.action(name, action)
         ctx = ActionContext(service=service.name, pid=service.child.pid if service.child else None,
                             say=say, engine=self)
         try:
@@ -509,14 +531,12 @@ class Engine:
         if args:
             if len(args) != 2 or args[0] != "action" or not isinstance(args[1], str):
                 raise ProtocolError("bad-arguments", "usage: doc SERVICE [action NAME]")
-            action = spec.action(args[1])
-            if action is None:
-                raise ProtocolError("unknown-action", f"service {spec.name} has no action {args[1]!r}")
+            action = self.action(name, args[1])
             return {"service": spec.name, "action": action.name, "documentation": action.documentation}
         return {
             "service": spec.name,
             "documentation": spec.documentation or _default_doc(spec),
-            "actions": [{"name": a.name, "documentation": a.documentation} for a in spec.actions],
+            "actions": [{"name": a.name, "documentation": a.documentation} for a in _actions_of(spec)],
         }
 
     def graph_dot(self) -> dict[str, str]:
@@ -531,6 +551,27 @@ class Engine:
         if self.cgroups is not None:
             return {"mode": "cgroup", "cgroup": self.cgroups.rel, "mount": str(self.cgroups.mount)}
         return {"mode": "process-tree", "reason": self.no_cgroups_reason}
+
+
+async def _trigger(ctx: ActionContext, args: list[Any]) -> dict[str, Any]:
+    if args:
+        raise ProtocolError("bad-arguments", "trigger takes no arguments")
+    service = ctx.engine.lookup(ctx.service)
+    outcome = await service.trigger()
+    if not outcome.ok:
+        raise ProtocolError(outcome.code or "action-failed", outcome.message)
+    say(f"Timer {service.name} triggered (PID {service.child.pid if service.child else '?'}).")
+    return {"service": service.name, "pid": service.child.pid if service.child else None}
+
+
+#: Every timer's action (a service with a `schedule`), unless its type has its own `trigger`.
+TRIGGER = ActionSpec("trigger", "Run the timer's command now (not while a run is in progress).", _trigger)
+
+
+def _actions_of(spec: Any) -> tuple[ActionSpec, ...]:
+    if spec.schedule is not None and spec.action("trigger") is None:
+        return (*spec.actions, TRIGGER)
+    return spec.actions
 
 
 def _default_doc(spec: Any) -> str:

@@ -677,6 +677,22 @@ def test_events_json_lines_until_closed(
     assert status == EXIT_UNREACHABLE and str(server.path) in err
 
 
+def test_events_overflow_is_printed_and_warned_about(
+    fake_server: Callable[..., FakeServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    event = {"event": "state", "service": "a", "from": "stopped", "to": "starting", "pid": None, "time": NOW, "reason": "start"}
+    overflow = {"event": "overflow", "stream": "state", "lost": 1234}
+
+    def handler(req: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"id": req["id"], "ok": True, "result": {"subscribed": True}, "messages": []}, event, overflow, event]
+
+    server = fake_server(handler, close_after=True)
+    status, out, err = run_herd(capsys, ["-s", str(server.path), "events"])
+    assert [json.loads(line) for line in out.splitlines()] == [event, overflow, event]
+    assert err.startswith("herd: warning: 1234 state events lost (client too slow)\n"), err
+    assert status == EXIT_UNREACHABLE
+
+
 def test_log_follow_until_interrupted(fake_server: Callable[..., FakeServer]) -> None:
     history = {"time": NOW, "service": "c", "stream": "stdout", "line": "old"}
     live = {"event": "log", "time": NOW + 1, "service": "c", "stream": "stderr", "line": "new"}
