@@ -376,7 +376,8 @@ class Service(TimerMixin):
                     await spec.prepare_hook(spec)
                     await trio.lowlevel.checkpoint_if_cancelled()
                 if spec.ready.type == "pid-file":
-                    remove_stale(spec.ready.path)
+                    if (problem := remove_stale(spec.ready.path)) is not None:
+                        return False, problem
                     strays = Strays()
                 if self._socket_error is not None:
                     return False, self._socket_error
