@@ -23,11 +23,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from supervisor import Table
+from supervisor import Table, replace_file
 
 __all__ = ["DEFAULT_EXTRA_PKGS", "DEFAULT_HOOKS", "DEFAULT_OS", "Debootstrap", "Files", "GanetiOS", "Hook",
            "Variant", "debootstrap_conf", "plan", "read_files", "write_files"]
@@ -232,7 +231,8 @@ def plan(files: Files) -> list[Entry]:
 
 
 def _write_file(path: str, data: bytes, mode: int) -> None:
-    """Replace `path` atomically (a temporary file in the same directory, then rename)."""
+    """Replace `path` atomically (`supervisor.replace_file`), unless it already
+    holds `data` with `mode`."""
     try:
         st = os.lstat(path)
         if not os.path.islink(path) and (st.st_mode & 0o7777) == mode:
@@ -241,21 +241,7 @@ def _write_file(path: str, data: bytes, mode: int) -> None:
                     return
     except OSError:
         pass
-    parent = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    replace_file(path, data, mode)
 
 
 def _write_link(path: str, target: str) -> None:

@@ -24,7 +24,6 @@ import re
 import select
 import socket
 import struct
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 
 import trio
 
-from supervisor import Table
+from supervisor import Table, replace_file
 
 __all__ = ["Field", "read_fields", "render", "quote", "check_log_filters", "check_log_outputs",
            "file_outputs", "check_prefix", "write_private", "wait_serving", "Pidfd", "DaemonGone"]
@@ -282,31 +281,13 @@ def write_private(path: Path, text: str, mode: int = 0o600) -> None:
     """Write `text` to `path` atomically (temporary file, fsync, rename), with `mode`.
 
     The directory is created (0755) when missing.  Readers see either the old
-    file or the new one, never a partial one.
+    file or the new one, never a partial one; no symlink another user could
+    have planted is followed (`supervisor.replace_file`).
 
     Raises:
         OSError: the directory or the file could not be written.
     """
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    replace_file(path, text.encode(), mode)
 
 
 def make_dirs(paths: Iterable[str]) -> None:

@@ -281,7 +281,7 @@ class Ganeti:
         await ctx.engine.set_enabled(ctx.service, True)
         try:
             os.makedirs(DATA_DIR, exist_ok=True)
-            os.close(os.open(FORCE_NODE_HINT, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+            os.close(os.open(FORCE_NODE_HINT, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
         except OSError as exc:
             raise GanetiError(f"cannot create {FORCE_NODE_HINT}: {exc.strerror}") from None
         try:

@@ -36,7 +36,7 @@ from typing import Any
 import structlog
 import trio
 
-from supervisor import BuildContext, ServiceSpec, ServiceType, SocketSpec, Table
+from supervisor import BuildContext, ServiceSpec, ServiceType, SocketSpec, Table, chown_file
 
 from . import _secret_service as secrets
 from . import _socket_owner as owner
@@ -361,15 +361,27 @@ class HurdVM:
         gid = grp.getgrnam(s.group).gr_gid
         os.chown(directory, pw.pw_uid, gid)
         os.chmod(directory, 0o700)
-        if not os.path.exists(disk):
+        # The directory is the VM user's: an entry there may be its symlink.
+        # So the overlay is made in our own directory and renamed into place
+        # (a rename replaces a symlink, never follows it), and it is handed
+        # over through a descriptor opened without following one.
+        if not os.path.lexists(disk):
             info = json.loads(await _run(["qemu-img", "info", "--output=json", s.image],
                                          f"reading the format of {s.image}"))
             fmt = info.get("format", "raw")
             size = str(s.disk_size)
-            await _run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", os.path.abspath(s.image), "-F", fmt,
-                        disk, size], f"creating the {size} overlay {disk}")
-        os.chown(disk, pw.pw_uid, gid)
-        os.chmod(disk, 0o600)
+            tmp = os.path.join(os.path.dirname(directory), f".{os.path.basename(directory)}-disk.qcow2.tmp")
+            try:
+                await _run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", os.path.abspath(s.image), "-F", fmt,
+                            tmp, size], f"creating the {size} overlay {disk}")
+                os.rename(tmp, disk)
+            finally:
+                if os.path.lexists(tmp):
+                    os.unlink(tmp)
+        try:
+            chown_file(disk, pw.pw_uid, gid, 0o600)
+        except OSError as exc:
+            raise HurdVMError(f"disk {disk}: {exc.strerror}") from None
 
     async def ready(self, spec: ServiceSpec, pid: int) -> None:
         """After spawn: send the secrets to QEMU (`pid`), and to no other

@@ -2,7 +2,9 @@
 
 The engine's public API, for service types under ``services/``: specs
 (`ServiceSpec` and friends), the TOML `Table` reader with its errors, and the
-`ServiceType` registration record.  Custom actions raise `ProtocolError`
+`ServiceType` registration record, and `replace_file` / `chown_file` for the
+files a service type writes or hands to a service user (never through a
+symlink another user could have planted).  Custom actions raise `ProtocolError`
 (e.g. ``ProtocolError("bad-arguments", "...")``) for errors the client caused.  The engine itself knows nothing of any
 particular daemon.
 """
@@ -13,6 +15,8 @@ __version__ = "0.1.0"
 
 from herd.protocol import ProtocolError as ProtocolError
 
+from ._fs import chown_file as chown_file
+from ._fs import replace_file as replace_file
 from ._output import note as note
 from .config import BuildContext as BuildContext
 from .config import ServiceType as ServiceType
@@ -42,7 +46,9 @@ __all__ = [
     "ServiceType",
     "SocketSpec",
     "Table",
+    "chown_file",
     "note",
     "parse_signal",
     "read_service_table",
+    "replace_file",
 ]

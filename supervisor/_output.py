@@ -3,13 +3,25 @@
 Each service has one pipe for stdout and one for stderr, created once and
 kept across restarts, so nothing a service writes between two runs is lost
 and a future re-exec can hand the read ends over.  Lines longer than
-`MAX_LINE` are split; bytes that are not UTF-8 are replaced.
+`MAX_LINE` bytes are split (at a UTF-8 character boundary), so an unfinished
+line never holds more than that; bytes that are not UTF-8 are replaced.
+
+The recent lines kept in memory are bounded in lines *and* in bytes: per
+service `RING_LINES` / `RING_BYTES`, for all services together (`herd log`
+without a name) `HUB_LINES` / `HUB_BYTES`.
+
+The log file is opened, rotated and reopened through `_fs`, so a service
+user who owns the log directory cannot redirect the supervisor's writes with
+a symlink.  A log file that cannot be written (or is refused) loses nothing
+that is in memory: the lines stay in the rings, and a "supervisor" line
+there (and a warning in the daemon's log) says why.
 """
 
 from __future__ import annotations
 
 import contextvars
 import os
+import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +32,8 @@ from typing import Final
 
 import structlog
 import trio
+
+from . import _fs
 
 __all__ = ["LogLine", "LogHub", "ServiceOutput", "MAX_LINE", "note", "CURRENT"]
 
@@ -37,7 +51,19 @@ def note(text: str) -> bool:
     output.note(text)
     return True
 
+#: The longest line kept whole (bytes); a longer one becomes several lines.
 MAX_LINE: Final = 64 * 1024
+#: The recent lines kept per service, and their text's total size at most.
+RING_LINES: Final = 200
+RING_BYTES: Final = 1024 * 1024
+#: The recent lines kept for all services together (``herd log``).
+HUB_LINES: Final = 5000
+HUB_BYTES: Final = 8 * 1024 * 1024
+#: After a log file could not be opened, the seconds before the next try.
+REOPEN_DELAY: Final = 1.0
+#: What one kept line costs beyond its text (the objects around it), roughly.
+_LINE_OVERHEAD: Final = 200
+
 log = structlog.get_logger("supervisor.output")
 
 
@@ -52,11 +78,37 @@ class LogLine:
         return {"time": self.time, "service": self.service, "stream": self.stream, "line": self.line}
 
 
+class Ring:
+    """The last lines, at most `max_lines` of them and `max_bytes` in all."""
+
+    def __init__(self, max_lines: int, max_bytes: int) -> None:
+        self.max_lines, self.max_bytes = max_lines, max_bytes
+        self._lines: deque[LogLine] = deque()
+        self._bytes = 0
+
+    @staticmethod
+    def _cost(line: LogLine) -> int:
+        return len(line.line) + _LINE_OVERHEAD
+
+    def append(self, line: LogLine) -> None:
+        self._lines.append(line)
+        self._bytes += self._cost(line)
+        while len(self._lines) > self.max_lines or (self._bytes > self.max_bytes and len(self._lines) > 1):
+            self._bytes -= self._cost(self._lines.popleft())
+
+    def recent(self, n: int) -> list[LogLine]:
+        """The last `n` lines kept (fewer when fewer are kept), oldest first."""
+        if n <= 0:
+            return []
+        n = min(n, len(self._lines))
+        return [self._lines[i] for i in range(len(self._lines) - n, len(self._lines))]
+
+
 class LogHub:
     """All services' recent lines, and the clients following them."""
 
-    def __init__(self, maxlen: int = 5000) -> None:
-        self.lines: deque[LogLine] = deque(maxlen=maxlen)
+    def __init__(self, max_lines: int = HUB_LINES, max_bytes: int = HUB_BYTES) -> None:
+        self.lines = Ring(max_lines, max_bytes)
         self._followers: dict[trio.MemorySendChannel[LogLine], str | None] = {}
 
     def add(self, line: LogLine) -> None:
@@ -73,7 +125,7 @@ class LogHub:
                 self._followers.pop(chan, None)
 
     def recent(self, n: int) -> list[LogLine]:
-        return list(self.lines)[-n:] if n > 0 else []
+        return self.lines.recent(n)
 
     @contextmanager
     def follow(self, service: str | None, buffer: int = 1000) -> Iterator[trio.MemoryReceiveChannel[LogLine]]:
@@ -89,7 +141,7 @@ class LogHub:
 class ServiceOutput:
     """One service's output: its pipes, its log file, its recent lines."""
 
-    def __init__(self, service: str, path: Path, hub: LogHub, ring: int = 200, *,
+    def __init__(self, service: str, path: Path, hub: LogHub, ring: int = RING_LINES, *,
                  max_size: int = 2 * 1024 * 1024, max_backups: int = 3) -> None:
         self.service = service
         self.path = path
@@ -97,9 +149,10 @@ class ServiceOutput:
         self.max_backups = max_backups
         self._size = 0
         self.hub = hub
-        self.ring: deque[LogLine] = deque(maxlen=ring)
+        self.ring = Ring(ring, RING_BYTES)
         self._fd = -1
         self._write_failed = False
+        self._retry_at = 0.0  # after a failed open, the next try (monotonic clock)
         self._pipes: dict[str, tuple[int, int]] = {}
         self._partial: dict[str, bytearray] = {}  # an unfinished last line, per stream
 
@@ -160,9 +213,10 @@ class ServiceOutput:
             if i >= 0:
                 self.emit(stream, bytes(buf[:i]))
                 del buf[:i + 1]
-            elif len(buf) >= MAX_LINE:
-                self.emit(stream, bytes(buf[:MAX_LINE]))
-                del buf[:MAX_LINE]
+            elif len(buf) > MAX_LINE:
+                cut = _char_boundary(buf, MAX_LINE)
+                self.emit(stream, bytes(buf[:cut]))
+                del buf[:cut]
             else:
                 return
 
@@ -183,18 +237,21 @@ class ServiceOutput:
     def emit(self, stream: str, raw: bytes) -> None:
         now = datetime.now().astimezone()
         text = raw.rstrip(b"\r").decode("utf-8", errors="replace")
+        self._keep(now, stream, text)
+        self._write(f"{now.isoformat(timespec='microseconds')} {stream} {text}\n".encode())
+
+    def _keep(self, now: datetime, stream: str, text: str) -> None:
         line = LogLine(now.timestamp(), self.service, stream, text)
         self.ring.append(line)
         self.hub.add(line)
-        self._write(f"{now.isoformat(timespec='microseconds')} {stream} {text}\n".encode())
 
     def recent(self, n: int) -> list[LogLine]:
-        return list(self.ring)[-n:] if n > 0 else []
+        return self.ring.recent(n)
 
     def _write(self, data: bytes) -> None:
         if self._fd >= 0 and self.max_size and self._size and self._size + len(data) > self.max_size:
             self._rotate()
-        if self._fd < 0 and not self._open():
+        if self._fd < 0 and (time.monotonic() < self._retry_at or not self._open()):
             return
         try:
             written = os.write(self._fd, data)
@@ -207,35 +264,65 @@ class ServiceOutput:
 
     def _open(self) -> bool:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-            self._size = os.fstat(self._fd).st_size
+            with _fs.opened_dir(self.path.parent, create=True) as dfd:
+                self._open_in(dfd)
             return True
         except OSError as exc:
             self._report(exc)
+            self._retry_at = time.monotonic() + REOPEN_DELAY
             return False
 
+    def _open_in(self, dfd: int) -> None:
+        self._fd = _fs.open_append(dfd, self.path.name, self.path)
+        self._size = os.fstat(self._fd).st_size
+
     def _rotate(self) -> None:
-        """NAME.log → NAME.log.1 → … → NAME.log.N (the oldest is dropped)."""
+        """NAME.log → NAME.log.1 → … → NAME.log.N (the oldest is dropped).
+
+        Renames and the new file's creation happen relative to the one
+        directory descriptor: a symlink planted meanwhile is moved, never
+        followed."""
         os.close(self._fd)
         self._fd = -1
         self._size = 0
+        name = self.path.name
         try:
-            if self.max_backups == 0:
-                os.unlink(self.path)
-                return
-            for i in range(self.max_backups - 1, 0, -1):
-                older = self.path.with_name(f"{self.path.name}.{i}")
-                if older.exists():
-                    os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
-            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+            with _fs.opened_dir(self.path.parent, create=True) as dfd:
+                try:
+                    if self.max_backups == 0:
+                        os.unlink(name, dir_fd=dfd)
+                    else:
+                        for i in range(self.max_backups - 1, 0, -1):
+                            try:
+                                os.replace(f"{name}.{i}", f"{name}.{i + 1}", src_dir_fd=dfd, dst_dir_fd=dfd)
+                            except FileNotFoundError:
+                                pass
+                        os.replace(name, f"{name}.1", src_dir_fd=dfd, dst_dir_fd=dfd)
+                except FileNotFoundError:  # removed meanwhile: just begin a new one
+                    pass
+                self._open_in(dfd)
         except OSError as exc:
             self._report(exc)
 
     def _report(self, exc: OSError) -> None:
         # Reported once per failure streak; the service keeps running regardless.
-        if not self._write_failed:
-            self._write_failed = True
-            log.warning("log file not writable", service=self.service, path=str(self.path),
-                        error=exc.strerror or str(exc))
+        if self._write_failed:
+            return
+        self._write_failed = True
+        why = exc.strerror or str(exc)
+        if exc.filename is not None and os.fspath(exc.filename) != str(self.path):
+            why = f"{os.fspath(exc.filename)}: {why}"
+        log.warning("log file not writable; output kept in memory only", service=self.service,
+                    path=str(self.path), error=why)
+        self._keep(datetime.now().astimezone(), "supervisor",
+                   f"Cannot write the log file {self.path}: {why}. Output is kept in memory only "
+                   f"(herd log {self.service}).")
 
+
+def _char_boundary(buf: bytearray, limit: int) -> int:
+    """Where to cut `buf` (longer than `limit`) at most `limit` bytes in, so that
+    no UTF-8 character is split."""
+    for cut in range(limit, limit - 4, -1):
+        if buf[cut] & 0xC0 != 0x80:  # not a continuation byte: a character begins here
+            return cut
+    return limit  # not UTF-8 anyway

@@ -11,6 +11,8 @@ from typing import Any
 
 import trio
 
+from . import _fs
+
 __all__ = ["probe_connect", "wait_pid_file", "remove_stale", "readable_then_cancel",
            "event_then_cancel", "has_pending", "drain"]
 
@@ -42,12 +44,22 @@ def drain(sock: socket.socket) -> None:
         sock.setblocking(True)
 
 
-def remove_stale(path: str | None) -> None:
-    if path:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+def remove_stale(path: str | None) -> str | None:
+    """Remove a pid file left from an earlier run (the entry itself, never
+    what a symlink names; through a safely resolved directory, see `_fs`).
+
+    Returns why it could not be removed (None when it is gone), for the
+    start to fail with: a stale pid file could name any process.
+    """
+    if not path:
+        return None
+    try:
+        _fs.unlink_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        return f"cannot remove the stale pid file: {exc}"
+    return None
 
 
 async def wait_pid_file(path: str, on_poll: Callable[[], None] | None = None) -> int:
@@ -57,8 +69,7 @@ async def wait_pid_file(path: str, on_poll: Callable[[], None] | None = None) ->
         if on_poll is not None:
             on_poll()
         try:
-            with open(path) as f:
-                text = f.read().strip()
+            text = _fs.read_small(path, 64).decode("ascii", errors="replace").strip()
             if text.isdigit() and int(text) >= 1 and os.path.exists(f"/proc/{int(text)}"):
                 return int(text)
         except OSError:

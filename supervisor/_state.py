@@ -1,7 +1,8 @@
 """What outlives the supervisor process: per-service records and the re-exec hand-over.
 
 * ``STATE_DIR/services/NAME.toml``: one small file per service, rewritten
-  atomically (temp + rename) when the service changes.  It keeps the
+  atomically (temp + rename, never through a symlink: see `_fs`) when the
+  service changes.  It keeps the
   operator's intent (``herd stop``/``disable``) across a supervisor restart,
   and the main PID with its start time, so a supervisor started after a
   crash re-adopts running services and never mistakes a reused PID.
@@ -9,7 +10,9 @@
   reads it (its path arrives in ``SUPERVISOR_REEXEC_STATE``) to take over the
   open descriptors (sockets, pipes, pidfds) and the runtime history.
 
-Both are TOML, written with tomli-w and read with tomllib.
+Both are TOML, written with tomli-w and read with tomllib.  Records in a
+directory that another user could write are ignored (with a warning): such a
+user could make the supervisor adopt, and later signal, any process.
 """
 
 from __future__ import annotations
@@ -23,21 +26,22 @@ import psutil
 import structlog
 import tomli_w
 
-from . import _proc
+from . import _fs, _proc
 
 __all__ = ["REEXEC_ENV", "StateStore", "same_process", "write_atomic", "read_toml"]
 
 REEXEC_ENV: Final = "SUPERVISOR_REEXEC_STATE"
 
 
-def write_atomic(path: Path, data: dict[str, Any], mode: int = 0o600) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.write(fd, tomli_w.dumps(_clean(data)).encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+def write_atomic(path: Path, data: dict[str, Any], mode: int = 0o600, dir_mode: int = 0o700) -> None:
+    """Replace `path` with `data` as TOML (see `_fs.replace_file`; not fsynced:
+    records change at every state change, and a lost one only loses an intent).
+
+    Raises:
+        OSError: the file cannot be written, or its directory could be
+            redirected by another user (`_fs.UnsafePath`).
+    """
+    _fs.replace_file(path, tomli_w.dumps(_clean(data)).encode(), mode, sync=False, dir_mode=dir_mode)
 
 
 def read_toml(path: Path) -> dict[str, Any] | None:
@@ -79,8 +83,17 @@ class StateStore:
     def load(self) -> dict[str, dict[str, Any]]:
         records: dict[str, dict[str, Any]] = {}
         try:
+            with _fs.opened_dir(self.dir) as dfd:
+                why = _fs.writable_by_others(os.fstat(dfd))
             paths = sorted(self.dir.glob("*.toml"))
-        except OSError:
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):
+                structlog.get_logger("supervisor.state").warning(
+                    "service records not read", path=str(self.dir), error=str(exc))
+            return records
+        if why is not None:
+            structlog.get_logger("supervisor.state").warning(
+                "service records ignored: another user could have written them", path=str(self.dir), why=why)
             return records
         for path in paths:
             data = read_toml(path)
@@ -90,7 +103,6 @@ class StateStore:
 
     def save(self, name: str, record: dict[str, Any]) -> None:
         try:
-            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             write_atomic(self.dir / f"{name}.toml", record)
             self.failed = False
         except OSError as exc:
@@ -101,6 +113,6 @@ class StateStore:
 
     def forget(self, name: str) -> None:
         try:
-            (self.dir / f"{name}.toml").unlink()
+            _fs.unlink_file(self.dir / f"{name}.toml")
         except OSError:
             pass

@@ -384,7 +384,8 @@ class Service(TimerMixin):
                     await spec.prepare_hook(spec)
                     await trio.lowlevel.checkpoint_if_cancelled()
                 if spec.ready.type == "pid-file":
-                    remove_stale(spec.ready.path)
+                    if (problem := remove_stale(spec.ready.path)) is not None:
+                        return False, problem
                     if self.containment.cgroup is None:
                         strays = Strays()
                 if self._socket_error is not None:
