@@ -257,3 +257,70 @@ def test_flags_override_the_supervisor_table(sup: Supervisor, tmp_path: Path) ->
     run_herd(sup.socket, "status", check=True)
     assert not (sup.sockdir / "from-table.sock").exists()
     assert sup.status("a")["log-file"] == str(sup.log_dir / "a.log")
+
+
+# -- issue 15, item 10: values that cannot run, and what this host lacks ------------------------------
+
+#: One key each; each passed --check before, and failed only at start (or never ran right).
+UNRUNNABLE: dict[str, tuple[str, str]] = {
+    "nan-start-timeout": ('start-timeout = nan', "services.a.start-timeout: expected a finite number, got nan"),
+    "inf-stop-timeout": ('stop-timeout = inf', "services.a.stop-timeout: expected a finite number, got inf"),
+    "nan-respawn-window": ('respawn-limit = { seconds = nan }',
+                           "services.a.respawn-limit.seconds: expected a finite number, got nan"),
+    "inf-respawn-delay": ('respawn-delay = +inf', "services.a.respawn-delay: expected a finite number, got inf"),
+    "relative-command": ('command = ["bin/true"]', "services.a.command:"),
+    "empty-program": ('command = [""]', "services.a.command:"),
+    "nul-in-argument": ('command = ["/bin/echo", "a\\u0000b"]', "services.a.command[1]:"),
+    "nul-in-environment": ('command = ["/bin/true"]\nenvironment = { X = "a\\u0000b" }',
+                           "services.a.environment.X:"),
+    "provides-root": ('provides = ["root"]', "services.a.provides:"),
+    "provides-empty": ('provides = [""]', "services.a.provides:"),
+    "provides-slash": ('provides = ["a/b"]', "services.a.provides:"),
+    "provides-nul": ('provides = ["a\\u0000b"]', "services.a.provides:"),
+    "provides-too-long": (f'provides = ["{"p" * 201}"]', "services.a.provides:"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNRUNNABLE))
+def test_check_rejects_values_that_cannot_run(tmp_path: Path, case: str) -> None:
+    key, line = UNRUNNABLE[case]
+    command = "" if key.startswith("command") else 'command = ["/bin/true"]\n'
+    for flags in ((),):
+        conf = tmp_path / "conf.toml"
+        conf.write_text(f"[services.a]\n{command}{key}\n")
+        cp = run_supervisor("--check", *flags, "-c", str(conf), cwd=tmp_path)
+        out = cp.stdout + cp.stderr
+        assert cp.returncode == 1, f"{flags}: exit {cp.returncode}\n{out}"
+        assert "Traceback" not in out, out
+        assert any(ln.startswith(line) for ln in cp.stdout.splitlines()), f"{line!r} not in:\n{out}"
+        assert "\0" not in out
+
+
+@pytest.mark.parametrize("name", ["n" * 201, "n" * 300, "a\\n", "a\\u0000b", ".hidden", "a/b"])
+def test_check_rejects_names_that_cannot_be_file_names(tmp_path: Path, name: str) -> None:
+    cp = check(tmp_path, f'[services."{name}"]\ncommand = ["/bin/true"]\n')
+    out = cp.stdout + cp.stderr
+    assert cp.returncode == 1, f"exit {cp.returncode}\n{out}"
+    lines = [ln for ln in cp.stdout.splitlines() if ln.startswith("services.")]
+    assert len(lines) == 1, out  # one line per error: a newline in the name is escaped
+    assert "valid service name" in lines[0] or "at most 200" in lines[0], out
+    assert "\0" not in out
+
+
+def test_check_accepts_a_name_of_the_maximum_length(tmp_path: Path) -> None:
+    cp = check(tmp_path, f'[services.{"n" * 200}]\ncommand = ["/bin/true"]\n')
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+def test_service_type_numbers_must_be_finite(tmp_path: Path) -> None:
+    cp = check(tmp_path, '[[hurd-vm]]\nqemu = "/bin/true"\nkvm = false\nhandshake-timeout = inf\n')
+    assert cp.returncode == 1, cp.stdout + cp.stderr
+    assert "hurd-vm[0].handshake-timeout: expected a finite number, got inf" in cp.stdout.splitlines(), cp.stdout
+
+
+def test_daemon_refuses_nan_timeouts(sup: Supervisor) -> None:
+    notify = sup.spawn('[services.a]\ncommand = ["/bin/true"]\nauto-start = false\nstart-timeout = nan\n')
+    notify.close()
+    assert sup.wait_exit(15) != 0, "the daemon accepted start-timeout = nan"
+    err = sup.stderr_path.read_text(errors="replace")
+    assert "services.a.start-timeout: expected a finite number, got nan" in err, err
