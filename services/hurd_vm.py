@@ -34,7 +34,7 @@ from typing import Any
 import structlog
 import trio
 
-from supervisor import BuildContext, ServiceSpec, ServiceType, SocketSpec, Table
+from supervisor import BuildContext, Creates, ServiceSpec, ServiceType, SocketSpec, Table
 
 from . import _secret_service as secrets
 
@@ -556,6 +556,9 @@ def build(tables: list[Table], ctx: BuildContext) -> list[ServiceSpec]:
             start_timeout=start_timeout,
             sockets=(SocketSpec(name="qmp", path=qmp_sock, mode=0o600),),
             prepare_hook=impl.prepare,
+            # _ensure_accounts: the default account and group only.
+            creates=Creates(users=(s.user,) if s.user == DEFAULT_USER else (),
+                            groups=(s.group,) if s.group == DEFAULT_GROUP else ()),
             ready_hook=impl.ready,
             stop_hook=impl.stop,
             details_hook=impl.details,
