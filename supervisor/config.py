@@ -485,6 +485,8 @@ def load_config(path: Path, *, service_types: dict[str, ServiceType] | None = No
         raise ConfigErrors([ConfigError("", f"{path}: not UTF-8 ({exc})")]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigErrors([ConfigError("", f"{path}: TOML syntax error: {exc}")]) from None
+    except ValueError as exc:  # an integer of more than 4300 digits
+        raise ConfigErrors([ConfigError("", f"{path}: cannot read a value: {exc}")]) from None
     return parse_config(document, path=path, service_types=service_types, overrides=overrides)
 
 

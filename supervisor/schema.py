@@ -65,10 +65,22 @@ def describe(value: Any) -> str:
         return "a table"
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # as TOML spells it: nan, inf, -inf
+    if isinstance(value, int) and abs(value) >= 10**40:
+        return f"an integer of {len(str(abs(value)))} digits"
     try:
         return json.dumps(value, ensure_ascii=False, default=str)
     except (TypeError, ValueError):
         return repr(value)
+
+
+def _as_float(value: Any) -> float | None:
+    """A TOML number as a float (an integer too large for one: infinity); None for anything else."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 _OCTAL = re.compile(r"^0?o?[0-7]{1,4}$")
@@ -145,11 +157,11 @@ class Table:
 
     def number(self, key: str, default: Any = None, *, min: float | None = None, max: float | None = None,
                exclusive_min: bool = False, required: bool = False) -> Any:
-        value = self._get(key, default, required,
-                          lambda v: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None,
-                          "a number")
+        value = self._get(key, default, required, _as_float, "a number")
         if value is not default and not math.isfinite(value):
-            self.error(key, f"expected a finite number, got {describe(self.data[key])}")
+            raw = self.data[key]
+            self.error(key, f"{'is too large' if isinstance(raw, int) else 'expected a finite number'}, "
+                            f"got {describe(raw)}")
             return default
         if value is not default and min is not None and exclusive_min and value <= min:
             self.error(key, f"must be greater than {min:g}, got {describe(self.data[key])}")

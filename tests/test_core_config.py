@@ -270,6 +270,7 @@ UNRUNNABLE: dict[str, tuple[str, str]] = {
     "nan-respawn-window": ('respawn-limit = { seconds = nan }',
                            "services.a.respawn-limit.seconds: expected a finite number, got nan"),
     "inf-respawn-delay": ('respawn-delay = +inf', "services.a.respawn-delay: expected a finite number, got inf"),
+    "huge-stop-timeout": (f'stop-timeout = 1{"0" * 400}', "services.a.stop-timeout: is too large"),
     "relative-command": ('command = ["bin/true"]', "services.a.command:"),
     "empty-program": ('command = [""]', "services.a.command:"),
     "nul-in-argument": ('command = ["/bin/echo", "a\\u0000b"]', "services.a.command[1]:"),
@@ -296,6 +297,13 @@ def test_check_rejects_values_that_cannot_run(tmp_path: Path, case: str) -> None
         assert "Traceback" not in out, out
         assert any(ln.startswith(line) for ln in cp.stdout.splitlines()), f"{line!r} not in:\n{out}"
         assert "\0" not in out
+
+
+def test_check_rejects_an_integer_too_long_to_read(tmp_path: Path) -> None:
+    cp = check(tmp_path, f'[services.a]\ncommand = ["/bin/true"]\nrespawn-delay = 1{"0" * 5000}\n')
+    out = cp.stdout + cp.stderr
+    assert cp.returncode == 1, out
+    assert "Traceback" not in out and "conf.toml" in out, out
 
 
 @pytest.mark.parametrize("name", ["n" * 201, "n" * 300, "a\\n", "a\\u0000b", ".hidden", "a/b"])
