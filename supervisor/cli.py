@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         "log_level": args.log_level,
     }
     try:
-        config = load_config(config_path, missing_ok=not explicit, overrides=overrides)
+        config = load_config(config_path, missing_ok=not explicit, overrides=overrides,
+                             host_checks=not args.no_host_checks)
     except ConfigErrors as exc:
         if not args.check:
             configure_logging(args.log_format, args.log_level or "info")

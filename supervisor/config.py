@@ -69,6 +69,10 @@ class BuildContext:
 
     settings: Settings
     config_path: Path | None
+    #: False under ``supervisor --check --no-host-checks``: the file is meant for
+    #: another host, so do not judge it by this one (a program on PATH, a file
+    #: that must exist).  True everywhere else.
+    host_checks: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,11 +417,13 @@ def parse_config(
     path: Path | None = None,
     service_types: dict[str, ServiceType] | None = None,
     overrides: dict[str, Any] | None = None,
+    host_checks: bool = True,
 ) -> Config:
     """Validate a parsed TOML document.
 
     `overrides` are command-line settings (``socket``, ``state_dir``, …; None
     means not given): applied before service types build, so they see them.
+    `host_checks` is passed to the service types (`BuildContext`).
 
     Raises:
         ConfigErrors: with every problem found, each naming its key path.
@@ -426,7 +432,7 @@ def parse_config(
     errors: list[ConfigError] = []
     root = Table(document, "", errors)
     settings = with_overrides(_read_settings(root.table("supervisor")), **(overrides or {}))
-    context = BuildContext(settings=settings, config_path=path)
+    context = BuildContext(settings=settings, config_path=path, host_checks=host_checks)
     specs: list[ServiceSpec] = []
 
     services = root.table("services")
@@ -465,7 +471,8 @@ def parse_config(
 
 
 def load_config(path: Path, *, service_types: dict[str, ServiceType] | None = None,
-                missing_ok: bool = False, overrides: dict[str, Any] | None = None) -> Config:
+                missing_ok: bool = False, overrides: dict[str, Any] | None = None,
+                host_checks: bool = True) -> Config:
     """Read and validate the configuration file at `path`.
 
     Raises:
@@ -475,7 +482,8 @@ def load_config(path: Path, *, service_types: dict[str, ServiceType] | None = No
         data = path.read_bytes()
     except FileNotFoundError:
         if missing_ok:
-            return parse_config({}, path=None, service_types=service_types, overrides=overrides)
+            return parse_config({}, path=None, service_types=service_types, overrides=overrides,
+                                host_checks=host_checks)
         raise ConfigErrors([ConfigError("", f"{path}: no such file")]) from None
     except OSError as exc:
         raise ConfigErrors([ConfigError("", f"{path}: {exc.strerror}")]) from None
@@ -487,7 +495,8 @@ def load_config(path: Path, *, service_types: dict[str, ServiceType] | None = No
         raise ConfigErrors([ConfigError("", f"{path}: TOML syntax error: {exc}")]) from None
     except ValueError as exc:  # an integer of more than 4300 digits
         raise ConfigErrors([ConfigError("", f"{path}: cannot read a value: {exc}")]) from None
-    return parse_config(document, path=path, service_types=service_types, overrides=overrides)
+    return parse_config(document, path=path, service_types=service_types, overrides=overrides,
+                        host_checks=host_checks)
 
 
 def with_overrides(settings: Settings, **overrides: Any) -> Settings:

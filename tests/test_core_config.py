@@ -423,3 +423,16 @@ def test_daemon_warns_at_load_and_fails_the_start(sup: Supervisor, tmp_path: Pat
     records = [json.loads(ln) for ln in sup.stderr_path.read_text().splitlines() if ln.startswith("{")]
     assert any(r.get("level") == "warning" and r.get("service") == "b" and r.get("key") == "services.b.directory"
                for r in records), records
+
+
+def test_no_host_checks_reaches_the_service_types(tmp_path: Path) -> None:
+    """What a service type looks up on this host (a program on PATH, TLS files) is a host check too."""
+    conf = tmp_path / "conf.toml"
+    conf.write_text('[[hurd-vm]]\nqemu = "svt-no-such-qemu"\nkvm = false\n'
+                    '[virtlog]\n[libvirt]\nlisten-tls = true\nkey-file = "/svt/no/such/key.pem"\n')
+    cp = run_supervisor("--check", "-c", str(conf), cwd=tmp_path)
+    keys = [ln.split(":")[0] for ln in cp.stdout.splitlines()]
+    assert cp.returncode == 1 and "hurd-vm[0].qemu" in keys and "libvirt.key-file" in keys, cp.stdout + cp.stderr
+    cp = run_supervisor("--check", "--no-host-checks", "-c", str(conf), cwd=tmp_path)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert "runs: svt-no-such-qemu " in cp.stdout, cp.stdout
