@@ -36,7 +36,7 @@ from typing import Any
 import structlog
 import trio
 
-from supervisor import BuildContext, ServiceSpec, ServiceType, SocketSpec, Table, chown_file
+from supervisor import BuildContext, Creates, ServiceSpec, ServiceType, SocketSpec, Table, chown_file
 
 from . import _secret_service as secrets
 from . import _socket_owner as owner
@@ -433,7 +433,7 @@ class HurdVM:
 # -- configuration ------------------------------------------------------------------------
 
 
-def _read_qemu(t: Table) -> str:
+def _read_qemu(t: Table, host_checks: bool) -> str:
     value = t.str("qemu", DEFAULT_QEMU, nonempty=True)
     if value.startswith("/"):
         return value
@@ -441,6 +441,8 @@ def _read_qemu(t: Table) -> str:
         t.error("qemu", f"expected an absolute path or a program name on PATH, got {json.dumps(value)}")
         return value
     found = shutil.which(value)
+    if found is None and not host_checks:  # checked for another host: looked up there
+        return value
     if found is None:
         t.error("qemu", f"{json.dumps(value)} is not on PATH (install qemu-system-x86 or give an absolute path)")
         return value
@@ -467,8 +469,11 @@ def _read_kvm(t: Table) -> str | bool:
     return "auto"
 
 
-def read_settings(t: Table) -> Settings:
-    """Validate one table; errors are recorded on `t`, each naming its key path."""
+def read_settings(t: Table, *, host_checks: bool = True) -> Settings:
+    """Validate one table; errors are recorded on `t`, each naming its key path.
+
+    Without `host_checks`, a `qemu` name not on PATH here is not an error.
+    """
     id_ = t.int("id", None, min=1)
     image = t.str("image", None, nonempty=True)
     if image is not None and not image.startswith("/"):
@@ -484,7 +489,7 @@ def read_settings(t: Table) -> Settings:
     net = t.str_list("net-options", None)
     settings = Settings(
         id=id_,
-        qemu=_read_qemu(t),
+        qemu=_read_qemu(t, host_checks),
         image=image,
         disk_size=disk_size,
         memory_size=t.int("memory-size", 512, min=1),
@@ -525,7 +530,7 @@ def build(tables: list[Table], ctx: BuildContext) -> list[ServiceSpec]:
     parsed: list[tuple[Table, Settings]] = []
     for t in tables:
         if t.ok:
-            parsed.append((t, read_settings(t)))
+            parsed.append((t, read_settings(t, host_checks=ctx.host_checks)))
     by_id: dict[int | None, Table] = {}
     ports: dict[int, tuple[Table, str]] = {}
     out: list[ServiceSpec] = []
@@ -576,6 +581,9 @@ def build(tables: list[Table], ctx: BuildContext) -> list[ServiceSpec]:
             start_timeout=start_timeout,
             sockets=(SocketSpec(name="qmp", path=qmp_sock, mode=0o600),),
             prepare_hook=impl.prepare,
+            # _ensure_accounts: the default account and group only.
+            creates=Creates(users=(s.user,) if s.user == DEFAULT_USER else (),
+                            groups=(s.group,) if s.group == DEFAULT_GROUP else ()),
             ready_hook=impl.ready,
             stop_hook=impl.stop,
             details_hook=impl.details,

@@ -226,8 +226,13 @@ def _check_tls_files(t: Table, values: dict[str, Any]) -> None:
             pass  # e.g. not readable by this user (supervisor --check as non-root): libvirtd runs as root
 
 
-def read_settings(t: Table, state_dir: Path, mdns_default: str | None = None) -> Settings:
-    """Validate the table; errors are recorded on `t`, each naming its key path."""
+def read_settings(t: Table, state_dir: Path, mdns_default: str | None = None, *,
+                  host_checks: bool = True) -> Settings:
+    """Validate the table; errors are recorded on `t`, each naming its key path.
+
+    Without `host_checks`, the files libvirtd reads here (the machine id, the
+    TLS files) are not looked for.
+    """
     mdns_default = mdns_default if mdns_default is not None else default_mdns_name()
     values = conf.read_fields(t, fields(mdns_default))
     prefix = t.str("libvirt", "/usr", nonempty=True)
@@ -244,8 +249,9 @@ def read_settings(t: Table, state_dir: Path, mdns_default: str | None = None) ->
     if len(os.fsencode(os.path.join(sock_dir, "libvirt-admin-sock"))) > _SUN_PATH_MAX:
         t.error("unix-sock-dir", f"{json.dumps(sock_dir)} is too long: the socket path "
                                  f"{sock_dir.rstrip('/')}/libvirt-admin-sock must fit in {_SUN_PATH_MAX} bytes")
-    _check_machine_id(t, values)
-    _check_tls_files(t, values)
+    if host_checks:
+        _check_machine_id(t, values)
+        _check_tls_files(t, values)
     path = Path(os.path.abspath(state_dir)) / "libvirt" / "libvirtd.conf"
     return Settings(values=tuple(values.items()), mdns_default=mdns_default, prefix=prefix,
                     requirement=tuple(n for n in requirement if n and n != "virtlogd"),
@@ -377,7 +383,7 @@ def build(t: Table, ctx: BuildContext) -> list[ServiceSpec]:
     """``[libvirt]`` → ``libvirtd``; never raises, never writes."""
     if not t.ok:
         return []
-    s = read_settings(t, ctx.settings.state_dir)
+    s = read_settings(t, ctx.settings.state_dir, host_checks=ctx.host_checks)
     impl = Libvirtd(s)
     path = ":".join(dict.fromkeys([f"{s.prefix.rstrip('/')}/sbin", f"{s.prefix.rstrip('/')}/bin",
                                    "/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]))

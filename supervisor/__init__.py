@@ -27,6 +27,7 @@ from .schema import ConfigErrors as ConfigErrors
 from .schema import Table as Table
 from .spec import ActionContext as ActionContext
 from .spec import ActionSpec as ActionSpec
+from .spec import Creates as Creates
 from .spec import ReadySpec as ReadySpec
 from .spec import RespawnLimit as RespawnLimit
 from .spec import ServiceSpec as ServiceSpec
@@ -39,6 +40,7 @@ __all__ = [
     "BuildContext",
     "ConfigError",
     "ConfigErrors",
+    "Creates",
     "ProtocolError",
     "ReadySpec",
     "RespawnLimit",

@@ -22,6 +22,7 @@ from herd.protocol import ProtocolError, default_paths
 
 from . import __version__, _proc
 from ._cgroup import CgroupUnavailable, Hierarchy
+from ._hostcheck import check_host, log_findings
 from ._logging import configure_logging
 from ._notify import sd_notify
 from ._notify_server import NotifyServer
@@ -52,12 +53,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cgroups", action="store_true",
                    help="track services by process group and tree, not by cgroup (the fallback)")
     p.add_argument("--check", action="store_true", help="validate the configuration, print the services, exit")
+    p.add_argument("--no-host-checks", action="store_true",
+                   help="with --check: skip the checks against this host (users, groups, programs, "
+                        "directories), for a file meant for another host")
     p.add_argument("--version", action="version", version=f"supervisor {__version__}")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.no_host_checks and not args.check:
+        parser.error("--no-host-checks needs --check")
     explicit = args.config is not None
     config_path = Path(args.config) if explicit else default_paths().config
     overrides = {
@@ -69,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         "log_level": args.log_level,
     }
     try:
-        config = load_config(config_path, missing_ok=not explicit, overrides=overrides)
+        config = load_config(config_path, missing_ok=not explicit, overrides=overrides,
+                             host_checks=not args.no_host_checks)
     except ConfigErrors as exc:
         if not args.check:
             configure_logging(args.log_format, args.log_level or "info")
@@ -82,18 +90,33 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     settings = config.settings
     if args.check:
-        where = config.path or f"{config_path} (absent: no services)"
-        print(f"{where}: valid, {len(config.services)} service(s)")
-        for line in describe_services(config.services):
-            print("  " + line)
-        return 0
+        return _check(config, config_path, host=not args.no_host_checks)
     configure_logging(settings.log_format, settings.log_level)
+    log_findings(config, log)
     if config.path is None:
         log.warning("no configuration file; running with no services", config=str(config_path))
     try:
         return trio.run(_run, config, settings, overrides, not args.no_cgroups)
     except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled inside
         return 130
+
+
+def _check(config: Config, config_path: Path, *, host: bool) -> int:
+    """`--check` of a valid file: what this host lacks (errors, warnings), then the services."""
+    findings = check_host(config) if host else []
+    for finding in findings:
+        print(f"warning: {finding}" if finding.warning else str(finding))
+    errors = sum(not f.warning for f in findings)
+    if errors:
+        print(f"{config_path}: {errors} error(s) on this host", file=sys.stderr)
+        return 1
+    where = config.path or f"{config_path} (absent: no services)"
+    print(f"{where}: valid, {len(config.services)} service(s)" + ("" if host else " (host checks skipped)"))
+    for line in describe_services(config.services):
+        print("  " + line)
+    return 0
+
+
 
 
 def _open_cgroups(settings: Settings, wanted: bool) -> tuple[Hierarchy | None, str | None]:

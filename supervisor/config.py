@@ -10,6 +10,7 @@ plain modules in a package (``services`` by default) that define
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
 import re
 import shlex
@@ -24,7 +25,7 @@ from typing import Any
 from herd.protocol import default_paths
 
 from .graph import Graph
-from .schema import ConfigError, ConfigErrors, Table
+from .schema import ConfigError, ConfigErrors, Table, unusable_values
 from .spec import RLIMIT_NAMES, ReadySpec, RespawnLimit, ServiceSpec, SocketSpec
 
 __all__ = [
@@ -39,7 +40,11 @@ __all__ = [
     "parse_signal",
 ]
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@+-]*$")
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@+-]*")  # fullmatch: "$" would let "a\n" through
+#: The longest service name: names become file names, and the longest made from
+#: one, ``.NAME.toml.tmp`` (state) or ``NAME.log.1000`` (a rotated log), must fit
+#: in NAME_MAX (255 bytes), with room to spare for a new suffix.
+NAME_MAX = 200
 RESERVED_NAMES = frozenset({"root"})
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -64,6 +69,10 @@ class BuildContext:
 
     settings: Settings
     config_path: Path | None
+    #: False under ``supervisor --check --no-host-checks``: the file is meant for
+    #: another host, so do not judge it by this one (a program on PATH, a file
+    #: that must exist).  True everywhere else.
+    host_checks: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +198,7 @@ def _valid_address(address: str) -> bool:
     return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
 
 
-_SOCKET_NAME_RE = re.compile(r"^[A-Za-z0-9_.@+-]{1,255}$")
+_SOCKET_NAME_RE = re.compile(r"[A-Za-z0-9_.@+-]{1,255}")
 
 
 def _read_sockets(t: Table, key: str, service: str) -> tuple[SocketSpec, ...]:
@@ -200,7 +209,7 @@ def _read_sockets(t: Table, key: str, service: str) -> tuple[SocketSpec, ...]:
         path = sub.str("path", nonempty=True)
         address = sub.str("address", nonempty=True)
         name = sub.str("name", service, nonempty=True)
-        if name is not None and not _SOCKET_NAME_RE.match(name):
+        if name is not None and not _SOCKET_NAME_RE.fullmatch(name):
             sub.error("name", f"{name!r} is not a valid socket name (letters, digits, '.', '_', '-'; no ':')")
         mode = sub.octal("mode", 0o666)
         group = sub.str_or_int("group")
@@ -267,6 +276,13 @@ def read_service_table(t: Table, name: str, settings: Settings) -> ServiceSpec:
     own tables.
     """
     command = t.str_list("command", None, required=True, nonempty=True)
+    if command is not None:
+        program = command[0]
+        if not program:
+            t.error("command", "the program (the first element) is empty")
+        elif "/" in program and not program.startswith("/"):
+            t.error("command", f"the program {json.dumps(program)} is a relative path; give an absolute path, "
+                               "or a bare name to look up on PATH")
     limit_table = t.table("respawn-limit")
     limit = RespawnLimit()
     if limit_table is not None and limit_table.ok:
@@ -350,14 +366,49 @@ def read_service_table(t: Table, name: str, settings: Settings) -> ServiceSpec:
 
 
 def _check_name(errors: list[ConfigError], path: str, name: str) -> bool:
-    if not NAME_RE.match(name):
+    """Service names and provisions: herd arguments and file names (NAME.log)."""
+    if not NAME_RE.fullmatch(name):
         errors.append(ConfigError(path, f"{name!r} is not a valid service name "
-                                        "(letters, digits, '.', '_', '-', '@', '+')"))
+                                        "(letters, digits, '.', '_', '-', '@', '+'; first a letter, a digit or '_')"))
+        return False
+    if len(name) > NAME_MAX:
+        errors.append(ConfigError(path, f"a service name is at most {NAME_MAX} characters "
+                                        f"(it names files), got {len(name)}: {name[:20]!r}..."))
         return False
     if name in RESERVED_NAMES:
         errors.append(ConfigError(path, f"{name!r} is reserved for the supervisor itself"))
         return False
     return True
+
+
+def _checked_provisions(errors: list[ConfigError], spec: ServiceSpec, *, typed: bool) -> ServiceSpec:
+    """`spec` without the provisions that are not valid names (each an error).
+
+    A provision written in ``[services.NAME]`` follows the rules of service
+    names.  One that a service type makes (`typed`) may be a Guix name with a
+    '/' (``file-system-/proc/sys/fs/binfmt_misc``): it need only be printable,
+    not empty and not reserved.
+    """
+    path = f"{spec.source}.provides" if spec.source else spec.name
+
+    def ok(name: str) -> bool:
+        if not typed:
+            return _check_name(errors, path, name)
+        if name and name.isprintable() and name not in RESERVED_NAMES:
+            return True
+        errors.append(ConfigError(path, f"{name!r} is not a valid name (empty, reserved or not printable)"))
+        return False
+
+    valid = tuple(p for p in spec.provides if ok(p))
+    return spec if valid == spec.provides else replace(spec, provides=valid)
+
+
+def _check_values(errors: list[ConfigError], document: dict[str, Any]) -> None:
+    """Non-finite numbers and NULs anywhere, unless an error already names their key or table."""
+    reported = [e.path for e in errors]
+    for path, problem in unusable_values(document):
+        if not any(path == p or path.startswith(f"{p}.") for p in reported):
+            errors.append(ConfigError(path, problem))
 
 
 def parse_config(
@@ -366,11 +417,13 @@ def parse_config(
     path: Path | None = None,
     service_types: dict[str, ServiceType] | None = None,
     overrides: dict[str, Any] | None = None,
+    host_checks: bool = True,
 ) -> Config:
     """Validate a parsed TOML document.
 
     `overrides` are command-line settings (``socket``, ``state_dir``, …; None
     means not given): applied before service types build, so they see them.
+    `host_checks` is passed to the service types (`BuildContext`).
 
     Raises:
         ConfigErrors: with every problem found, each naming its key path.
@@ -379,7 +432,7 @@ def parse_config(
     errors: list[ConfigError] = []
     root = Table(document, "", errors)
     settings = with_overrides(_read_settings(root.table("supervisor")), **(overrides or {}))
-    context = BuildContext(settings=settings, config_path=path)
+    context = BuildContext(settings=settings, config_path=path, host_checks=host_checks)
     specs: list[ServiceSpec] = []
 
     services = root.table("services")
@@ -391,7 +444,7 @@ def parse_config(
                 continue
             spec = read_service_table(t, name, settings)
             t.finish()
-            specs.append(spec)
+            specs.append(_checked_provisions(errors, spec, typed=False))
 
     for key, value in document.items():
         if key in ("supervisor", "services"):
@@ -408,8 +461,9 @@ def parse_config(
             arg = Table(value, key, errors)
         for spec in stype.build(arg, context):
             if _check_name(errors, spec.source or key, spec.name):
-                specs.append(spec)
+                specs.append(_checked_provisions(errors, spec, typed=True))
 
+    _check_values(errors, document)
     graph = Graph.build(specs, errors)
     if errors:
         raise ConfigErrors(errors)
@@ -418,7 +472,7 @@ def parse_config(
 
 def load_config(path: Path, *, service_types: dict[str, ServiceType] | None = None,
                 missing_ok: bool = False, overrides: dict[str, Any] | None = None,
-                data: bytes | None = None) -> Config:
+                data: bytes | None = None, host_checks: bool = True) -> Config:
     """Read and validate the configuration file at `path` (or `data`, its
     content when the caller has read it already).
 
@@ -429,7 +483,8 @@ def load_config(path: Path, *, service_types: dict[str, ServiceType] | None = No
         data = path.read_bytes() if data is None else data
     except FileNotFoundError:
         if missing_ok:
-            return parse_config({}, path=None, service_types=service_types, overrides=overrides)
+            return parse_config({}, path=None, service_types=service_types, overrides=overrides,
+                                host_checks=host_checks)
         raise ConfigErrors([ConfigError("", f"{path}: no such file")]) from None
     except OSError as exc:
         raise ConfigErrors([ConfigError("", f"{path}: {exc.strerror}")]) from None
@@ -439,7 +494,10 @@ def load_config(path: Path, *, service_types: dict[str, ServiceType] | None = No
         raise ConfigErrors([ConfigError("", f"{path}: not UTF-8 ({exc})")]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigErrors([ConfigError("", f"{path}: TOML syntax error: {exc}")]) from None
-    return parse_config(document, path=path, service_types=service_types, overrides=overrides)
+    except ValueError as exc:  # an integer of more than 4300 digits
+        raise ConfigErrors([ConfigError("", f"{path}: cannot read a value: {exc}")]) from None
+    return parse_config(document, path=path, service_types=service_types, overrides=overrides,
+                        host_checks=host_checks)
 
 
 def with_overrides(settings: Settings, **overrides: Any) -> Settings:

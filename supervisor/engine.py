@@ -31,6 +31,7 @@ from . import _proc
 from ._cgroup import Hierarchy, Watcher
 from ._containment import Containment
 from ._state import StateStore, same_process
+from ._hostcheck import log_findings
 from .config import Config, load_config
 from .schema import ConfigErrors
 from .graph import Graph
@@ -189,6 +190,7 @@ class Engine:
         except ConfigErrors as exc:
             log.warning("reload refused", config=str(path), errors=[str(e) for e in exc.errors])
             raise ProtocolError("config-error", "\n".join(str(e) for e in exc.errors)) from None
+        log_findings(config, log)
         new = {spec.name: spec for spec in config.services}
         added = sorted(n for n in new if n not in self.services)
         removed = [n for n in reversed(self.graph.order()) if n not in new]

@@ -10,12 +10,13 @@ prints them all.
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-__all__ = ["ConfigError", "ConfigErrors", "Table", "describe", "MISSING"]
+__all__ = ["ConfigError", "ConfigErrors", "Table", "describe", "unusable_values", "MISSING"]
 
 T = TypeVar("T")
 
@@ -28,7 +29,16 @@ class ConfigError:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
+        # A key may hold a newline or a NUL: escaped, so one error stays one line.
+        return f"{printable(self.path)}: {self.message}" if self.path else self.message
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped (``\\n``, ``\\x00``), for one-line messages."""
+    return _CONTROL.sub(lambda m: repr(m[0])[1:-1], text)
 
 
 class ConfigErrors(Exception):
@@ -53,10 +63,24 @@ def describe(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, dict):
         return "a table"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # as TOML spells it: nan, inf, -inf
+    if isinstance(value, int) and abs(value) >= 10**40:
+        return f"an integer of {len(str(abs(value)))} digits"
     try:
         return json.dumps(value, ensure_ascii=False, default=str)
     except (TypeError, ValueError):
         return repr(value)
+
+
+def _as_float(value: Any) -> float | None:
+    """A TOML number as a float (an integer too large for one: infinity); None for anything else."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 _OCTAL = re.compile(r"^0?o?[0-7]{1,4}$")
@@ -133,9 +157,12 @@ class Table:
 
     def number(self, key: str, default: Any = None, *, min: float | None = None, max: float | None = None,
                exclusive_min: bool = False, required: bool = False) -> Any:
-        value = self._get(key, default, required,
-                          lambda v: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None,
-                          "a number")
+        value = self._get(key, default, required, _as_float, "a number")
+        if value is not default and not math.isfinite(value):
+            raw = self.data[key]
+            self.error(key, f"{'is too large' if isinstance(raw, int) else 'expected a finite number'}, "
+                            f"got {describe(raw)}")
+            return default
         if value is not default and min is not None and exclusive_min and value <= min:
             self.error(key, f"must be greater than {min:g}, got {describe(self.data[key])}")
             return default
@@ -224,3 +251,22 @@ class Table:
             self.error(key, f"expected an array of tables ([[{self.key_path(key)}]]), got {describe(value)}")
             return []
         return [Table(item, f"{self.key_path(key)}[{i}]", self.errors) for i, item in enumerate(value)]
+
+
+def unusable_values(data: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """(key path, problem) for every value no service can be given: a number
+    that is not finite (``nan``, ``inf``) or a string or key holding a NUL
+    (no argument, path or environment variable can), anywhere in `data`."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            sub = f"{path}.{key}" if path else key
+            if "\0" in key:
+                yield sub, "a key cannot contain a NUL character"
+            yield from unusable_values(value, sub)
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            yield from unusable_values(value, f"{path}[{i}]")
+    elif isinstance(data, float) and not math.isfinite(data):
+        yield path, f"expected a finite number, got {describe(data)}"
+    elif isinstance(data, str) and "\0" in data:
+        yield path, "a NUL character cannot be passed to a program; remove it"

@@ -20,6 +20,7 @@ __all__ = [
     "RespawnLimit",
     "ActionSpec",
     "ActionContext",
+    "Creates",
     "ServiceSpec",
     "RLIMIT_NAMES",
 ]
@@ -83,6 +84,20 @@ class SocketSpec:
     mode: int = 0o666  # Unix sockets: file mode
     group: str | int | None = None  # Unix sockets: owning group
     backlog: int = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Creates:
+    """What a service type's `prepare_hook` creates when it is missing.
+
+    The host checks (``supervisor --check``, and the warnings at load) do not
+    report these as missing: hurd-vm, for one, creates its ``childhurd``
+    account at the first start.
+    """
+
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    directories: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +172,8 @@ class ServiceSpec:
     #: Process services: runs before each spawn (write config files, create
     #: directories); an exception fails the start with its message.
     prepare_hook: Hook | None = field(default=None, compare=False)
+    #: The users, groups and directories `prepare_hook` creates when missing.
+    creates: Creates = Creates()
     start_hook: Hook | None = field(default=None, compare=False)
     #: Process services: after spawn, the service is ready when this returns
     #: (given the spec and the main PID); an exception fails the start with

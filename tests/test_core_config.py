@@ -3,7 +3,9 @@ daemon that refuses to start on a bad configuration."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -257,3 +259,180 @@ def test_flags_override_the_supervisor_table(sup: Supervisor, tmp_path: Path) ->
     run_herd(sup.socket, "status", check=True)
     assert not (sup.sockdir / "from-table.sock").exists()
     assert sup.status("a")["log-file"] == str(sup.log_dir / "a.log")
+
+
+# -- issue 15, item 10: values that cannot run, and what this host lacks ------------------------------
+
+#: One key each; each passed --check before, and failed only at start (or never ran right).
+UNRUNNABLE: dict[str, tuple[str, str]] = {
+    "nan-start-timeout": ('start-timeout = nan', "services.a.start-timeout: expected a finite number, got nan"),
+    "inf-stop-timeout": ('stop-timeout = inf', "services.a.stop-timeout: expected a finite number, got inf"),
+    "nan-respawn-window": ('respawn-limit = { seconds = nan }',
+                           "services.a.respawn-limit.seconds: expected a finite number, got nan"),
+    "inf-respawn-delay": ('respawn-delay = +inf', "services.a.respawn-delay: expected a finite number, got inf"),
+    "huge-stop-timeout": (f'stop-timeout = 1{"0" * 400}', "services.a.stop-timeout: is too large"),
+    "relative-command": ('command = ["bin/true"]', "services.a.command:"),
+    "empty-program": ('command = [""]', "services.a.command:"),
+    "nul-in-argument": ('command = ["/bin/echo", "a\\u0000b"]', "services.a.command[1]:"),
+    "nul-in-environment": ('command = ["/bin/true"]\nenvironment = { X = "a\\u0000b" }',
+                           "services.a.environment.X:"),
+    "provides-root": ('provides = ["root"]', "services.a.provides:"),
+    "provides-empty": ('provides = [""]', "services.a.provides:"),
+    "provides-slash": ('provides = ["a/b"]', "services.a.provides:"),
+    "provides-nul": ('provides = ["a\\u0000b"]', "services.a.provides:"),
+    "provides-too-long": (f'provides = ["{"p" * 201}"]', "services.a.provides:"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNRUNNABLE))
+def test_check_rejects_values_that_cannot_run(tmp_path: Path, case: str) -> None:
+    key, line = UNRUNNABLE[case]
+    command = "" if key.startswith("command") else 'command = ["/bin/true"]\n'
+    for flags in ((), ("--no-host-checks",)):  # value checks hold for every host
+        conf = tmp_path / "conf.toml"
+        conf.write_text(f"[services.a]\n{command}{key}\n")
+        cp = run_supervisor("--check", *flags, "-c", str(conf), cwd=tmp_path)
+        out = cp.stdout + cp.stderr
+        assert cp.returncode == 1, f"{flags}: exit {cp.returncode}\n{out}"
+        assert "Traceback" not in out, out
+        assert any(ln.startswith(line) for ln in cp.stdout.splitlines()), f"{line!r} not in:\n{out}"
+        assert "\0" not in out
+
+
+def test_check_rejects_an_integer_too_long_to_read(tmp_path: Path) -> None:
+    cp = check(tmp_path, f'[services.a]\ncommand = ["/bin/true"]\nrespawn-delay = 1{"0" * 5000}\n')
+    out = cp.stdout + cp.stderr
+    assert cp.returncode == 1, out
+    assert "Traceback" not in out and "conf.toml" in out, out
+
+
+@pytest.mark.parametrize("name", ["n" * 201, "n" * 300, "a\\n", "a\\u0000b", ".hidden", "a/b"])
+def test_check_rejects_names_that_cannot_be_file_names(tmp_path: Path, name: str) -> None:
+    cp = check(tmp_path, f'[services."{name}"]\ncommand = ["/bin/true"]\n')
+    out = cp.stdout + cp.stderr
+    assert cp.returncode == 1, f"exit {cp.returncode}\n{out}"
+    lines = [ln for ln in cp.stdout.splitlines() if ln.startswith("services.")]
+    assert len(lines) == 1, out  # one line per error: a newline in the name is escaped
+    assert "valid service name" in lines[0] or "at most 200" in lines[0], out
+    assert "\0" not in out
+
+
+def test_check_accepts_a_name_of_the_maximum_length(tmp_path: Path) -> None:
+    cp = check(tmp_path, f'[services.{"n" * 200}]\ncommand = ["/bin/true"]\n')
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+def test_service_type_numbers_must_be_finite(tmp_path: Path) -> None:
+    cp = check(tmp_path, '[[hurd-vm]]\nqemu = "/bin/true"\nkvm = false\nhandshake-timeout = inf\n')
+    assert cp.returncode == 1, cp.stdout + cp.stderr
+    assert "hurd-vm[0].handshake-timeout: expected a finite number, got inf" in cp.stdout.splitlines(), cp.stdout
+
+
+def test_daemon_refuses_nan_timeouts(sup: Supervisor) -> None:
+    notify = sup.spawn('[services.a]\ncommand = ["/bin/true"]\nauto-start = false\nstart-timeout = nan\n')
+    notify.close()
+    assert sup.wait_exit(15) != 0, "the daemon accepted start-timeout = nan"
+    err = sup.stderr_path.read_text(errors="replace")
+    assert "services.a.start-timeout: expected a finite number, got nan" in err, err
+
+
+def host_problems(tmp_path: Path) -> str:
+    """A configuration valid everywhere but on this host (one problem per key)."""
+    plain = tmp_path / "plain"
+    plain.write_text("not a program\n")
+    plain.chmod(0o644)
+    return (
+        '[services.u]\ncommand = ["/bin/true"]\nuser = "svt-no-such-user"\n'
+        '[services.g]\ncommand = ["/bin/true"]\ngroup = "svt-no-such-group"\n'
+        '[services.sg]\ncommand = ["/bin/true"]\nsupplementary-groups = ["root", "svt-no-such-group"]\n'
+        '[services.c]\ncommand = ["/svt/no/such/program"]\n'
+        '[services.p]\ncommand = ["svt-no-such-program-on-path"]\n'
+        f'[services.x]\ncommand = ["{plain}"]\n'
+        '[services.d]\ncommand = ["/bin/true"]\ndirectory = "/svt/no/such/directory"\n'
+    )
+
+
+HOST_KEYS = ["services.u.user", "services.g.group", "services.sg.supplementary-groups", "services.c.command",
+             "services.p.command", "services.x.command", "services.d.directory"]
+
+
+def test_check_reports_what_this_host_lacks(tmp_path: Path) -> None:
+    cp = check(tmp_path, host_problems(tmp_path))
+    out = cp.stdout + cp.stderr
+    assert cp.returncode == 1, out
+    assert "Traceback" not in out, out
+    for key in HOST_KEYS:
+        assert sum(ln.startswith(f"{key}: ") for ln in cp.stdout.splitlines()) == 1, f"{key} not named once:\n{out}"
+    for word in ("svt-no-such-user", "svt-no-such-group", "/svt/no/such/program", "svt-no-such-program-on-path",
+                 "/svt/no/such/directory"):
+        assert word in cp.stdout, out
+
+
+def test_no_host_checks_skips_them(tmp_path: Path) -> None:
+    conf = tmp_path / "conf.toml"
+    conf.write_text(host_problems(tmp_path))
+    cp = run_supervisor("--check", "--no-host-checks", "-c", str(conf), cwd=tmp_path)
+    out = cp.stdout + cp.stderr
+    assert cp.returncode == 0, out
+    assert not any(key in out for key in HOST_KEYS), out
+
+
+def test_check_on_this_host_passes_a_runnable_config(tmp_path: Path) -> None:
+    """Bare names are looked up on PATH; existing users, groups and directories pass."""
+    cp = check(tmp_path, '[services.a]\ncommand = ["sleep", "1"]\nuser = "root"\ngroup = "root"\n'
+                         f'directory = "{tmp_path}"\n')
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert "warning" not in cp.stdout + cp.stderr
+
+
+def test_check_warns_when_the_service_user_may_not_run_the_command(tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    prog = private / "prog"
+    prog.write_text("#!/bin/sh\n")
+    prog.chmod(0o700)
+    cp = check(tmp_path, f'[services.a]\ncommand = ["{prog}"]\nuser = "nobody"\ngroup = "nogroup"\n')
+    out = cp.stdout + cp.stderr
+    assert cp.returncode == 0, out
+    warnings = [ln for ln in cp.stdout.splitlines() if ln.startswith("warning: ")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: services.a.command: "), out
+    assert "nobody" in warnings[0], out
+
+
+def test_hurd_vm_accounts_it_creates_are_not_host_problems(tmp_path: Path) -> None:
+    """[[hurd-vm]] creates its childhurd account at start: not missing, even where it is."""
+    qemu = shutil.which("qemu-system-x86_64") or "/bin/true"
+    cp = check(tmp_path, f'[[hurd-vm]]\nqemu = "{qemu}"\nkvm = false\nuser = "childhurd"\n'
+                         f'[[hurd-vm]]\nid = 1\nqemu = "{qemu}"\nkvm = false\nuser = "svt-no-such-user"\n')
+    out = cp.stdout + cp.stderr
+    assert cp.returncode == 1, out  # only the default account is created
+    assert [ln.split(":")[0] for ln in cp.stdout.splitlines() if ":" in ln and not ln.startswith(" ")] == \
+        ["hurd-vm[1].user"], out
+
+
+def test_daemon_warns_at_load_and_fails_the_start(sup: Supervisor, tmp_path: Path) -> None:
+    sup.start('[services.a]\ncommand = ["/bin/true"]\nuser = "svt-no-such-user"\nauto-start = false\n')
+    records = [json.loads(ln) for ln in sup.stderr_path.read_text().splitlines() if ln.startswith("{")]
+    warned = [r for r in records if r.get("level") == "warning" and r.get("service") == "a"]
+    assert len(warned) == 1 and warned[0].get("key") == "services.a.user", records
+    cp = sup.herd("start", "a", check=1)
+    assert "svt-no-such-user" in cp.stdout + cp.stderr
+    new = tmp_path / "new.toml"
+    new.write_text('[services.b]\ncommand = ["/bin/true"]\ndirectory = "/svt/no/such/dir"\nauto-start = false\n')
+    sup.herd("reload", "root", str(new), check=True)
+    records = [json.loads(ln) for ln in sup.stderr_path.read_text().splitlines() if ln.startswith("{")]
+    assert any(r.get("level") == "warning" and r.get("service") == "b" and r.get("key") == "services.b.directory"
+               for r in records), records
+
+
+def test_no_host_checks_reaches_the_service_types(tmp_path: Path) -> None:
+    """What a service type looks up on this host (a program on PATH, TLS files) is a host check too."""
+    conf = tmp_path / "conf.toml"
+    conf.write_text('[[hurd-vm]]\nqemu = "svt-no-such-qemu"\nkvm = false\n'
+                    '[virtlog]\n[libvirt]\nlisten-tls = true\nkey-file = "/svt/no/such/key.pem"\n')
+    cp = run_supervisor("--check", "-c", str(conf), cwd=tmp_path)
+    keys = [ln.split(":")[0] for ln in cp.stdout.splitlines()]
+    assert cp.returncode == 1 and "hurd-vm[0].qemu" in keys and "libvirt.key-file" in keys, cp.stdout + cp.stderr
+    cp = run_supervisor("--check", "--no-host-checks", "-c", str(conf), cwd=tmp_path)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert "runs: svt-no-such-qemu " in cp.stdout, cp.stdout
