@@ -329,6 +329,22 @@ class HurdVM:
     def qmp_socket(self) -> str:
         return qmp_path(self.s, self.state_dir)
 
+    # what the supervisor keeps across a re-exec or a crash of its own (TypeState)
+    def to_record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"phase": self.phase, "sent-files": list(self.sent_files)}
+        if self.pid is not None:
+            out["pid"] = self.pid
+        if self.secrets_sent is not None:
+            out["secrets-sent"] = self.secrets_sent
+        return out
+
+    def from_record(self, data: dict[str, Any]) -> None:
+        self.phase = str(data.get("phase", self.phase))
+        self.pid = data["pid"] if isinstance(data.get("pid"), int) else None
+        sent = data.get("secrets-sent")
+        self.secrets_sent = float(sent) if isinstance(sent, (int, float)) else None
+        self.sent_files = [str(f) for f in data.get("sent-files", [])]
+
     async def prepare(self, spec: ServiceSpec) -> None:
         """Before each spawn: accounts, SSH host keys, the disk overlay, checks."""
         s = self.s
@@ -587,6 +603,7 @@ def build(tables: list[Table], ctx: BuildContext) -> list[ServiceSpec]:
             ready_hook=impl.ready,
             stop_hook=impl.stop,
             details_hook=impl.details,
+            type_state=impl,
             parameters=(s, kvm, state_dir),
             source=t.path,
         ))

@@ -109,6 +109,12 @@ class Virtlogd:
         self.settings = settings
         self.reexecs: list[float] = []  # times virtlogd re-executed since it was started
 
+    def to_record(self) -> dict[str, Any]:  # TypeState: kept across a re-exec or crash of ours
+        return {"reexecs": list(self.reexecs)}
+
+    def from_record(self, data: dict[str, Any]) -> None:
+        self.reexecs = [float(t) for t in data.get("reexecs", []) if isinstance(t, (int, float))]
+
     async def prepare(self, spec: ServiceSpec) -> None:
         """Before each start: directories of file log outputs, then the config file."""
         s = self.settings
@@ -210,6 +216,7 @@ def build(t: Table, ctx: BuildContext) -> list[ServiceSpec]:
                  ActionSpec("reload", "The same as reexec (virtlogd has no other way to reload).", impl.reexec)),
         prepare_hook=impl.prepare,
         details_hook=impl.details,
+        type_state=impl,
         parameters=(s, render(s)),
         source=t.path,
     )]

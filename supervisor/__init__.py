@@ -32,6 +32,7 @@ from .spec import ReadySpec as ReadySpec
 from .spec import RespawnLimit as RespawnLimit
 from .spec import ServiceSpec as ServiceSpec
 from .spec import SocketSpec as SocketSpec
+from .spec import TypeState as TypeState
 
 __all__ = [
     "__version__",
@@ -48,6 +49,7 @@ __all__ = [
     "ServiceType",
     "SocketSpec",
     "Table",
+    "TypeState",
     "chown_file",
     "note",
     "parse_signal",

@@ -222,11 +222,26 @@ def read_small(path: str | os.PathLike[str], limit: int = 65536) -> bytes:
         UnsafePath: the path could be redirected, or names no regular file.
         OSError: it cannot be read.
     """
+    return _read(path, limit, tail=False)
+
+
+def read_tail(path: str | os.PathLike[str], limit: int) -> bytes:
+    """The last `limit` bytes of the regular file `path`, never read through a symlink.
+
+    Raises:
+        UnsafePath: the path could be redirected, or names no regular file.
+        OSError: it cannot be read.
+    """
+    return _read(path, limit, tail=True)
+
+
+def _read(path: str | os.PathLike[str], limit: int, *, tail: bool) -> bytes:
     path = Path(path)
     with opened_dir(path.parent) as dfd:
         fd = _open_file(dfd, path.name, os.O_RDONLY, 0, path)
     try:
-        return os.read(fd, limit)
+        start = max(0, os.fstat(fd).st_size - limit) if tail else 0
+        return os.pread(fd, limit, start)
     finally:
         os.close(fd)
 

@@ -20,6 +20,7 @@ there (and a warning in the daemon's log) says why.
 from __future__ import annotations
 
 import contextvars
+import math
 import os
 import time
 from collections import deque
@@ -155,6 +156,7 @@ class ServiceOutput:
         self._retry_at = 0.0  # after a failed open, the next try (monotonic clock)
         self._pipes: dict[str, tuple[int, int]] = {}
         self._partial: dict[str, bytearray] = {}  # an unfinished last line, per stream
+        self._seed_pending = False  # read the ring back from the file first (see reload_history)
 
     # -- pipes ---------------------------------------------------------------------
 
@@ -246,7 +248,34 @@ class ServiceOutput:
         self.hub.add(line)
 
     def recent(self, n: int) -> list[LogLine]:
+        if self._seed_pending:
+            self._seed()
         return self.ring.recent(n)
+
+    def reload_history(self) -> None:
+        """After a re-exec or a crash of ours: `recent` first reads back the
+        lines the log file already holds (lazily, when first asked)."""
+        self._seed_pending = True
+
+    def _seed(self) -> None:
+        self._seed_pending = False
+        try:
+            data = _fs.read_tail(self.path, RING_BYTES)
+        except OSError:
+            return
+        lines = data.split(b"\n")
+        if len(data) == RING_BYTES:
+            lines = lines[1:]  # the first one is cut
+        ring = Ring(self.ring.max_lines, self.ring.max_bytes)
+        newer = self.ring.recent(self.ring.max_lines)
+        first_new = newer[0].time if newer else math.inf
+        for raw in lines:
+            line = _parse_log_line(self.service, raw)
+            if line is not None and line.time < first_new:
+                ring.append(line)
+        for line in newer:
+            ring.append(line)
+        self.ring = ring
 
     def _write(self, data: bytes) -> None:
         if self._fd >= 0 and self.max_size and self._size and self._size + len(data) > self.max_size:
@@ -317,6 +346,18 @@ class ServiceOutput:
         self._keep(datetime.now().astimezone(), "supervisor",
                    f"Cannot write the log file {self.path}: {why}. Output is kept in memory only "
                    f"(herd log {self.service}).")
+
+
+def _parse_log_line(service: str, raw: bytes) -> LogLine | None:
+    """A line of a log file (``TIME STREAM TEXT``) back as a LogLine."""
+    parts = raw.decode("utf-8", errors="replace").split(" ", 2)
+    if len(parts) < 2 or parts[1] not in ("stdout", "stderr", "supervisor"):
+        return None
+    try:
+        when = datetime.fromisoformat(parts[0]).timestamp()
+    except ValueError:
+        return None
+    return LogLine(when, service, parts[1], parts[2] if len(parts) > 2 else "")
 
 
 def _char_boundary(buf: bytearray, limit: int) -> int:

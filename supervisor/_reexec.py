@@ -45,20 +45,57 @@ def _argv() -> list[str]:
     return argv
 
 
-async def check_new_image() -> None:
-    """Run the new code with ``--check`` in a child process.
+#: For the check of the new image: a file holding the configuration in force.
+CHECK_SOURCE_ENV: Final = "SUPERVISOR_CHECK_SOURCE"
+
+
+def config_in_force(handover: dict[str, Any] | None, *, check: bool) -> bytes | None:
+    """The configuration to run instead of the file on disk: after a re-exec,
+    the one the previous image ran; for the new image's check, the same."""
+    if check:
+        path = os.environ.pop(CHECK_SOURCE_ENV, None)
+        if path:
+            try:
+                return Path(path).read_bytes()
+            except OSError:
+                return None
+        return None
+    passed = (handover or {}).get("config")
+    if isinstance(passed, dict) and isinstance(passed.get("source"), str):
+        return passed["source"].encode("utf-8")
+    return None
+
+
+async def check_new_image(source: bytes | None = None, state_dir: Path | None = None) -> None:
+    """Run the new code with ``--check`` in a child process, on the
+    configuration in force (`source`), not the file as edited since.
 
     Raises:
         ProtocolError: ``action-failed`` with what the check printed.
     """
     argv = [*_argv(), "--check"]
+    env = dict(os.environ)
+    held = None
+    if source is not None and state_dir is not None:
+        held = tempfile.NamedTemporaryFile(dir=state_dir, prefix=".check-", suffix=".toml")
+        held.write(source)
+        held.flush()
+        env[CHECK_SOURCE_ENV] = held.name
+    try:
+        await _check(argv, env)
+    finally:
+        if held is not None:
+            held.close()
+
+
+async def _check(argv: list[str], env: dict[str, str]) -> None:
     # Spawned directly and waited on by pidfd, not with trio.run_process: that
     # would leave an idle worker thread, which could take a signal held for
     # the exec (signals are blocked in the main thread only).
     with tempfile.TemporaryFile() as out:
         try:
             popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                     close_fds=True)
+                                     close_fds=True, env=env)
         except OSError as exc:
             raise ProtocolError("action-failed", f"re-exec refused: cannot run the new image: {exc}") from None
         popen.returncode = 0  # reaped through its pidfd below, never by Popen

@@ -95,7 +95,7 @@ class TimerMixin:
         run = self.last_run if self.last_run is not None and self.last_run.get("pid") == child.pid else {}
         run.update(end=child.status.time, **child.status.to_json())
         run.pop("time", None)
-        self.last_run = run
+        self.last_run = {k: v for k, v in run.items() if v is not None}  # as its record keeps it
         self.output.note(f"Run of {self.name} {child.status.describe()}.")
         if self.containment.populated() and self._nursery is not None:  # what the run left
             self._nursery.start_soon(self.containment.sweep, self.spec.stop_signal,

@@ -26,7 +26,7 @@ from ._hostcheck import check_host, log_findings
 from ._logging import configure_logging
 from ._notify import sd_notify
 from ._notify_server import NotifyServer
-from ._reexec import HELD_SIGNALS, check_new_image, exec_self, take_handover
+from ._reexec import HELD_SIGNALS, check_new_image, config_in_force, exec_self, take_handover
 from ._state import StateStore
 from .config import Config, Settings, describe_services, load_config
 from .control import ControlServer, SocketInUse, bind_unix_socket
@@ -75,9 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         "log_format": args.log_format,
         "log_level": args.log_level,
     }
+    # A re-exec runs the configuration in force, not the file as edited since;
+    # so does the re-exec's check of the new image (see _reexec).
+    handover = None if args.check else take_handover()
+    source = config_in_force(handover, check=args.check)
     try:
         config = load_config(config_path, missing_ok=not explicit, overrides=overrides,
-                             host_checks=not args.no_host_checks)
+                             host_checks=not args.no_host_checks, data=source)
     except ConfigErrors as exc:
         if not args.check:
             configure_logging(args.log_format, args.log_level or "info")
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.path is None:
         log.warning("no configuration file; running with no services", config=str(config_path))
     try:
-        return trio.run(_run, config, settings, overrides, not args.no_cgroups)
+        return trio.run(_run, config, settings, overrides, not args.no_cgroups, handover)
     except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled inside
         return 130
 
@@ -132,8 +136,8 @@ def _open_cgroups(settings: Settings, wanted: bool) -> tuple[Hierarchy | None, s
     return None, reason
 
 
-async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cgroups: bool = True) -> int:
-    handover = take_handover()
+async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cgroups: bool = True,
+               handover: dict[str, Any] | None = None) -> int:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
         # Signals held across a re-exec are delivered now, to the receiver above.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
@@ -277,7 +281,7 @@ class Reexec:
         if self._lock.locked():
             raise ProtocolError("action-failed", "a re-exec is already under way")
         async with self._lock:
-            await check_new_image()
+            await check_new_image(self.engine.config.source, self.state_dir)
             with trio.move_on_after(QUIESCE_TIMEOUT):
                 while self.engine.busy():
                     await trio.sleep(0.01)
@@ -297,7 +301,11 @@ class Reexec:
                 fds.append(passed["pidfd"])
             fds.extend(passed["listeners"])
             fds.extend(fd for pair in passed["output"]["pipes"].values() for fd in pair)
-        exec_self(self.state_dir, {"version": 1, "sockets": sockets, "services": services}, fds)
+        handover: dict[str, Any] = {"version": 1, "sockets": sockets, "services": services}
+        if self.engine.config.source is not None:
+            handover["config"] = {"path": str(self.engine.config.path),
+                                  "source": self.engine.config.source.decode("utf-8")}
+        exec_self(self.state_dir, handover, fds)
 
     async def on_signal(self) -> None:
         if self._lock.locked():  # the re-exec under way will pick up the same new code

@@ -96,6 +96,9 @@ class Config:
     services: tuple[ServiceSpec, ...] = ()
     graph: Graph = field(default_factory=lambda: Graph(()))
     path: Path | None = None
+    #: The file's bytes as read: the configuration in force, which a re-exec
+    #: hands to the new image (an edited file takes effect only by a reload).
+    source: bytes | None = None
 
 
 def discover_service_types(package: str = "services") -> dict[str, ServiceType]:
@@ -496,8 +499,9 @@ def load_config(path: Path, *, service_types: dict[str, ServiceType] | None = No
         raise ConfigErrors([ConfigError("", f"{path}: TOML syntax error: {exc}")]) from None
     except ValueError as exc:  # an integer of more than 4300 digits
         raise ConfigErrors([ConfigError("", f"{path}: cannot read a value: {exc}")]) from None
-    return parse_config(document, path=path, service_types=service_types, overrides=overrides,
-                        host_checks=host_checks)
+    config = parse_config(document, path=path, service_types=service_types, overrides=overrides,
+                          host_checks=host_checks)
+    return replace(config, source=data)
 
 
 def with_overrides(settings: Settings, **overrides: Any) -> Settings:

@@ -64,6 +64,8 @@ class Engine:
         self.cgroups = cgroups
         self.no_cgroups_reason = no_cgroups_reason
         self.watcher = Watcher() if cgroups is not None else None
+        self.resumed_by_reexec = False  # set by restore() when a re-exec handed over
+        self._reload_lock = trio.Lock()
         self.overrides = overrides or {}
         self.notify_socket = notify_socket
         self.graph: Graph = config.graph
@@ -112,6 +114,7 @@ class Engine:
         PID started when the record says (a reused PID is never adopted).
         """
         records = store.load()
+        self.resumed_by_reexec = handover is not None
         handed: dict[str, Any] = (handover or {}).get("services", {})
         for name, service in self.services.items():
             service.store = store
@@ -138,6 +141,7 @@ class Engine:
                     log.info("recorded process is gone", service=name, pid=record["pid"])
             if record is not None or child is not None:
                 service.restore(record or {}, child)
+                service.output.reload_history()
         for name, passed in handed.items():
             if name not in self.services:  # dropped from the configuration meanwhile
                 log.warning("service no longer configured; its process is left alone",
@@ -169,6 +173,8 @@ class Engine:
     async def reload(self, path: Path | None = None, *, requester: int | None = None) -> dict[str, Any]:
         """Apply a configuration file as a diff; an invalid one changes nothing.
 
+        Reloads are applied one after the other, never interleaved.
+
         The file is read and parsed in a worker thread.  `requester` is the
         uid of the client that asked (None: the daemon itself, on SIGHUP);
         see `_config_file.read_config_file` for what it may load.
@@ -178,6 +184,10 @@ class Engine:
                 ``permission-denied`` (the requester may not load this file),
                 or ``bad-arguments`` when there is no file to read.
         """
+        async with self._reload_lock:
+            return await self._reload(path, requester)
+
+    async def _reload(self, path: Path | None, requester: int | None) -> dict[str, Any]:
         self._check_running()
         path = path or self.config.path
         if path is None:
@@ -471,6 +481,9 @@ class Engine:
         except Exception as exc:
             log.exception("action failed", action=action, service=service.name)
             raise ProtocolError("action-failed", f"{service.name} {action}: {exc}") from None
+        finally:
+            if service.spec.type_state is not None:  # the action may have changed it
+                service.save()
 
     async def autostart(self) -> None:
         """Start every auto-start service (in parallel, requirements first)."""
@@ -486,8 +499,19 @@ class Engine:
                 # lazy socket-activated services start on their first connection;
                 # an operator's stop (persisted) holds a service and its dependents down
                 if (svc.spec.auto_start and svc.enabled and svc.spec.activation != "lazy"
-                        and svc.name not in held_down):
+                        and svc.name not in held_down and not self._settled(svc)):
                     nursery.start_soon(one, svc)
+
+    def _settled(self, svc: Service) -> bool:
+        """Taken over in a state autostart must not change: after a re-exec,
+        every service with a record is exactly as it was; after a crash, a
+        completed one-shot is not run again, nor a service that exited with
+        'not needed here'."""
+        if not svc.restored:
+            return False
+        if self.resumed_by_reexec:
+            return True
+        return svc.is_up or svc.stayed_down is not None
 
     def _held_down(self) -> set[str]:
         """Services stopped by an operator, and everything that requires them."""

@@ -123,6 +123,8 @@ class Service(TimerMixin):
         self._stop_initiator: _Reply | None = None
         self._hook_ran = False
         self._crashed: _proc.ExitStatus | None = None  # stopping what a crashed process left
+        self._stayed_down: str | None = None  # the last exit meant "not needed here"
+        self.restored = False  # its record was taken over (re-exec, crash recovery)
         self._nursery: trio.Nursery | None = None
         self._inbox_send, self._inbox = trio.open_memory_channel[Any](math.inf)
 
@@ -164,6 +166,11 @@ class Service(TimerMixin):
         self._inbox_send.send_nowait(_Notify(pid, fields))
 
     @property
+    def stayed_down(self) -> str | None:
+        """Why the last run ended with "not needed here" (None: it did not)."""
+        return self._stayed_down
+
+    @property
     def is_up(self) -> bool:
         """Running, or a one-shot that completed: requirements are satisfied."""
         return self.state is State.RUNNING or (self.spec.one_shot and self.one_shot_done
@@ -182,6 +189,8 @@ class Service(TimerMixin):
                     nursery.start_soon(self._activation_watch)
                 if self.child is not None:  # adopted at start-up (crash recovery, re-exec)
                     nursery.start_soon(self._monitor, self.child)
+                if self.state is State.RUNNING:  # restored: re-arm its timer or watchdog
+                    self._arm()
                 # pipes handed over by a re-exec are read again, running or not
                 self.output.resume(nursery)
                 task_status.started()
@@ -341,6 +350,7 @@ class Service(TimerMixin):
         self._initiator = initiator
         self._failing = None
         self.one_shot_done = False
+        self._stayed_down = None
         self._ready = trio.Event()
         self.status_text = None
         self._set_state(State.STARTING, reason)
@@ -536,11 +546,7 @@ class Service(TimerMixin):
                 self.output.note(f"Service {self.name} started" + (f" (PID {pid})." if pid else "."))
                 self.respawn_history.started = time.monotonic()
                 self._set_state(State.RUNNING, "started")
-                if self.spec.schedule is not None and self._nursery is not None:
-                    self._timer_scope = trio.CancelScope()
-                    self._nursery.start_soon(self._timer_loop, self._timer_scope)
-                if self.spec.watchdog_sec and self._nursery is not None:
-                    self._nursery.start_soon(self._watchdog)
+                self._arm()
             self._reply_starts(Outcome(True))
             if (self.spec.command is not None and not self.spec.one_shot and self.spec.schedule is None
                     and self.child is None):
@@ -549,7 +555,7 @@ class Service(TimerMixin):
             return
         stay_down, self._stay_down = self._stay_down, None
         if stay_down is not None:  # not needed here: no startup failure recorded
-            self.status_text = stay_down
+            self.status_text = self._stayed_down = stay_down
             self.output.note(f"Service {self.name} stays down: {stay_down}.")
             self._set_state(State.STOPPED, stay_down)
             self._reply_starts(Outcome(False, code="start-failed", message=f"{self.name}: {stay_down}"))
@@ -564,6 +570,16 @@ class Service(TimerMixin):
         else:
             self._set_state(State.STOPPED, f"failed to start: {reason}")
             self._reply_starts(Outcome(False, code="start-failed", message=f"{self.name}: {reason}"))
+
+    def _arm(self) -> None:
+        """What runs while the service is up: a timer's schedule, the watchdog."""
+        if self._nursery is None:
+            return
+        if self.spec.schedule is not None:
+            self._timer_scope = trio.CancelScope()
+            self._nursery.start_soon(self._timer_loop, self._timer_scope)
+        if self.spec.watchdog_sec:
+            self._nursery.start_soon(self._watchdog)
 
     def _reply_starts(self, outcome: Outcome) -> None:
         waiters, self._start_waiters = self._start_waiters, []
@@ -703,7 +719,7 @@ class Service(TimerMixin):
                                   respawn.Exit(time.monotonic(), status.code, status.signal), enabled=self.enabled)
         match decision.verdict:
             case respawn.Verdict.STAY_DOWN:
-                self.status_text = decision.reason
+                self.status_text = self._stayed_down = decision.reason
                 self.output.note(f"Service {self.name} stays down: {decision.reason}.")
                 self._set_state(State.STOPPED, decision.reason)
             case respawn.Verdict.STOP:
@@ -786,8 +802,10 @@ class Service(TimerMixin):
     # -- persistence ------------------------------------------------------------------
 
     def record(self) -> dict[str, Any]:
-        """What a later supervisor needs to know of this service (TOML-able)."""
+        """Everything this service knows at run time, TOML-able: what a
+        re-exec hands over and what crash recovery reads back."""
         child = self.child if self.child is not None and self.child.alive else None
+        type_state = self.spec.type_state.to_record() if self.spec.type_state is not None else None
         return {
             "name": self.name,
             "state": self.state.value,
@@ -797,12 +815,17 @@ class Service(TimerMixin):
             "intent": self.intent,
             "pid": child.pid if child else None,
             "pid-start": child.start_time_ticks if child else None,
+            "cgroup": self.containment.cgroup.rel if self.containment.cgroup is not None else None,
             "one-shot-done": self.one_shot_done,
+            "stayed-down": self._stayed_down,
+            "status-text": self.status_text,
             "last-exit": self.last_exit.to_json() if self.last_exit else None,
             "last-failure": self.last_failure,
             "last-run": self.last_run,
             "respawns": list(self.history.respawns),
             "startup-failures": list(self.history.startup_failures),
+            "respawn-history": self.respawn_history.to_record(time.monotonic(), time.time()),
+            "type-state": type_state or None,
         }
 
     def save(self) -> None:
@@ -812,28 +835,48 @@ class Service(TimerMixin):
     def restore(self, record: dict[str, Any], child: _proc.Child | None) -> None:
         """Take over a previous supervisor's record (before `run`).
 
-        `child` is the still-running main process, already verified (same pid
-        and start time) and opened by pidfd; None when it is gone.
+        `child` is the still-running main process, already verified (same pid,
+        start time and cgroup) and opened by pidfd; None when it is gone.  A
+        service without a process (hooks, a timer) that was running is
+        running again, without running its start hook again.
         """
+        self.restored = True
         self.enabled = bool(record.get("enabled", True))
         self.disabled_reason = record.get("disabled-reason") if not self.enabled else None
         self.intent = record.get("intent")
         self.last_failure = record.get("last-failure")
         self.last_run = record.get("last-run")
+        self.status_text = record.get("status-text")
+        self._stayed_down = record.get("stayed-down")
         self.history.respawns.extend(record.get("respawns", []))
         self.history.startup_failures.extend(record.get("startup-failures", []))
+        self.respawn_history = respawn.History.from_record(record.get("respawn-history"),
+                                                           time.monotonic(), time.time())
+        if self.spec.type_state is not None and isinstance(record.get("type-state"), dict):
+            try:
+                self.spec.type_state.from_record(record["type-state"])
+            except Exception:  # a record from another version: start from scratch
+                log.warning("could not restore the service type's state", exc_info=True)
         exit_ = record.get("last-exit")
         if isinstance(exit_, dict):
             sig = exit_.get("signal")
             signum = getattr(signal.Signals, sig, None) if isinstance(sig, str) else None
             self.last_exit = _proc.ExitStatus(exit_.get("code"), int(signum) if signum else None,
                                               float(exit_.get("time", 0)))
+        since = record.get("since")
+        if isinstance(since, (int, float)):
+            self.since = float(since)
+        processless = self.spec.command is None or self.spec.schedule is not None
         if child is not None:
             self.child = child
             self.state = State.RUNNING
-            self.since = float(record.get("since", time.time()))
+        elif processless and record.get("state") == State.RUNNING.value and self.enabled:
+            self.state = State.RUNNING
+            self._hook_ran = self.spec.command is None
         elif self.spec.one_shot and record.get("one-shot-done"):
             self.one_shot_done = True
+        if self.state is State.STOPPED and record.get("state") != State.STOPPED.value:
+            self.since = time.time()  # it was up, and is not any more
 
     # -- snapshot ----------------------------------------------------------------------
 

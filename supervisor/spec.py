@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 __all__ = [
     "KillMode",
@@ -22,6 +22,7 @@ __all__ = [
     "ActionContext",
     "Creates",
     "ServiceSpec",
+    "TypeState",
     "RLIMIT_NAMES",
 ]
 
@@ -116,6 +117,21 @@ ReadyHook = Callable[["ServiceSpec", int], Awaitable[None]]
 DetailsHook = Callable[["ServiceSpec"], dict[str, Any]]
 
 
+class TypeState(Protocol):
+    """What a service type remembers about a running service (hurd-vm: the
+    guest got its secrets; virtlogd: when it re-executed).  The engine keeps
+    it in the service's record, so a re-exec hands it over and crash
+    recovery reads it back; hooks must not keep such state anywhere else.
+
+    `to_record` returns TOML-able values (no None); `from_record` takes what
+    an earlier `to_record` returned, maybe from an older version.
+    """
+
+    def to_record(self) -> dict[str, Any]: ...
+
+    def from_record(self, data: dict[str, Any]) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ActionSpec:
     """A custom action (`herd ACTION SERVICE [ARG...]`)."""
@@ -185,6 +201,8 @@ class ServiceSpec:
     stop_hook: Hook | None = field(default=None, compare=False)
     #: Extra facts for `status SERVICE` (under "details"); must be quick and not block.
     details_hook: DetailsHook | None = field(default=None, compare=False)
+    #: The service type's run-time state, kept in the service's record.
+    type_state: TypeState | None = field(default=None, compare=False)
     #: A service type's own settings (any value with equality): hooks are not
     #: compared, so this is what tells a reload that a hook service changed.
     parameters: Any = None

@@ -1,0 +1,140 @@
+"""Issue 13: what a service knows survives a re-exec (and a crash of ours)
+whole, the configuration in force is what a re-exec runs, and reloads are
+serialized."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from helpers import (
+    PY,
+    Supervisor,
+    find_pids,
+    sleeper,
+    wait_until,
+)
+from test_lifecycle_recovery import crash, restart
+
+
+def count_resumed(sup: Supervisor) -> int:
+    text = sup.stderr_path.read_text(errors="replace")
+    return sum(1 for line in text.splitlines()
+               if line.startswith("{") and json.loads(line).get("event") == "resumed after re-exec")
+
+
+def reexec(sup: Supervisor) -> None:
+    n = count_resumed(sup)
+    sup.herd("reexec", "root", check=0)
+    wait_until(lambda: count_resumed(sup) == n + 1, 20, "the new image to resume")
+
+
+def snapshot(sup: Supervisor, name: str) -> dict[str, Any]:
+    st = sup.rstatus(name)
+    keep = ("state", "since", "enabled", "disabled-reason", "pid", "last-exit", "timer", "status-text")
+    return {k: st.get(k) for k in keep}
+
+
+ONE_SHOT = "import sys; print('one-shot ran', sys.argv[1], flush=True)"
+CHATTY = "import sys, time\nfor i in range(5): print('line', i, flush=True)\ntime.sleep(1e6)"
+STAY_DOWN = "import sys; sys.exit(11)"
+
+
+def config(sup: Supervisor) -> dict[str, Any]:
+    return {"services": {
+        "once": {"command": [PY, "-c", ONE_SHOT, sup.marker("once")], "one-shot": True},
+        "chatty": {"command": [PY, "-c", CHATTY, sup.marker("chatty")]},
+        "off": sleeper(sup.marker("off")),
+        "timer": {"command": [PY, "-c", "print('tick')"], "schedule": "0 0 1 1 *"},
+        "needless": {"command": [PY, "-c", STAY_DOWN, sup.marker("needless")],
+                     "stay-down-exit-codes": [11]},
+    }}
+
+
+def test_a_reexec_keeps_what_each_service_knows(sup: Supervisor) -> None:
+    sup.start(config(sup))
+    wait_until(lambda: sup.rstatus("once")["state"] == "stopped" and sup.rstatus("chatty")["state"] == "running"
+               and sup.rstatus("timer")["state"] == "running" and sup.rstatus("needless")["state"] == "stopped",
+               20, "everything started")
+    wait_until(lambda: "line 4" in sup.herd("log", "chatty").stdout, 10, "chatty's lines")
+    sup.herd("trigger", "timer", check=0)
+    wait_until(lambda: (sup.rstatus("timer").get("timer") or {}).get("last-run", {}).get("end"), 10, "a timer run")
+    sup.herd("disable", "off", check=0)
+    sup.herd("stop", "off", check=0)
+    before = {n: snapshot(sup, n) for n in ("once", "chatty", "off", "timer", "needless")}
+    log_before = sup.herd("log", "chatty").stdout
+    runs = (sup.log_dir / "once.log").read_text().count("one-shot ran")
+
+    for _ in range(2):
+        reexec(sup)
+        after = {n: snapshot(sup, n) for n in before}
+        for name in before:
+            assert after[name] == before[name], name
+        assert sup.herd("log", "chatty").stdout == log_before, "herd log lost earlier lines"
+        assert (sup.log_dir / "once.log").read_text().count("one-shot ran") == runs, "the one-shot ran again"
+        assert find_pids(sup.marker("needless")) == set(), "a stay-down service was started again"
+    assert after["off"]["disabled-reason"] == "disabled by the operator"
+
+
+def test_a_crash_of_ours_does_not_run_a_finished_one_shot_again(sup: Supervisor) -> None:
+    sup.start(config(sup))
+    wait_until(lambda: sup.rstatus("once")["state"] == "stopped" and sup.rstatus("chatty")["state"] == "running",
+               20, "everything started")
+    wait_until(lambda: "line 4" in sup.herd("log", "chatty").stdout, 10, "chatty's lines")
+    runs = (sup.log_dir / "once.log").read_text().count("one-shot ran")
+    since = sup.rstatus("once")["since"]
+    crash(sup)
+    restart(sup)
+    wait_until(lambda: sup.rstatus("chatty")["state"] == "running", 20, "chatty adopted")
+    assert (sup.log_dir / "once.log").read_text().count("one-shot ran") == runs
+    assert sup.rstatus("once")["since"] == since
+    assert "line 4" in sup.herd("log", "chatty").stdout, "herd log lost the lines from before the crash"
+    assert find_pids(sup.marker("needless")) == set()
+
+
+def test_a_reexec_runs_the_configuration_in_force(sup: Supervisor) -> None:
+    sup.start({"services": {"kept": sleeper(sup.marker("kept")), "other": sleeper(sup.marker("other"))}})
+    wait_until(lambda: sup.rstatus("kept")["state"] == "running", 10, "kept running")
+    pid = sup.rstatus("kept")["pid"]
+    sup.write_config({"services": {"other": sleeper(sup.marker("other"))}})  # edited, not reloaded
+    reexec(sup)
+    assert sup.rstatus("kept")["pid"] == pid, "a service removed from the file was dropped by a re-exec"
+    sup.herd("restart", "kept", check=0)  # still supervised
+    wait_until(lambda: sup.rstatus("kept")["state"] == "running" and sup.rstatus("kept")["pid"] != pid, 10,
+               "kept restarted")
+    sup.herd("reload", "root", check=0)  # the edit takes effect only now
+    assert "kept" not in sup.rstatus()
+    wait_until(lambda: find_pids(sup.marker("kept")) == set(), 10, "kept stopped by the reload")
+
+
+def test_a_reexec_checks_the_configuration_in_force_not_the_edited_file(sup: Supervisor) -> None:
+    sup.start({"services": {"a": sleeper(sup.marker("a"))}})
+    sup.write_config("this is [not toml")  # the file is broken, the configuration in force is fine
+    reexec(sup)
+    assert sup.rstatus("a")["state"] == "running"
+
+
+def test_concurrent_reloads_are_applied_one_after_the_other(sup: Supervisor) -> None:
+    sup.start({"services": {"a": sleeper(sup.marker("a"))}})
+    files = []
+    for i in range(2):
+        path = sup.tmp / f"conf{i}.toml"
+        sup.write_config({"services": {"a": sleeper(sup.marker("a")),
+                                       **{f"s{i}-{k}": sleeper(sup.marker(f"s{i}-{k}")) for k in range(5)}}}, path)
+        files.append(path)
+    replies: list[dict[str, Any]] = []
+
+    def reload(path: Any) -> None:
+        replies.append(sup.request({"id": 1, "action": "reload", "service": "root", "args": [str(path)]},
+                                   timeout=60))
+
+    threads = [threading.Thread(target=reload, args=(p,)) for p in files]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert len(replies) == 2 and all(r.get("ok") for r in replies), replies
+    names = set(sup.rstatus())
+    # the last reload applied wins, whole: a, and one file's five services
+    assert names in ({"a", *(f"s0-{k}" for k in range(5))}, {"a", *(f"s1-{k}" for k in range(5))}), names
