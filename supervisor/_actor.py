@@ -106,6 +106,38 @@ class _StopDone:  # private: the stop worker is finished
     gen: int
 
 
+@dataclass(slots=True)
+class _Spawned:  # private: the start worker spawned the main process
+    gen: int
+    child: _proc.Child
+
+
+@dataclass(slots=True)
+class _Adopted:  # private: the start worker found the real main process (pid file)
+    gen: int
+    child: _proc.Child
+
+
+@dataclass(slots=True)
+class _HookStarted:  # private: a process-less service's start hook is running
+    gen: int
+
+
+@dataclass(slots=True)
+class _WatchdogExpired:  # private: no WATCHDOG=1 in time
+    why: str
+
+
+@dataclass(slots=True)
+class _TimerArmed:  # private: a timer's next event
+    next_run: float
+
+
+@dataclass(slots=True)
+class _Overran:  # private: a timer's run exceeded max-duration
+    pid: int
+
+
 
 
 @dataclass(slots=True)

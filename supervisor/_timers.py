@@ -15,7 +15,7 @@ import trio
 from cronsim import CronSim
 
 from . import _proc
-from ._actor import Outcome, State, _Reply, _Trigger
+from ._actor import Outcome, State, _Overran, _Reply, _TimerArmed, _Trigger
 from ._stopping import terminate
 
 __all__ = ["TimerMixin", "timer_details"]
@@ -30,9 +30,10 @@ class TimerMixin:
         with scope:
             while True:
                 now = datetime.now().astimezone()
-                self.next_run = next(CronSim(self.spec.schedule, now)).timestamp()
+                next_run = next(CronSim(self.spec.schedule, now)).timestamp()
+                self._post(_TimerArmed(next_run))
                 # Sleep in slices: the wall clock may be set while we sleep.
-                while (delay := self.next_run - time.time()) > 0:
+                while (delay := next_run - time.time()) > 0:
                     await trio.sleep(min(delay, 30.0))
                 self._post(_Trigger(None, scheduled=True))
                 await trio.sleep(0.001)  # the next event is strictly after this one
@@ -83,8 +84,7 @@ class TimerMixin:
             return
         self.output.note(f"Run of {self.name} exceeded max-duration "
                          f"({self.spec.max_duration:g} s); stopping it.")
-        if self.last_run is not None and self.last_run.get("pid") == child.pid:
-            self.last_run["overrun"] = True
+        self._post(_Overran(child.pid))
         with trio.CancelScope(shield=True):
             await terminate(child, self.spec, self.output.note, self.containment)
 

@@ -43,6 +43,12 @@ from ._actor import (
     _Stop,
     _StopDone,
     _Trigger,
+    _Spawned,
+    _Adopted,
+    _HookStarted,
+    _WatchdogExpired,
+    _TimerArmed,
+    _Overran,
 )
 from ._output import CURRENT as output_token
 from ._output import LogHub, LogLine, ServiceOutput
@@ -285,6 +291,19 @@ class Service(TimerMixin):
             case _StopDone(gen):
                 if gen == self._gen and self.state is State.STOPPING:
                     self._on_stop_done()
+            case _Spawned(gen, child) | _Adopted(gen, child):
+                self._on_main_process(gen, child)
+            case _HookStarted(gen):
+                if gen == self._gen:
+                    self._hook_ran = True
+            case _WatchdogExpired(why):
+                if self.state is State.RUNNING:
+                    self._watchdog_fire(why)
+            case _TimerArmed(next_run):
+                self.next_run = next_run if self.state is State.RUNNING else None
+            case _Overran(pid):
+                if self.last_run is not None and self.last_run.get("pid") == pid:
+                    self.last_run["overrun"] = True
             case _:
                 raise AssertionError(f"unexpected message {msg!r}")
 
@@ -358,22 +377,28 @@ class Service(TimerMixin):
         # The scope exists before the worker first runs, so a stop that comes
         # in between cancels the worker on entry (it never spawns).
         self._work_scope = trio.CancelScope()
+        if initiator is None:  # a respawn
+            self.history.respawns.append(time.time() + delay)
         self._nursery.start_soon(self._start_worker, self._gen, delay, initiator is None, self._work_scope)
+
+    # The start worker (and every other worker task) changes nothing of the
+    # service: it reports what happened with messages (_Spawned, _Adopted,
+    # _HookStarted, _StartDone), which the actor alone acts on.
 
     async def _start_worker(self, gen: int, delay: float, respawn: bool, scope: trio.CancelScope) -> None:
         with scope:
             if delay > 0:
                 await trio.sleep(delay)
             if respawn:
-                self.history.respawns.append(time.time())
                 self.output.note(f"Respawning {self.name}.")
-            ok, reason = await self._attempt_start()
+            ok, reason = await self._attempt_start(gen)
             self._post(_StartDone(gen, ok, reason))
 
-    async def _attempt_start(self) -> tuple[bool, str | None]:
+    async def _attempt_start(self, gen: int) -> tuple[bool, str | None]:
         spec = self.spec
         strays: Strays | None = None
         before: set[int] = set()
+        mine: list[_proc.Child] = []  # what this attempt spawned or adopted
         try:
             with trio.fail_after(spec.start_timeout):
                 if spec.schedule is not None:  # a timer: being up means being armed
@@ -381,7 +406,7 @@ class Service(TimerMixin):
                     return True, None
                 if spec.command is None:
                     await trio.lowlevel.checkpoint_if_cancelled()
-                    self._hook_ran = True
+                    self._post(_HookStarted(gen))
                     if spec.start_hook is not None:
                         await spec.start_hook(spec)
                     return True, None
@@ -406,8 +431,8 @@ class Service(TimerMixin):
                     await self.containment.sweep(spec.stop_signal, spec.stop_timeout, self.output.note)
                 before = self.containment.pids()
                 child = self._spawn(spec, out, err)
-                self.child = child
-                self._nursery.start_soon(self._monitor, child)
+                mine.append(child)
+                self._post(_Spawned(gen, child))
                 log.debug("spawned", pid=child.pid, command=list(spec.command))
                 if spec.one_shot:
                     await child.exited.wait()
@@ -419,7 +444,7 @@ class Service(TimerMixin):
                     return False, child.status.describe()
                 if strays is not None:
                     strays.launcher = child
-                verdict = await self._wait_ready(child, strays)
+                verdict = await self._wait_ready(gen, child, strays, mine)
         except trio.TooSlowError:
             verdict = False, f"not ready within {spec.start_timeout:g} s (start-timeout)"
         except _proc.SpawnError as exc:
@@ -431,7 +456,7 @@ class Service(TimerMixin):
             if not verdict[0]:  # a daemon that forked away must not outlive its failed start
                 await strays.kill()
             strays.close()
-        if not verdict[0] and not (self.child is not None and self.child.alive):
+        if not verdict[0] and not any(c.alive for c in mine):
             # nothing for a stop to wait on, but what the start forked must go
             # (under kill-mode "process" only that: older processes stay)
             only = self.containment.pids() - before if spec.kill_mode == "process" else None
@@ -456,6 +481,20 @@ class Service(TimerMixin):
             if cgroup_fd is not None:
                 os.close(cgroup_fd)
 
+    def _on_main_process(self, gen: int, child: _proc.Child) -> None:
+        """The start worker spawned (or found, through a pid file) the main process."""
+        assert self._nursery is not None
+        if child is not self.child and not child.exited.is_set():
+            self._nursery.start_soon(self._monitor, child)
+        if gen == self._gen and self.state is State.STARTING:
+            self.child = child
+        else:  # the attempt was abandoned (stopped) before it heard of its process
+            self._nursery.start_soon(self._discard, child)
+
+    async def _discard(self, child: _proc.Child) -> None:
+        with trio.CancelScope(shield=True):
+            await terminate(child, self.spec, self.output.note, self.containment)
+
     def _extra_env(self) -> dict[str, str]:
         env: dict[str, str] = {}
         if self.spec.ready.type == "notify" and self.notify_socket is not None:
@@ -469,7 +508,8 @@ class Service(TimerMixin):
             await child.wait()
         self._post(_Exited(child))
 
-    async def _wait_ready(self, child: _proc.Child, strays: Strays | None = None) -> tuple[bool, str | None]:
+    async def _wait_ready(self, gen: int, child: _proc.Child, strays: Strays | None,
+                          mine: list[_proc.Child]) -> tuple[bool, str | None]:
         """Race the service's readiness against its main process exiting."""
         ready = self.spec.ready
         hook = self.spec.ready_hook
@@ -506,9 +546,8 @@ class Service(TimerMixin):
                         result.append((False, f"PID {pid} from {ready.path} is not running"))
                         cancel.cancel()
                         return
-                    self.child = adopted
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._monitor, adopted)
+                    mine.append(adopted)
+                    self._post(_Adopted(gen, adopted))
             else:
                 await probe_connect(ready.type, ready.address, ready.path)
             result.append((True, None))
@@ -652,10 +691,10 @@ class Service(TimerMixin):
                 except Exception as exc:
                     log.exception("stop hook failed")
                     self.output.note(f"Stop of {self.name} failed: {exc}")
-            self._hook_ran = False
         self._post(_StopDone(gen))
 
     def _on_stop_done(self) -> None:
+        self._hook_ran = False
         crashed, self._crashed = self._crashed, None
         if crashed is not None and not self._stop_waiters and not self._failing:
             self._on_crash(crashed)  # what the crashed process left is gone: respawn or not
@@ -790,7 +829,7 @@ class Service(TimerMixin):
             while True:
                 await trio.sleep_until(self._watchdog_deadline)
                 if trio.current_time() >= self._watchdog_deadline:
-                    self._watchdog_fire(f"no WATCHDOG=1 within {self.spec.watchdog_sec:g} s")
+                    self._post(_WatchdogExpired(f"no WATCHDOG=1 within {self.spec.watchdog_sec:g} s"))
                     return
 
     def _watchdog_fire(self, why: str) -> None:
