@@ -20,11 +20,14 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
+import threading
+from collections.abc import Callable
 from typing import Any, Final
 
 import psutil
 import structlog
 import tomli_w
+import trio
 
 from . import _fs, _proc
 
@@ -74,11 +77,68 @@ def same_process(pid: int, start_ticks: int | None) -> bool:
 
 
 class StateStore:
-    """The per-service records under ``STATE_DIR/services``."""
+    """The per-service records under ``STATE_DIR/services``.
+
+    Written off the respawn path: `mark` only notes that a service changed;
+    the `run` task writes the records of the services that changed, in a
+    worker thread (changes made while a batch is written cost one write
+    more, not one per change).  `flush` writes what is pending at once (before
+    a re-exec, at shutdown).
+    """
+
+    #: How long changes are gathered before they are written.
+    COALESCE: Final = 0.0
 
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir / "services"
         self.failed = False
+        self._dirty: dict[str, Callable[[], dict[str, Any]]] = {}
+        self._wake = trio.Event()
+        # Records are numbered as they are built; a write never replaces a
+        # newer one (the writer thread and `write_now` may overlap).
+        self._seq = 0
+        self._written: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def mark(self, name: str, record: Callable[[], dict[str, Any]]) -> None:
+        """`name` changed; its record (built by `record` when written) is due."""
+        self._dirty[name] = record
+        self._wake.set()
+
+    def _take(self) -> list[tuple[str, int, dict[str, Any]]]:
+        dirty, self._dirty = self._dirty, {}
+        self._wake = trio.Event()
+        return [(name, self._next(), build()) for name, build in dirty.items()]
+
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            if self.COALESCE:
+                await trio.sleep(self.COALESCE)
+            batch = self._take()
+            await trio.to_thread.run_sync(self._write_all, batch)
+
+    def write_now(self, name: str, record: dict[str, Any]) -> None:
+        """Write this record now, in this thread (what crash recovery must find)."""
+        self._dirty.pop(name, None)
+        self._write_all([(name, self._next(), record)])
+
+    def flush(self) -> None:
+        """Write every pending record now (in this thread)."""
+        self._write_all(self._take())
+
+    def _write_all(self, batch: list[tuple[str, int, dict[str, Any]]]) -> None:
+        for name, seq, record in batch:
+            with self._lock:
+                if self._written.get(name, 0) > seq:
+                    continue  # a newer record of it is on disk already
+                self._written[name] = seq
+                self.save(name, record)
 
     def load(self) -> dict[str, dict[str, Any]]:
         records: dict[str, dict[str, Any]] = {}
@@ -112,6 +172,7 @@ class StateStore:
                     "cannot save service state", service=name, error=str(exc))
 
     def forget(self, name: str) -> None:
+        self._dirty.pop(name, None)
         try:
             _fs.unlink_file(self.dir / f"{name}.toml")
         except OSError:

@@ -293,6 +293,7 @@ class Reexec:
 
     def execute(self) -> None:
         """Hand over and exec (returns only if exec itself failed)."""
+        self.engine.flush_records()
         services = self.engine.handover()
         sockets = {name: sock.fileno() for name, sock in self.sockets.items()}
         fds = list(sockets.values())

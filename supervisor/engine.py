@@ -66,6 +66,7 @@ class Engine:
         self.watcher = Watcher() if cgroups is not None else None
         self.resumed_by_reexec = False  # set by restore() when a re-exec handed over
         self._reload_lock = trio.Lock()
+        self.store: StateStore | None = None  # the service records (set by restore)
         self.overrides = overrides or {}
         self.notify_socket = notify_socket
         self.graph: Graph = config.graph
@@ -92,6 +93,8 @@ class Engine:
             self._nursery = nursery
             if self.watcher is not None:
                 await nursery.start(self.watcher.run)
+            if self.store is not None:
+                await nursery.start(self.store.run)
             for service in self.services.values():
                 await nursery.start(self._run_actor, service)
             task_status.started()
@@ -114,6 +117,7 @@ class Engine:
         PID started when the record says (a reused PID is never adopted).
         """
         records = store.load()
+        self.store = store
         self.resumed_by_reexec = handover is not None
         handed: dict[str, Any] = (handover or {}).get("services", {})
         for name, service in self.services.items():
@@ -535,7 +539,13 @@ class Engine:
                 await self._stop(svc, stopped)
         if self.cgroups is not None:
             self.cgroups.remove()
+        self.flush_records()
         return stopped
+
+    def flush_records(self) -> None:
+        """Write every service record that changed (before a re-exec, at shutdown)."""
+        if self.store is not None:
+            self.store.flush()
 
     def _check_running(self) -> None:
         if self.shutting_down:

@@ -131,6 +131,7 @@ class Service(TimerMixin):
         self._crashed: _proc.ExitStatus | None = None  # stopping what a crashed process left
         self._stayed_down: str | None = None  # the last exit meant "not needed here"
         self.restored = False  # its record was taken over (re-exec, crash recovery)
+        self._saved_pid: int | None = None  # the main PID in the record last written
         self._nursery: trio.Nursery | None = None
         self._inbox_send, self._inbox = trio.open_memory_channel[Any](math.inf)
 
@@ -293,6 +294,7 @@ class Service(TimerMixin):
                     self._on_stop_done()
             case _Spawned(gen, child) | _Adopted(gen, child):
                 self._on_main_process(gen, child)
+                self.save()
             case _HookStarted(gen):
                 if gen == self._gen:
                     self._hook_ran = True
@@ -868,8 +870,16 @@ class Service(TimerMixin):
         }
 
     def save(self) -> None:
-        if self.store is not None:
-            self.store.save(self.name, self.record())
+        """The record changed: have the store write it, soon and off this path;
+        at once when the main process changed (crash recovery adopts by it)."""
+        if self.store is None:
+            return
+        pid = self.child.pid if self.child is not None and self.child.alive else None
+        if pid != self._saved_pid:
+            self._saved_pid = pid
+            self.store.write_now(self.name, self.record())
+        else:
+            self.store.mark(self.name, self.record)
 
     def restore(self, record: dict[str, Any], child: _proc.Child | None) -> None:
         """Take over a previous supervisor's record (before `run`).
