@@ -160,7 +160,8 @@ async def _log(conn: _Connection, req: Request, parsed: tuple[int, bool]) -> Any
 
 async def _subscribe(conn: _Connection, req: Request, _: None) -> Any:
     with conn.engine.subscribe() as backlog:
-        await conn.stream_events(req, {"subscribed": True}, "state", lambda event: event, backlog=backlog)
+        await conn.stream_events(req, {"subscribed": True, "epoch": conn.engine.epoch, "seq": conn.engine.seq},
+                                 "state", lambda event: event, backlog=backlog)
     return STREAMED
 
 

@@ -302,7 +302,8 @@ class Reexec:
                 fds.append(passed["pidfd"])
             fds.extend(passed["listeners"])
             fds.extend(fd for pair in passed["output"]["pipes"].values() for fd in pair)
-        handover: dict[str, Any] = {"version": 1, "sockets": sockets, "services": services}
+        handover: dict[str, Any] = {"version": 1, "sockets": sockets, "services": services,
+                                    "events": {"epoch": self.engine.epoch, "seq": self.engine.seq}}
         if self.engine.config.source is not None:
             handover["config"] = {"path": str(self.engine.config.path),
                                   "source": self.engine.config.source.decode("utf-8")}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,6 +67,10 @@ class Engine:
         self.watcher = Watcher() if cgroups is not None else None
         self.resumed_by_reexec = False  # set by restore() when a re-exec handed over
         self._reload_lock = trio.Lock()
+        # Events are numbered: `seq` is contiguous for this `epoch`, which is
+        # drawn at a fresh start and kept across a re-exec.
+        self.epoch = uuid.uuid4().hex[:16]
+        self.seq = 0
         self.store: StateStore | None = None  # the service records (set by restore)
         self.overrides = overrides or {}
         self.notify_socket = notify_socket
@@ -119,6 +124,9 @@ class Engine:
         records = store.load()
         self.store = store
         self.resumed_by_reexec = handover is not None
+        events = (handover or {}).get("events")
+        if isinstance(events, dict) and isinstance(events.get("epoch"), str):
+            self.epoch, self.seq = events["epoch"], int(events.get("seq", 0))
         handed: dict[str, Any] = (handover or {}).get("services", {})
         for name, service in self.services.items():
             service.store = store
@@ -263,8 +271,11 @@ class Engine:
     # -- events --------------------------------------------------------------------------
 
     def _on_state(self, service: Service, old: State, new: State, reason: str | None) -> None:
+        self.seq += 1
         event = {
             "event": "state",
+            "seq": self.seq,
+            "epoch": self.epoch,
             "service": service.name,
             "from": old.value,
             "to": new.value,

@@ -712,7 +712,8 @@ class Supervisor:
     def subscribe(self, ro: bool = True) -> Client:
         c = self.connect(ro=ro)
         rep = c.call("subscribe")
-        assert rep.get("ok") is True and rep["result"] == {"subscribed": True}, rep
+        assert rep.get("ok") is True and rep["result"]["subscribed"] is True, rep
+        c.subscribed_at = (rep["result"]["epoch"], rep["result"]["seq"])  # type: ignore[attr-defined]
         return c
 
     # logs ----------------------------------------------------------------

@@ -138,3 +138,29 @@ def test_concurrent_reloads_are_applied_one_after_the_other(sup: Supervisor) -> 
     names = set(sup.rstatus())
     # the last reload applied wins, whole: a, and one file's five services
     assert names in ({"a", *(f"s0-{k}" for k in range(5))}, {"a", *(f"s1-{k}" for k in range(5))}), names
+
+
+def test_event_numbers_go_on_across_reexecs(sup: Supervisor) -> None:
+    """`seq` numbers every state event, contiguously, and a re-exec keeps the
+    counter and the `epoch`; a fresh start draws a new epoch."""
+    sup.start({"services": {"a": sleeper(sup.marker("a"))}})
+    wait_until(lambda: sup.rstatus("a")["state"] == "running", 10, "a running")
+    seen: list[tuple[str, int]] = []
+    epoch = None
+    for _ in range(3):
+        sub = sup.subscribe()
+        epoch0, last = sub.subscribed_at
+        assert epoch is None or epoch0 == epoch, "a re-exec drew a new epoch"
+        epoch = epoch0
+        assert not seen or last == seen[-1][1], f"events were numbered while nobody looked: {last} vs {seen[-1]}"
+        sup.herd("restart", "a", check=0)
+        got = sub.events(lambda evs: sum(1 for e in evs if e.get("to") == "running") >= 1, 10)
+        seen += [(e["epoch"], e["seq"]) for e in got if e.get("event") == "state"]
+        sub.close()
+        reexec(sup)
+    seqs = [n for _, n in seen]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+    assert {e for e, _ in seen} == {epoch}
+    crash(sup)
+    restart(sup)
+    assert sup.subscribe().subscribed_at[0] != epoch, "a fresh start must draw a new epoch"
