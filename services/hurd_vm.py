@@ -36,7 +36,7 @@ from typing import Any
 import structlog
 import trio
 
-from supervisor import BuildContext, Creates, ServiceSpec, ServiceType, SocketSpec, Table, chown_file
+from supervisor import BuildContext, Creates, ServiceSpec, ServiceType, SocketSpec, Table, chown_file, note
 
 from . import _secret_service as secrets
 from . import _socket_owner as owner
@@ -420,9 +420,11 @@ class HurdVM:
         """Ask QEMU to stop: an ACPI power-down when the guest is up, else ``quit``."""
         if self.secrets_sent is not None:
             self.phase = "powering down"
+            note(f"Asking the guest of {spec.name} to power down (QMP system_powerdown).")
             await qmp(self.qmp_socket, "system_powerdown")
         else:
             self.phase = "stopping"
+            note(f"The guest of {spec.name} never got its secrets: stopping QEMU (QMP quit).")
             await qmp(self.qmp_socket, "quit")
 
     def details(self, spec: ServiceSpec) -> dict[str, Any]:

@@ -941,3 +941,28 @@ def test_guest_reboot_respawns(sup: Supervisor, guest: Path, tmp_path: Path) -> 
     wait_until(lambda: (q := qemu_procs(sup)) and q[0].pid != first.pid, 30, "a new QEMU")
     wait_until(lambda: sup.rstatus("hurd-vm")["state"] == "running", 60, "running again")
     assert read_report(10022)
+
+
+def count_resumed(sup: Supervisor) -> int:
+    return sum(1 for line in sup.stderr_path.read_text(errors="replace").splitlines()
+               if line.startswith("{") and json.loads(line).get("event") == "resumed after re-exec")
+
+
+def test_reexec_then_stop_still_powers_the_guest_down(sup: Supervisor, guest: Path, tmp_path: Path) -> None:
+    """What hurd-vm knows (the guest got its secrets) is in the service's
+    record: after `herd reexec root`, stop is still an ACPI power-down."""
+    make_secrets(tmp_path / "secrets")
+    sup.start({"hurd-vm": [vm_table(sup, guest, tmp_path / "secrets")]})
+    sup.herd("start", "hurd-vm", check=True, timeout=90)
+    [qemu] = qemu_procs(sup)
+    before = sup.status("hurd-vm")["details"]
+    sup.herd("reexec", "root", check=True)
+    wait_until(lambda: count_resumed(sup) == 1, 30, "the new image to resume")
+    after = sup.status("hurd-vm")
+    assert after["pid"] == qemu.pid and after["details"]["phase"] == "running"
+    assert after["details"]["secrets-sent"] == before["secrets-sent"]
+    sup.herd("stop", "hurd-vm", check=True, timeout=60)
+    log = "\n".join(line[2] for line in sup.log_lines("hurd-vm"))
+    assert "QMP system_powerdown" in log and "QMP quit" not in log, log
+    assert "guest: power button pressed: powering off" in log, log
+    assert sup.status("hurd-vm")["last-exit"]["code"] == 0
