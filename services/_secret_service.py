@@ -41,6 +41,8 @@ from typing import Any
 
 import trio
 
+from supervisor import run_in_thread
+
 from . import _socket_owner as owner
 
 __all__ = [
@@ -315,7 +317,7 @@ async def _verified(check: Callable[..., None], *args: Any) -> None:
         SecretServiceError: the check failed (its message says why).
     """
     try:
-        await trio.to_thread.run_sync(check, *args)
+        await run_in_thread(check, *args)
     except owner.RecipientError as exc:
         raise SecretServiceError(str(exc)) from None
 
@@ -452,7 +454,7 @@ async def send_secrets(host: str, port: int, root: str, *, recipient_pid: int, r
                 await other.aclose()
         await _verified(owner.check_peer, stream.socket, recipient_pid)
         say(f"sending files from {root!r}...")
-        files = await trio.to_thread.run_sync(collect, root)
+        files = await run_in_thread(collect, root)
         try:
             await stream.send_all(payload_header(files) + b"".join(f.data for f in files))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:

@@ -36,7 +36,7 @@ from typing import Any
 import structlog
 import trio
 
-from supervisor import BuildContext, Creates, ServiceSpec, ServiceType, SocketSpec, Table, chown_file, note
+from supervisor import BuildContext, Creates, ServiceSpec, ServiceType, SocketSpec, Table, chown_file, note, run_in_thread
 
 from . import _secret_service as secrets
 from . import _socket_owner as owner
@@ -361,7 +361,7 @@ class HurdVM:
             if s.disk_size != "guess":
                 await self._overlay()
         try:  # a squatter on the port would get the secrets (QEMU could not bind it)
-            await trio.to_thread.run_sync(owner.check_listener, "127.0.0.1", s.secrets_port, None)
+            await run_in_thread(owner.check_listener, "127.0.0.1", s.secrets_port, None)
         except owner.RecipientError as exc:
             raise HurdVMError(str(exc)) from None
         self.phase = "booting"

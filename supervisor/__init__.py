@@ -18,6 +18,7 @@ from herd.protocol import ProtocolError as ProtocolError
 from ._fs import chown_file as chown_file
 from ._fs import replace_file as replace_file
 from ._output import note as note
+from ._threads import run_sync as run_in_thread
 from .config import BuildContext as BuildContext
 from .config import ServiceType as ServiceType
 from .config import parse_signal as parse_signal
@@ -55,4 +56,5 @@ __all__ = [
     "parse_signal",
     "read_service_table",
     "replace_file",
+    "run_in_thread",
 ]

@@ -21,6 +21,7 @@ import trio
 
 from herd.protocol import MAX_LOG_LINES, ProtocolError, Request
 
+from ._backlog import Backlog
 from .engine import say
 
 if TYPE_CHECKING:
@@ -153,8 +154,9 @@ async def _log(conn: _Connection, req: Request, parsed: tuple[int, bool]) -> Any
     if not follow:
         return result
     # No checkpoint since `recent`: the stream starts right after those lines.
-    with hub.follow(name, buffer=float("inf")) as source:  # drained at once into the client's backlog
-        await conn.stream_events(req, result, "log", lambda line: {"event": "log", **line.to_json()}, source=source)
+    with hub.follow_into(name, Backlog()) as backlog:
+        await conn.stream_events(req, result, "log", lambda line: {"event": "log", **line.to_json()},
+                                 backlog=backlog, service=name)
     return STREAMED
 
 
@@ -207,7 +209,7 @@ async def _reexec(conn: _Connection, req: Request, _: None) -> Any:
     reexec = conn.server.reexec
     if reexec is None:
         raise ProtocolError("unsupported", "re-exec is not available here")
-    await reexec.prepare()
+    await reexec.prepare(requester=conn)
     conn.send({"id": req.id, "ok": True, "result": {"reexec": True},
                "messages": ["Re-executing the supervisor; every service keeps running."]})
     with trio.move_on_after(1):  # let the reply reach the client first

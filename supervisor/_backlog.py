@@ -62,6 +62,23 @@ class Backlog(Generic[T]):
             self._count -= 1
         return item
 
+    def drain_nowait(self) -> list[T | Overflow]:
+        """Everything queued, oldest first (an `Overflow` where events were lost)."""
+        items = list(self._items)
+        if self._lost:
+            items.append(Overflow(self._lost))
+        self._items.clear()
+        self._count = self._lost = 0
+        return items
+
+    def take_from(self, source: trio.MemoryReceiveChannel[T]) -> None:
+        """Queue what `source` holds now, without waiting."""
+        while True:
+            try:
+                self.put(source.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+
     async def pump(self, source: trio.MemoryReceiveChannel[T]) -> None:
         """Move everything `source` receives into this backlog, at once.
 

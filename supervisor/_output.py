@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import structlog
 import trio
@@ -111,9 +111,13 @@ class LogHub:
     def __init__(self, max_lines: int = HUB_LINES, max_bytes: int = HUB_BYTES) -> None:
         self.lines = Ring(max_lines, max_bytes)
         self._followers: dict[trio.MemorySendChannel[LogLine], str | None] = {}
+        self._queues: dict[Any, str | None] = {}  # followers' own queues (with a `put`)
 
     def add(self, line: LogLine) -> None:
         self.lines.append(line)
+        for queue, service in self._queues.items():
+            if service is None or service == line.service:
+                queue.put(line)
         for chan, service in list(self._followers.items()):
             if service is not None and service != line.service:
                 continue
@@ -127,6 +131,16 @@ class LogHub:
 
     def recent(self, n: int) -> list[LogLine]:
         return self.lines.recent(n)
+
+    @contextmanager
+    def follow_into(self, service: str | None, queue: Any) -> Iterator[Any]:
+        """Put every new line (of `service`, or of all) into `queue` (a Backlog),
+        at once: nothing is in flight between the hub and the follower."""
+        self._queues[queue] = service
+        try:
+            yield queue
+        finally:
+            self._queues.pop(queue, None)
 
     @contextmanager
     def follow(self, service: str | None, buffer: int = 1000) -> Iterator[trio.MemoryReceiveChannel[LogLine]]:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Final, NoReturn
 
 import structlog
@@ -35,7 +36,7 @@ __all__ = ["HELD_SIGNALS", "check_new_image", "exec_self", "take_handover"]
 
 log = structlog.get_logger("supervisor.reexec")
 
-HELD_SIGNALS: Final = {signal.SIGUSR1, signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+from ._threads import HELD_SIGNALS
 CHECK_TIMEOUT: Final = 60.0
 
 
@@ -116,14 +117,27 @@ async def _check(argv: list[str], env: dict[str, str]) -> None:
         raise ProtocolError("action-failed", f"re-exec refused: the new image failed its check: {detail}")
 
 
-def exec_self(state_dir: Path, handover: dict[str, Any], fds: list[int]) -> NoReturn:
-    """Write the hand-over, keep `fds` open, and execute the same command line."""
+def exec_self(state_dir: Path, handover: dict[str, Any], fds: list[int],
+              last: Callable[[dict[str, Any]], None] | None = None) -> NoReturn:
+    """Write the hand-over, keep `fds` open, and execute the same command line.
+
+    The signals that act on the supervisor are blocked first; `last` then
+    completes the hand-over with what arrived before (a SIGHUP not yet acted on).
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    if last is not None:
+        last(handover)
     for fd in fds:
         os.set_inheritable(fd, True)
     path = state_dir / "reexec.toml"
-    write_atomic(path, handover)
+    try:
+        write_atomic(path, handover)
+    except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
+        for fd in fds:
+            os.set_inheritable(fd, False)
+        raise ProtocolError("action-failed", f"re-exec failed: cannot write {path}: {exc}") from None
     os.environ[REEXEC_ENV] = str(path)
-    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
     log.info("re-executing", argv=_argv(), kept_fds=len(fds))
     sys.stdout.flush()
     sys.stderr.flush()

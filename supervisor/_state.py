@@ -29,7 +29,7 @@ import structlog
 import tomli_w
 import trio
 
-from . import _fs, _proc
+from . import _fs, _threads, _proc
 
 __all__ = ["REEXEC_ENV", "StateStore", "same_process", "write_atomic", "read_toml"]
 
@@ -121,7 +121,7 @@ class StateStore:
             if self.COALESCE:
                 await trio.sleep(self.COALESCE)
             batch = self._take()
-            await trio.to_thread.run_sync(self._write_all, batch)
+            await _threads.run_sync(self._write_all, batch)
 
     def write_now(self, name: str, record: dict[str, Any]) -> None:
         """Write this record now, in this thread (what crash recovery must find)."""

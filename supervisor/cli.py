@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -174,12 +175,18 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cg
             log.info("resumed after re-exec", pid=os.getpid(),
                      running=sum(1 for s in engine.services.values() if s.child is not None))
         reexec = Reexec(engine, settings.state_dir, {"control": rw, "status": ro, "notify": notify.sock})
+        reexec.signals = signals
         async with trio.open_nursery() as nursery:
             await nursery.start(notify.serve)
+            # Handed-over connections subscribe again before the actors run:
+            # no event and no line of output happens unseen in between.
+            resumed = (handover or {}).get("connections", [])
+            for server in (ControlServer(engine, rw, read_only=False, path=settings.socket, on_reexec=reexec),
+                           ControlServer(engine, ro, read_only=True, path=settings.status_socket)):
+                reexec.servers.append(server)
+                await nursery.start(partial(server.serve, resumed=[c for c in resumed
+                                                                   if c.get("read-only") == server.read_only]))
             await nursery.start(engine.run)
-            await nursery.start(ControlServer(engine, rw, read_only=False, path=settings.socket,
-                                              on_reexec=reexec).serve)
-            await nursery.start(ControlServer(engine, ro, read_only=True, path=settings.status_socket).serve)
             nursery.start_soon(_reap_orphans)
             log.info("ready", version=__version__, pid=os.getpid(), services=len(engine.services),
                      socket=str(settings.socket), status_socket=str(settings.status_socket))
@@ -191,6 +198,8 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cg
                     await engine.autostart()
 
             nursery.start_soon(autostart)
+            if (handover or {}).get("reload"):  # a SIGHUP came while the previous image re-executed
+                nursery.start_soon(_reload, engine, False)
 
             async def watch_signals() -> None:
                 async for signum in signals:
@@ -198,6 +207,7 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cg
                         log.info("shutting down", signal=signal.Signals(signum).name)
                         reexec.request_shutdown("exit")
                     elif signum == signal.SIGHUP:
+                        engine.reloads_waiting += 1  # counted now: a re-exec in between carries it over
                         nursery.start_soon(_reload, engine)
                     elif signum == signal.SIGUSR1:
                         nursery.start_soon(reexec.on_signal)
@@ -265,6 +275,8 @@ class Reexec:
         self._lock = trio.Lock()
         self.shutdown = trio.Event()
         self.how = "exit"
+        self.servers: list[ControlServer] = []  # their connections are handed over too
+        self.signals: Any = None  # the signal receiver (SIGHUPs not yet acted on at the exec)
 
     def request_shutdown(self, how: str) -> None:
         """Stop every service and exit ("exit"), or then power off/reboot/halt as PID 1."""
@@ -272,11 +284,15 @@ class Reexec:
             self.how = how
             self.shutdown.set()
 
-    async def prepare(self) -> None:
-        """Everything that can fail, before anything is touched.
+    async def prepare(self, requester: Any = None) -> None:
+        """Everything that can fail, before anything is touched; then stop
+        dispatching requests and let those in flight finish, so that each
+        is answered by this image (what arrives meanwhile is answered by the
+        next one).  `requester`: the connection asking for the re-exec.
 
         Raises:
-            ProtocolError: the new image fails its check, or services stay busy.
+            ProtocolError: the new image fails its check, services or
+                requests stay busy.
         """
         if self._lock.locked():
             raise ProtocolError("action-failed", "a re-exec is already under way")
@@ -290,6 +306,28 @@ class Reexec:
                 raise ProtocolError("action-failed",
                                     f"re-exec refused: still starting or stopping after "
                                     f"{QUIESCE_TIMEOUT:g} s: {', '.join(busy)}")
+            for server in self.servers:
+                server.pause()
+
+            def requests() -> int:
+                return sum(server.busy(requester) for server in self.servers)
+
+            with trio.move_on_after(QUIESCE_TIMEOUT):
+                while requests():
+                    await trio.sleep(0.01)
+            if requests():
+                self._resume_clients()
+                raise ProtocolError("action-failed", f"re-exec refused: {requests()} request(s) still in "
+                                                     f"flight after {QUIESCE_TIMEOUT:g} s")
+            # No reload may run across the exec: the configuration in force is
+            # what is handed over.  A reload asked for from now on (SIGHUP) is
+            # carried out by the new image.
+            await self.engine.hold_reloads()
+
+    def _resume_clients(self) -> None:
+        for server in self.servers:
+            server.pause(False)
+        self.engine.release_reloads()
 
     def execute(self) -> None:
         """Hand over and exec (returns only if exec itself failed)."""
@@ -302,12 +340,24 @@ class Reexec:
                 fds.append(passed["pidfd"])
             fds.extend(passed["listeners"])
             fds.extend(fd for pair in passed["output"]["pipes"].values() for fd in pair)
+        connections = [state for server in self.servers for state in server.handover()]
+        fds.extend(state["fd"] for state in connections)
         handover: dict[str, Any] = {"version": 1, "sockets": sockets, "services": services,
-                                    "events": {"epoch": self.engine.epoch, "seq": self.engine.seq}}
+                                    "events": {"epoch": self.engine.epoch, "seq": self.engine.seq},
+                                    "connections": connections}
         if self.engine.config.source is not None:
             handover["config"] = {"path": str(self.engine.config.path),
                                   "source": self.engine.config.source.decode("utf-8")}
-        exec_self(self.state_dir, handover, fds)
+        def reload_pending(handover: dict[str, Any]) -> None:
+            # with signals blocked: a reload asked for (SIGHUP) but not done
+            # here is done by the new image
+            hup = signal.SIGHUP in (getattr(self.signals, "_pending", None) or {})
+            handover["reload"] = hup or self.engine.reloads_waiting > 0
+
+        try:
+            exec_self(self.state_dir, handover, fds, reload_pending)
+        finally:  # still here: the exec failed
+            self._resume_clients()
 
     async def on_signal(self) -> None:
         if self._lock.locked():  # the re-exec under way will pick up the same new code
@@ -321,9 +371,9 @@ class Reexec:
         self.execute()
 
 
-async def _reload(engine: Engine) -> None:
+async def _reload(engine: Engine, counted: bool = True) -> None:
     try:
-        await engine.reload()
+        await engine.reload(counted=counted)
     except Exception as exc:  # already logged with its details; keep running
         log.warning("reload on SIGHUP failed", error=str(exc))
 

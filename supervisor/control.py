@@ -178,11 +178,21 @@ class ControlServer:
         self.clients = 0
         self.reexec = on_reexec  # supervisor.cli.Reexec or None
         self.budget = budget
+        self.connections: set[_Connection] = set()
+        self.paused = False  # a re-exec is near: requests wait in the connections' buffers
+        self._nursery: trio.Nursery | None = None
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                    resumed: list[dict[str, Any]] = ()) -> None:
+        """Serve the socket; `resumed` are connections a previous image handed over."""
         listener = trio.SocketListener(self.sock)
         try:
-            await trio.serve_listeners(self._handle, [listener], task_status=task_status)
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for state in resumed:  # their streams subscribe now, before any event
+                    nursery.start_soon(self._resume, self._adopt(state))
+                await nursery.start(trio.serve_listeners, self._handle, [listener])
+                task_status.started()
         finally:
             try:
                 os.unlink(self.path)
@@ -197,12 +207,49 @@ class ControlServer:
                     "message": f"more than {MAX_CLIENTS} connections; try again later"}}))
             await trio.aclose_forcefully(stream)
             return
+        await self._serve_connection(_Connection(self, stream))
+
+    async def _serve_connection(self, conn: _Connection) -> None:
         self.clients += 1
+        self.connections.add(conn)
         try:
-            await _Connection(self, stream).run()
+            await conn.run()
         finally:
+            self.connections.discard(conn)
             self.clients -= 1
-            await trio.aclose_forcefully(stream)
+            await trio.aclose_forcefully(conn.stream)
+
+    # -- re-exec: connections are handed over, not closed ------------------------------
+
+    def pause(self, paused: bool = True) -> None:
+        """Stop (or go on) dispatching requests: what arrives waits in the buffers."""
+        self.paused = paused
+        if not paused:
+            for conn in self.connections:
+                conn.dispatch_buffered()
+
+    def busy(self, requester: Any = None) -> int:
+        """Requests being served (not counting event streams, nor `requester`'s own)."""
+        return sum(conn.in_flight - len(conn.stream_info) - (conn is requester) for conn in self.connections)
+
+    def handover(self) -> list[dict[str, Any]]:
+        """Each connection's descriptor and state, for the next image (made inheritable)."""
+        out = []
+        for conn in self.connections:
+            if not conn.closing:
+                state = conn.handover()
+                os.set_inheritable(state["fd"], True)
+                out.append(state)
+        return out
+
+    def _adopt(self, state: dict[str, Any]) -> _Connection:
+        fd = state["fd"]
+        os.set_inheritable(fd, False)
+        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+        return _Connection(self, trio.SocketStream(sock), resumed=state)
+
+    async def _resume(self, conn: _Connection) -> None:
+        await self._serve_connection(conn)
 
 
 def _peer_uid(stream: trio.SocketStream) -> int:
@@ -215,11 +262,19 @@ def _peer_uid(stream: trio.SocketStream) -> int:
 
 
 class _Connection:
-    def __init__(self, server: ControlServer, stream: trio.SocketStream) -> None:
+    def __init__(self, server: ControlServer, stream: trio.SocketStream,
+                 resumed: dict[str, Any] | None = None) -> None:
         self.server = server
         self.engine = server.engine
         self.stream = stream
+        self.resumed = resumed  # handed over by the previous image (re-exec)
         self.peer_uid = _peer_uid(stream)
+        self.buf = bytearray()  # input not yet dispatched
+        self._chunk: memoryview | None = None  # output being sent: what is left of it
+        #: event streams: their cancel scope → (kind, request id, service, backlog, render)
+        self.stream_info: dict[trio.CancelScope, tuple[str, Any, str | None, Backlog[Any], Any, Any]] = {}
+        # a resumed connection's streams, subscribed at once: (stream, context, what it yields)
+        self._resumed_streams = [self._subscribe_again(stream) for stream in (resumed or {}).get("streams", [])]
         self.queued = 0  # bytes queued for the client and not yet taken by its socket
         self.in_flight = 0
         self._out_send, self._out_recv = trio.open_memory_channel[bytes](math.inf)
@@ -234,10 +289,19 @@ class _Connection:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 nursery.start_soon(self._writer)
-                self.send({"hello": "supervisor", "protocol": PROTOCOL_VERSION, "version": __version__,
-                           "read-only": self.server.read_only})
+                if self.resumed is None:
+                    self.send({"hello": "supervisor", "protocol": PROTOCOL_VERSION, "version": __version__,
+                               "read-only": self.server.read_only})
+                else:
+                    self._send_raw(bytes.fromhex(self.resumed.get("output", "")))
                 async with trio.open_nursery() as requests:
                     self.requests = requests
+                    if self.resumed is not None:
+                        for stream in self._resumed_streams:
+                            self.in_flight += 1
+                            requests.start_soon(self._resume_stream, *stream)
+                        self.buf += bytes.fromhex(self.resumed.get("input", ""))
+                        self.dispatch_buffered()
                     await self._reader()
                     for scope in list(self._streams):  # the client is gone: end its streams
                         scope.cancel()
@@ -265,9 +329,18 @@ class _Connection:
         if self.queued > MAX_QUEUED_BYTES:
             self.abort(f"more than {MAX_QUEUED_BYTES} bytes of replies wait for it")
             return
+        self._send_raw(data)
+
+    def _send_raw(self, data: bytes) -> None:
+        if not data:
+            return
         self.queued += len(data)
         self._out_send.send_nowait(data)
         self.server.budget.charge(self, len(data))
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     def abort(self, reason: str) -> None:
         """Close the connection now; what is queued for it is dropped."""
@@ -281,18 +354,32 @@ class _Connection:
         self.nursery.cancel_scope.cancel()
 
     async def _writer(self) -> None:
+        # What is left of the reply being sent is always `_chunk`, so that a
+        # re-exec hands over exactly the bytes the client has not got.
+        # (a plain write, then the bookkeeping, then a checkpoint: trio's own
+        # send would checkpoint between the two, and a re-exec there would
+        # send those bytes again)
+        fd = self.stream.socket.fileno()
         try:
-            async for data in self._out_recv:
-                view = memoryview(data)
-                for i in range(0, len(view), _WRITE_CHUNK):
-                    chunk = view[i:i + _WRITE_CHUNK]
-                    await self.stream.send_all(chunk)
-                    if self._closing:
+            while True:
+                if self._chunk is None:
+                    try:
+                        self._chunk = memoryview(await self._out_recv.receive())
+                    except trio.EndOfChannel:
                         return
-                    self.queued -= len(chunk)
-                    self.server.budget.release(len(chunk))
-                    self._written.unpark_all()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                try:
+                    n = os.write(fd, self._chunk[:_WRITE_CHUNK])
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(fd)
+                    continue
+                if self._closing:
+                    return
+                self._chunk = self._chunk[n:] if n < len(self._chunk) else None
+                self.queued -= n
+                self.server.budget.release(n)
+                self._written.unpark_all()
+                await trio.lowlevel.checkpoint()
+        except OSError:
             self._closing = True
             self.nursery.cancel_scope.cancel()
 
@@ -302,7 +389,8 @@ class _Connection:
             await self._written.park()
 
     async def stream_events(self, req: Request, result: Any, kind: str, render: Any, *,
-                     backlog: Backlog[Any] | None = None, source: Any = None) -> None:
+                     backlog: Backlog[Any] | None = None, source: Any = None, service: str | None = None,
+                     reply: bool = True) -> None:
         """Reply `result`, then send the events of `backlog` (or of the
         channel `source`, through a backlog of its own) until the client goes.
 
@@ -313,7 +401,9 @@ class _Connection:
         backlog = backlog if backlog is not None else Backlog()
         with trio.CancelScope() as scope:
             self._streams.add(scope)
-            self.send({"id": req.id, "ok": True, "result": result, "messages": []})
+            self.stream_info[scope] = (kind, req.id, service, backlog, render, source)
+            if reply:
+                self.send({"id": req.id, "ok": True, "result": result, "messages": []})
             async with trio.open_nursery() as nursery:
                 if source is not None:
                     nursery.start_soon(backlog.pump, source)
@@ -328,14 +418,72 @@ class _Connection:
                     else:
                         self.send(render(item))
         self._streams.discard(scope)
+        self.stream_info.pop(scope, None)
 
     def _error(self, req_id: Any, code: str, message: str) -> None:
         self.send({"id": req_id, "ok": False, "error": {"code": code, "message": message}, "messages": []})
 
     # -- input ---------------------------------------------------------------------------
 
+    def dispatch_buffered(self) -> bool:
+        """Dispatch the complete lines in `buf` (unless paused for a re-exec).
+
+        Returns False when the connection must close (a line too long).
+        """
+        buf = self.buf
+        while not self.server.paused and (i := buf.find(b"\n")) >= 0:
+            line = bytes(buf[:i])
+            del buf[:i + 1]
+            if len(line) + 1 > MAX_LINE_BYTES:
+                self._error(None, "line-too-long", f"request line longer than {MAX_LINE_BYTES} bytes")
+                return False
+            if line.strip():
+                self._dispatch(line)
+        return True
+
+    def handover(self) -> dict[str, Any]:
+        """This connection for the next image: its socket, the input not yet
+        dispatched, every byte not yet sent (events waiting included), and its
+        event streams."""
+        pending = bytearray(self._chunk or b"")
+        while True:
+            try:
+                pending += self._out_recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        streams = []
+        for kind, req_id, service, backlog, render, source in self.stream_info.values():
+            if source is not None:
+                backlog.take_from(source)
+            for item in backlog.drain_nowait():
+                event = ({"event": "overflow", "stream": kind, "lost": item.lost}
+                         if isinstance(item, Overflow) else render(item))
+                pending += encode(event)
+            streams.append({"kind": kind, "id": req_id, "service": service})
+        return {"fd": self.stream.socket.fileno(), "read-only": self.server.read_only,
+                "input": bytes(self.buf).hex(), "output": bytes(pending).hex(), "streams": streams}
+
+    def _subscribe_again(self, stream: dict[str, Any]) -> tuple[dict[str, Any], Any, Any]:
+        """Subscribe a handed-over stream again, before any new event is made."""
+        context = (self.engine.subscribe() if stream.get("kind") == "state"
+                   else self.engine.hub.follow_into(stream.get("service"), Backlog()))
+        return stream, context, context.__enter__()
+
+    async def _resume_stream(self, stream: dict[str, Any], context: Any, got: Any) -> None:
+        """An event stream handed over by the previous image goes on (no new reply)."""
+        req = Request(id=stream.get("id"), action="", service=stream.get("service"))
+        try:
+            if stream.get("kind") == "state":
+                await self.stream_events(req, None, "state", lambda e: e, backlog=got, reply=False)
+            else:
+                await self.stream_events(req, None, "log", lambda line: {"event": "log", **line.to_json()},
+                                         backlog=got, service=stream.get("service"), reply=False)
+        finally:
+            context.__exit__(None, None, None)
+            self.in_flight -= 1
+
     async def _reader(self) -> None:
-        buf = bytearray()
+        buf = self.buf
         line_started: float | None = None  # when the line now in `buf` began
         while True:
             try:
@@ -353,21 +501,14 @@ class _Connection:
             if not data:
                 return
             buf += data
-            completed = False
-            while (i := buf.find(b"\n")) >= 0:
-                completed = True
-                line = bytes(buf[:i])
-                del buf[:i + 1]
-                if len(line) + 1 > MAX_LINE_BYTES:
-                    self._error(None, "line-too-long", f"request line longer than {MAX_LINE_BYTES} bytes")
-                    return
-                if line.strip():
-                    self._dispatch(line)
-            if len(buf) >= MAX_LINE_BYTES:
+            completed = b"\n" in data
+            if not self.dispatch_buffered():
+                return
+            if len(buf) >= MAX_LINE_BYTES and b"\n" not in buf:
                 self._error(None, "line-too-long",
                             f"request line longer than {MAX_LINE_BYTES} bytes; closing")
                 return
-            if not buf:
+            if not buf or b"\n" in buf:  # nothing, or whole lines waiting out a re-exec
                 line_started = None
             elif completed or line_started is None:  # what is left is a new line: its own clock
                 line_started = trio.current_time()

@@ -28,7 +28,7 @@ from ._backlog import Backlog
 from ._config_file import read_config_file
 from ._notify_server import ancestors, session_of
 from ._output import LogHub
-from . import _proc
+from . import _proc, _threads
 from ._cgroup import Hierarchy, Watcher
 from ._containment import Containment
 from ._state import StateStore, same_process
@@ -67,6 +67,7 @@ class Engine:
         self.watcher = Watcher() if cgroups is not None else None
         self.resumed_by_reexec = False  # set by restore() when a re-exec handed over
         self._reload_lock = trio.Lock()
+        self.reloads_waiting = 0  # reloads asked for while another (or a re-exec) holds the lock
         # Events are numbered: `seq` is contiguous for this `epoch`, which is
         # drawn at a fresh start and kept across a re-exec.
         self.epoch = uuid.uuid4().hex[:16]
@@ -182,7 +183,8 @@ class Engine:
 
     # -- reload --------------------------------------------------------------------------
 
-    async def reload(self, path: Path | None = None, *, requester: int | None = None) -> dict[str, Any]:
+    async def reload(self, path: Path | None = None, *, requester: int | None = None,
+                     counted: bool = False) -> dict[str, Any]:
         """Apply a configuration file as a diff; an invalid one changes nothing.
 
         Reloads are applied one after the other, never interleaved.
@@ -196,8 +198,24 @@ class Engine:
                 ``permission-denied`` (the requester may not load this file),
                 or ``bad-arguments`` when there is no file to read.
         """
-        async with self._reload_lock:
+        if not counted:  # (SIGHUP: counted by the signal handler already)
+            self.reloads_waiting += 1
+        try:
+            await self._reload_lock.acquire()
+        finally:
+            self.reloads_waiting -= 1
+        try:
             return await self._reload(path, requester)
+        finally:
+            self._reload_lock.release()
+
+    async def hold_reloads(self) -> None:
+        """Wait for a reload under way, and keep others out (a re-exec)."""
+        await self._reload_lock.acquire()
+
+    def release_reloads(self) -> None:
+        if self._reload_lock.locked():
+            self._reload_lock.release()
 
     async def _reload(self, path: Path | None, requester: int | None) -> dict[str, Any]:
         self._check_running()
@@ -205,7 +223,7 @@ class Engine:
         if path is None:
             raise ProtocolError("bad-arguments", "no configuration file to reload; name one")
         try:
-            config = await trio.to_thread.run_sync(self._load_config, path, requester)
+            config = await _threads.run_sync(self._load_config, path, requester)
         except ProtocolError as exc:
             log.warning("reload refused", config=str(path), requester=requester, error=exc.message)
             raise

@@ -164,3 +164,41 @@ def test_event_numbers_go_on_across_reexecs(sup: Supervisor) -> None:
     crash(sup)
     restart(sup)
     assert sup.subscribe().subscribed_at[0] != epoch, "a fresh start must draw a new epoch"
+
+
+COUNTER = "import sys, time\ni = 0\nwhile True:\n    print(i, flush=True)\n    i += 1\n    time.sleep(0.01)"
+
+
+def test_connections_are_kept_across_reexecs(sup: Supervisor) -> None:
+    """Subscribers and log followers connected before several re-execs keep
+    their connection, and miss and double nothing; a plain connection is
+    still answered."""
+    sup.start({"services": {"a": sleeper(sup.marker("a")),
+                            "counter": {"command": [PY, "-c", COUNTER, sup.marker("counter")]}}})
+    wait_until(lambda: sup.rstatus("a")["state"] == "running", 10, "a running")
+    subs = [sup.subscribe(ro=bool(i % 2)) for i in range(6)]
+    follower = sup.connect(ro=True)
+    first = follower.call("log", "counter", args=[1, "follow"])
+    assert first["ok"], first
+    plain = sup.connect()
+    restarts = 4
+    for _ in range(restarts):
+        sup.herd("restart", "a", check=0)
+        reexec(sup)
+        assert plain.call("ping")["ok"] is True
+    sup.herd("restart", "a", check=0)  # one more after the last re-exec
+    for sub in subs:
+        got = sub.events(lambda evs: sum(1 for e in evs if e.get("service") == "a" and e.get("to") == "running")
+                         >= restarts + 1, 30)
+        seqs = [e["seq"] for e in got if e.get("event") == "state"]
+        assert seqs[0] == sub.subscribed_at[1] + 1 and seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+        assert {e["epoch"] for e in got if e.get("event") == "state"} == {sub.subscribed_at[0]}
+    # the follower saw every line the counter printed, once, in order
+    logged = sup.request({"id": 9, "action": "log", "service": "counter", "args": [20]})["result"]["lines"]
+    last = int([e["line"] for e in logged if e["stream"] == "stdout"][-1])
+    got = follower.events(lambda evs: any(e.get("event") == "log" and e["line"] == str(last) for e in evs), 30)
+    numbers = [int(e["line"]) for e in got if e.get("event") == "log" and e["stream"] == "stdout"]
+    before = [int(e["line"]) for e in first["result"]["lines"] if e["stream"] == "stdout"]
+    start = before[-1] + 1 if before else numbers[0]
+    assert numbers[: numbers.index(last) + 1] == list(range(start, last + 1)), "a line was lost or doubled"
+    assert not any(e.get("event") == "overflow" for e in got)

@@ -424,9 +424,14 @@ def test_herd_reexec_end_to_end(sup: Supervisor) -> None:
     assert "Re-executing" in cp.stdout, cp.stdout
     wait_until(lambda: count_kind(sup, "resumed") == 1, 15, "the new image to resume")
 
-    # Connections open across the exec are closed (their descriptors do not survive it).
-    for client in (old_client, old_sub):
-        wait_closed(client, 10.0)
+    # Connections open across the exec are handed over: a plain one is still
+    # answered, a subscribed one still gets events (numbered on).
+    assert old_client.call("ping")["result"]["pid"] == daemon.pid
+    sup.herd("restart", "base", check=True)
+    got = old_sub.events(lambda evs: any(e.get("service") == "base" and e.get("to") == "running" for e in evs), 15)
+    seqs = [e["seq"] for e in got if e.get("event") == "state"]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+    running = wait_running(sup, ["base", "web"])  # restarting base restarted web, its dependent
 
     # The daemon answers, with the same PID; the services were not touched.
     assert ping_pid(sup) == daemon.pid
@@ -636,8 +641,13 @@ def test_broken_new_image_is_refused(sup: Supervisor, tmp_path: Path, monkeypatc
         engine_py.write_text(good_source + "\ndef broken(:\n")
         expect = "SyntaxError"
     else:
-        sup.config_path.write_text("[services.a\ncommand = 'x'\n")
-        expect = str(sup.config_path.name)
+        # The new code refuses the configuration in force (the file on disk is
+        # not what a re-exec checks: it runs the configuration in force).
+        config_py = image / "supervisor" / "config.py"
+        good_config = config_py.read_text()
+        config_py.write_text(good_config + "\n\ndef parse_config(*args, **kwargs):\n"
+                             "    raise ConfigErrors([ConfigError('services.b', 'a key the new code refuses')])\n")
+        expect = "a key the new code refuses"
 
     # herd reexec root: refused with the reason, exit status 1.
     cp = sup.herd("reexec", "root", check=1)
@@ -666,7 +676,7 @@ def test_broken_new_image_is_refused(sup: Supervisor, tmp_path: Path, monkeypatc
     # Fixed, the same request goes through.
     engine_py.write_text(good_source)
     if breakage == "config":
-        sup.write_config(config)
+        config_py.write_text(good_config)
     sup.herd("reexec", "root", check=True)
     wait_until(lambda: count_kind(sup, "resumed") == 1, 15, "the re-exec to resume")
     assert ping_pid(sup) == daemon.pid
