@@ -165,14 +165,17 @@ def _open_file(dir_fd: int, name: str, flags: int, mode: int, path: str | os.Pat
     return fd
 
 
-def open_append(dir_fd: int, name: str, path: str | os.PathLike[str], mode: int = 0o640) -> int:
-    """Open (create) `name` in the directory `dir_fd` for appending; `path` is for messages.
+def open_append(dir_fd: int, name: str, path: str | os.PathLike[str], mode: int = 0o640, *,
+                read: bool = False) -> int:
+    """Open (create) `name` in the directory `dir_fd` for appending (and, with
+    `read`, reading: ``pread``); `path` is for messages.
 
     Raises:
         UnsafePath: `name` is a symlink, not a regular file, or hard-linked.
         OSError: it cannot be opened.
     """
-    return _open_file(dir_fd, name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode, path)
+    access = os.O_RDWR if read else os.O_WRONLY
+    return _open_file(dir_fd, name, access | os.O_APPEND | os.O_CREAT, mode, path)
 
 
 def _write_all(fd: int, data: bytes) -> None:

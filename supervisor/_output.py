@@ -1,10 +1,11 @@
 """Service output: pipes → timestamped lines → log file, ring buffer, followers.
 
 Each service has one pipe for stdout and one for stderr, created once and
-kept across restarts, so nothing a service writes between two runs is lost
-and a future re-exec can hand the read ends over.  Lines longer than
-`MAX_LINE` bytes are split (at a UTF-8 character boundary), so an unfinished
-line never holds more than that; bytes that are not UTF-8 are replaced.
+kept across restarts, so nothing a service writes between two runs is lost,
+a re-exec hands the read ends over, and the keeper (docs/keeper.md) holds
+duplicates that a supervisor started after a crash takes back.  The file
+format, line cutting (`MAX_LINE`) and rotation are `_logfile`'s; what is
+read is written to the file at once, an unfinished line too.
 
 The recent lines kept in memory are bounded in lines *and* in bytes: per
 service `RING_LINES` / `RING_BYTES`, for all services together (`herd log`
@@ -22,9 +23,8 @@ from __future__ import annotations
 import contextvars
 import math
 import os
-import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,6 +35,7 @@ import structlog
 import trio
 
 from . import _fs
+from ._logfile import MAX_LINE, LogFile, parse_line
 
 __all__ = ["LogLine", "LogHub", "ServiceOutput", "MAX_LINE", "note", "CURRENT"]
 
@@ -52,16 +53,12 @@ def note(text: str) -> bool:
     output.note(text)
     return True
 
-#: The longest line kept whole (bytes); a longer one becomes several lines.
-MAX_LINE: Final = 64 * 1024
 #: The recent lines kept per service, and their text's total size at most.
 RING_LINES: Final = 200
 RING_BYTES: Final = 1024 * 1024
 #: The recent lines kept for all services together (``herd log``).
 HUB_LINES: Final = 5000
 HUB_BYTES: Final = 8 * 1024 * 1024
-#: After a log file could not be opened, the seconds before the next try.
-REOPEN_DELAY: Final = 1.0
 #: What one kept line costs beyond its text (the objects around it), roughly.
 _LINE_OVERHEAD: Final = 200
 
@@ -160,17 +157,29 @@ class ServiceOutput:
                  max_size: int = 2 * 1024 * 1024, max_backups: int = 3) -> None:
         self.service = service
         self.path = path
-        self.max_size = max_size
-        self.max_backups = max_backups
-        self._size = 0
+        self.file = LogFile(path, max_size=max_size, max_backups=max_backups, on_error=self._report)
         self.hub = hub
         self.ring = Ring(ring, RING_BYTES)
-        self._fd = -1
-        self._write_failed = False
-        self._retry_at = 0.0  # after a failed open, the next try (monotonic clock)
         self._pipes: dict[str, tuple[int, int]] = {}
-        self._partial: dict[str, bytearray] = {}  # an unfinished last line, per stream
         self._seed_pending = False  # read the ring back from the file first (see reload_history)
+        #: told of every pipe made or closed (the keeper: see _keeper_link)
+        self.on_pipe: Callable[[ServiceOutput, str, tuple[int, int] | None], None] | None = None
+
+    @property
+    def max_size(self) -> int:
+        return self.file.max_size
+
+    @max_size.setter
+    def max_size(self, value: int) -> None:
+        self.file.max_size = value
+
+    @property
+    def max_backups(self) -> int:
+        return self.file.max_backups
+
+    @max_backups.setter
+    def max_backups(self, value: int) -> None:
+        self.file.max_backups = value
 
     # -- pipes ---------------------------------------------------------------------
 
@@ -180,22 +189,30 @@ class ServiceOutput:
             if stream not in self._pipes:
                 r, w = os.pipe2(os.O_CLOEXEC)
                 self._pipes[stream] = (r, w)
+                if self.on_pipe is not None:
+                    self.on_pipe(self, stream, (r, w))
                 nursery.start_soon(self._pump, stream, r)
         return self._pipes["stdout"][1], self._pipes["stderr"][1]
 
+    @property
+    def pipes(self) -> dict[str, tuple[int, int]]:
+        """stream → (read end, write end), for the pipes made so far."""
+        return dict(self._pipes)
+
     def resume(self, nursery: trio.Nursery) -> None:
-        """Start reading pipes handed over by a previous image (re-exec)."""
+        """Start reading pipes taken over (re-exec, or from the keeper after a crash)."""
         for stream, (r, _w) in self._pipes.items():
             nursery.start_soon(self._pump, stream, r)
 
     def handover(self) -> dict[str, object]:
-        """The pipes and unfinished lines, for the next image (re-exec)."""
+        """The pipes and the bytes read but not yet written, for the next image (re-exec)."""
         return {
             "pipes": {stream: [r, w] for stream, (r, w) in self._pipes.items()},
-            "partial": {stream: bytes(buf).hex() for stream, buf in self._partial.items() if buf},
+            "partial": {stream: held.hex() for stream in self._pipes if (held := self.file.held(stream))},
         }
 
     def take_over(self, data: dict[str, object]) -> None:
+        """Pipes (and held bytes) from a previous image or the keeper, before `resume`."""
         pipes = data.get("pipes") or {}
         partial = data.get("partial") or {}
         assert isinstance(pipes, dict) and isinstance(partial, dict)
@@ -204,10 +221,9 @@ class ServiceOutput:
             os.set_inheritable(w, False)
             self._pipes[stream] = (r, w)
         for stream, hexed in partial.items():
-            self._partial[stream] = bytearray(bytes.fromhex(hexed))
+            self.file.hold(stream, bytes.fromhex(hexed))
 
     async def _pump(self, stream: str, fd: int) -> None:
-        buf = self._partial.setdefault(stream, bytearray())
         async with trio.lowlevel.FdStream(fd) as pipe:
             while True:
                 try:
@@ -216,45 +232,28 @@ class ServiceOutput:
                     break
                 if not data:
                     break
-                buf += data
-                self._split(stream, buf)
-        if buf:
-            self.emit(stream, bytes(buf))
-            buf.clear()
-
-    def _split(self, stream: str, buf: bytearray) -> None:
-        """Emit every complete line of `buf`, cutting lines at MAX_LINE bytes."""
-        while True:
-            i = buf.find(b"\n", 0, MAX_LINE + 1)
-            if i >= 0:
-                self.emit(stream, bytes(buf[:i]))
-                del buf[:i + 1]
-            elif len(buf) > MAX_LINE:
-                cut = _char_boundary(buf, MAX_LINE)
-                self.emit(stream, bytes(buf[:cut]))
-                del buf[:cut]
-            else:
-                return
+                # written at once (an unfinished line too): a crash of ours
+                # loses at most what this call has in hand
+                for when, text in self.file.feed(stream, data):
+                    self._keep(when, stream, text)
+        for when, text in self.file.feed(stream, b"", final=True):
+            self._keep(when, stream, text)
 
     def close(self) -> None:
-        for r, w in self._pipes.values():
+        for stream, (r, w) in self._pipes.items():
             os.close(w)
+            if self.on_pipe is not None:
+                self.on_pipe(self, stream, None)
         self._pipes.clear()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self.file.close()
 
     # -- lines ---------------------------------------------------------------------
 
     def note(self, text: str) -> None:
         """A line from the supervisor about this service (start, exit, …)."""
-        self.emit("supervisor", text.encode())
-
-    def emit(self, stream: str, raw: bytes) -> None:
         now = datetime.now().astimezone()
-        text = raw.rstrip(b"\r").decode("utf-8", errors="replace")
-        self._keep(now, stream, text)
-        self._write(f"{now.isoformat(timespec='microseconds')} {stream} {text}\n".encode())
+        self.file.line("supervisor", text, now)
+        self._keep(now, "supervisor", text)
 
     def _keep(self, now: datetime, stream: str, text: str) -> None:
         line = LogLine(now.timestamp(), self.service, stream, text)
@@ -280,6 +279,8 @@ class ServiceOutput:
         lines = data.split(b"\n")
         if len(data) == RING_BYTES:
             lines = lines[1:]  # the first one is cut
+        if not data.endswith(b"\n"):
+            lines = lines[:-1]  # unfinished: it comes whole when it ends
         ring = Ring(self.ring.max_lines, self.ring.max_bytes)
         newer = self.ring.recent(self.ring.max_lines)
         first_new = newer[0].time if newer else math.inf
@@ -291,67 +292,8 @@ class ServiceOutput:
             ring.append(line)
         self.ring = ring
 
-    def _write(self, data: bytes) -> None:
-        if self._fd >= 0 and self.max_size and self._size and self._size + len(data) > self.max_size:
-            self._rotate()
-        if self._fd < 0 and (time.monotonic() < self._retry_at or not self._open()):
-            return
-        try:
-            written = os.write(self._fd, data)
-            while written < len(data):  # a short write (signal, nearly full disk)
-                written += os.write(self._fd, data[written:])
-            self._size += len(data)
-            self._write_failed = False
-        except OSError as exc:
-            self._report(exc)
-
-    def _open(self) -> bool:
-        try:
-            with _fs.opened_dir(self.path.parent, create=True) as dfd:
-                self._open_in(dfd)
-            return True
-        except OSError as exc:
-            self._report(exc)
-            self._retry_at = time.monotonic() + REOPEN_DELAY
-            return False
-
-    def _open_in(self, dfd: int) -> None:
-        self._fd = _fs.open_append(dfd, self.path.name, self.path)
-        self._size = os.fstat(self._fd).st_size
-
-    def _rotate(self) -> None:
-        """NAME.log → NAME.log.1 → … → NAME.log.N (the oldest is dropped).
-
-        Renames and the new file's creation happen relative to the one
-        directory descriptor: a symlink planted meanwhile is moved, never
-        followed."""
-        os.close(self._fd)
-        self._fd = -1
-        self._size = 0
-        name = self.path.name
-        try:
-            with _fs.opened_dir(self.path.parent, create=True) as dfd:
-                try:
-                    if self.max_backups == 0:
-                        os.unlink(name, dir_fd=dfd)
-                    else:
-                        for i in range(self.max_backups - 1, 0, -1):
-                            try:
-                                os.replace(f"{name}.{i}", f"{name}.{i + 1}", src_dir_fd=dfd, dst_dir_fd=dfd)
-                            except FileNotFoundError:
-                                pass
-                        os.replace(name, f"{name}.1", src_dir_fd=dfd, dst_dir_fd=dfd)
-                except FileNotFoundError:  # removed meanwhile: just begin a new one
-                    pass
-                self._open_in(dfd)
-        except OSError as exc:
-            self._report(exc)
-
     def _report(self, exc: OSError) -> None:
-        # Reported once per failure streak; the service keeps running regardless.
-        if self._write_failed:
-            return
-        self._write_failed = True
+        # Reported once per failure streak (see LogFile); the service keeps running regardless.
         why = exc.strerror or str(exc)
         if exc.filename is not None and os.fspath(exc.filename) != str(self.path):
             why = f"{os.fspath(exc.filename)}: {why}"
@@ -364,20 +306,8 @@ class ServiceOutput:
 
 def _parse_log_line(service: str, raw: bytes) -> LogLine | None:
     """A line of a log file (``TIME STREAM TEXT``) back as a LogLine."""
-    parts = raw.decode("utf-8", errors="replace").split(" ", 2)
-    if len(parts) < 2 or parts[1] not in ("stdout", "stderr", "supervisor"):
+    parsed = parse_line(raw)
+    if parsed is None:
         return None
-    try:
-        when = datetime.fromisoformat(parts[0]).timestamp()
-    except ValueError:
-        return None
-    return LogLine(when, service, parts[1], parts[2] if len(parts) > 2 else "")
-
-
-def _char_boundary(buf: bytearray, limit: int) -> int:
-    """Where to cut `buf` (longer than `limit`) at most `limit` bytes in, so that
-    no UTF-8 character is split."""
-    for cut in range(limit, limit - 4, -1):
-        if buf[cut] & 0xC0 != 0x80:  # not a continuation byte: a character begins here
-            return cut
-    return limit  # not UTF-8 anyway
+    when, stream, text = parsed
+    return LogLine(when.timestamp(), service, stream, text)

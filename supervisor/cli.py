@@ -24,10 +24,11 @@ from herd.protocol import ProtocolError, default_paths
 from . import __version__, _proc
 from ._cgroup import CgroupUnavailable, Hierarchy
 from ._hostcheck import check_host, log_findings
+from ._keeper_link import KeeperLink
 from ._logging import configure_logging
 from ._notify import sd_notify
 from ._notify_server import NotifyServer
-from ._reexec import HELD_SIGNALS, check_new_image, config_in_force, exec_self, take_handover
+from ._reexec import check_new_image, config_in_force, exec_self, take_handover
 from ._state import StateStore
 from .config import Config, Settings, describe_services, load_config
 from .control import ControlServer, SocketInUse, bind_unix_socket
@@ -140,8 +141,9 @@ def _open_cgroups(settings: Settings, wanted: bool) -> tuple[Hierarchy | None, s
 async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cgroups: bool = True,
                handover: dict[str, Any] | None = None) -> int:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
-        # Signals held across a re-exec are delivered now, to the receiver above.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
+        # Signals held across a re-exec are delivered now, to the receiver above;
+        # and no signal stays blocked (children inherit the mask: see _proc.spawn).
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
         notify_path = settings.socket.parent / "notify.sock"
         try:
             settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -163,14 +165,18 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cg
         if os.getpid() != 1:
             _proc.set_child_subreaper()
         hierarchy, no_cgroups = _open_cgroups(settings, cgroups)
+        # Before anything is written to a log: a keeper left by a crash of ours
+        # stops draining and hands back the pipes and sockets (docs/keeper.md).
+        keeper = KeeperLink(settings.state_dir)
+        kept = keeper.open((handover or {}).get("sockets", {}).get("keeper"))
         engine = Engine(config, log_dir=settings.log_dir, notify_socket=notify_path, overrides=overrides,
-                        cgroups=hierarchy, no_cgroups_reason=no_cgroups)
+                        cgroups=hierarchy, no_cgroups_reason=no_cgroups, keeper=keeper)
         try:
             notify = NotifyServer(notify_path, engine.route_notify, fd=notify_fd)
         except OSError as exc:
             log.error("cannot create the notify socket", path=str(notify_path), error=str(exc))
             return 1
-        engine.restore(StateStore(settings.state_dir), handover)
+        engine.restore(StateStore(settings.state_dir), handover, kept)
         if handover is not None:
             log.info("resumed after re-exec", pid=os.getpid(),
                      running=sum(1 for s in engine.services.values() if s.child is not None))
@@ -187,6 +193,8 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cg
                 await nursery.start(partial(server.serve, resumed=[c for c in resumed
                                                                    if c.get("read-only") == server.read_only]))
             await nursery.start(engine.run)
+            engine.keep_all()
+            await nursery.start(keeper.run)
             nursery.start_soon(_reap_orphans)
             log.info("ready", version=__version__, pid=os.getpid(), services=len(engine.services),
                      socket=str(settings.socket), status_socket=str(settings.status_socket))
@@ -218,6 +226,7 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cg
             boot.cancel()
             stopped = await engine.shutdown()
             log.info("all services stopped", order=stopped)
+            await keeper.close()
             if os.getpid() == 1:
                 await _terminate_strays()
             nursery.cancel_scope.cancel()
@@ -334,6 +343,8 @@ class Reexec:
         self.engine.flush_records()
         services = self.engine.handover()
         sockets = {name: sock.fileno() for name, sock in self.sockets.items()}
+        if self.engine.keeper is not None and self.engine.keeper.sock is not None:
+            sockets["keeper"] = self.engine.keeper.sock.fileno()
         fds = list(sockets.values())
         for passed in services.values():
             if passed["pidfd"] is not None:

@@ -27,8 +27,9 @@ from . import __version__
 from ._backlog import Backlog
 from ._config_file import read_config_file
 from ._notify_server import ancestors, session_of
-from ._output import LogHub
-from . import _proc, _threads
+from ._keeper_link import Held, KeeperLink, close_held, pipe_key, socket_key
+from ._output import LogHub, ServiceOutput
+from . import _proc, _sockets, _threads
 from ._cgroup import Hierarchy, Watcher
 from ._containment import Containment
 from ._state import StateStore, same_process
@@ -59,8 +60,9 @@ class Engine:
 
     def __init__(self, config: Config, *, log_dir: Path, notify_socket: Path | None = None,
                  overrides: dict[str, Any] | None = None, cgroups: Hierarchy | None = None,
-                 no_cgroups_reason: str | None = None) -> None:
+                 no_cgroups_reason: str | None = None, keeper: KeeperLink | None = None) -> None:
         self.config = config
+        self.keeper = keeper  # holds pipes and sockets while we are down (docs/keeper.md)
         #: this supervisor's cgroup subtree; None: fall back to process trees
         self.cgroups = cgroups
         self.no_cgroups_reason = no_cgroups_reason
@@ -90,8 +92,12 @@ class Engine:
         path = Path(spec.log_file) if spec.log_file else self.log_dir / f"{spec.name}.log"
         group = self.cgroups.service(spec.name) if self.cgroups is not None else None
         containment = Containment(spec.name, group, self.watcher, self.pid_owner)
-        return Service(spec, log_path=path, hub=self.hub, publish=self._on_state,
-                       notify_socket=self.notify_socket, activate=self._activate, containment=containment)
+        service = Service(spec, log_path=path, hub=self.hub, publish=self._on_state,
+                          notify_socket=self.notify_socket, activate=self._activate, containment=containment)
+        if self.keeper is not None:
+            service.output.on_pipe = self._keep_pipe
+            service.on_listeners = self._keep_listeners
+        return service
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run every service actor until cancelled."""
@@ -114,14 +120,18 @@ class Engine:
 
     # -- taking over from a previous supervisor ----------------------------------------------
 
-    def restore(self, store: StateStore, handover: dict[str, Any] | None = None) -> None:
+    def restore(self, store: StateStore, handover: dict[str, Any] | None = None,
+                kept: Held | None = None) -> None:
         """Before `run`: read the service records; adopt what still runs.
 
         After a re-exec, `handover` holds the open descriptors of each service
         (pidfd, pipes, listening sockets), which are taken over as they are.
         After a crash, a recorded PID is adopted only if the process with that
-        PID started when the record says (a reused PID is never adopted).
+        PID started when the record says (a reused PID is never adopted), and
+        the pipes and listening sockets the keeper held (`kept`, from
+        `KeeperLink.open`) are taken back.
         """
+        kept = dict(kept or {})
         records = store.load()
         self.store = store
         self.resumed_by_reexec = handover is not None
@@ -139,7 +149,9 @@ class Engine:
                 if passed.get("pidfd") is not None:
                     os.set_inheritable(passed["pidfd"], False)
                     child = _proc.Child(passed["pid"], passed["pidfd"])
-            elif record is not None and record.get("pid") and service.spec.command is not None:
+            else:
+                _take_kept(service, kept)
+            if passed is None and record is not None and record.get("pid") and service.spec.command is not None:
                 group = service.containment.cgroup
                 if group is not None and not group.contains(record["pid"]):
                     log.info("recorded process is gone", service=name, pid=record["pid"],
@@ -155,6 +167,7 @@ class Engine:
             if record is not None or child is not None:
                 service.restore(record or {}, child)
                 service.output.reload_history()
+        close_held(kept)  # duplicates of what a re-exec handed over, or of what nothing uses
         for name, passed in handed.items():
             if name not in self.services:  # dropped from the configuration meanwhile
                 log.warning("service no longer configured; its process is left alone",
@@ -163,6 +176,28 @@ class Engine:
                            *[f for pair in passed.get("output", {}).get("pipes", {}).values() for f in pair]]:
                     if isinstance(fd, int):
                         os.close(fd)
+
+    # -- the keeper (docs/keeper.md) -----------------------------------------------------
+
+    def _keep_pipe(self, output: ServiceOutput, stream: str, fds: tuple[int, int] | None) -> None:
+        assert self.keeper is not None
+        self.keeper.keep_pipe(output.service, stream, fds, output.path, output.max_size, output.max_backups)
+
+    def _keep_listeners(self, service: Service) -> None:
+        assert self.keeper is not None
+        self.keeper.keep_sockets(service.name, [(_sockets.describe(spec), sock.fileno())
+                                                for spec, sock in zip(service.spec.sockets, service.listeners)])
+
+    def keep_all(self) -> None:
+        """Once running: put every pipe in the keeper (taken over ones too) and
+        let it drop what nothing uses any more.  Listening sockets are put as
+        each actor binds (or takes over) them."""
+        if self.keeper is None:
+            return
+        for service in self.services.values():
+            for stream, fds in service.output.pipes.items():
+                self._keep_pipe(service.output, stream, fds)
+        self.keeper.forget_stale()
 
     def handover(self) -> dict[str, Any]:
         """Each service's open descriptors, for a re-exec (see `restore`)."""
@@ -631,6 +666,21 @@ async def _trigger(ctx: ActionContext, args: list[Any]) -> dict[str, Any]:
 
 #: Every timer's action (a service with a `schedule`), unless its type has its own `trigger`.
 TRIGGER = ActionSpec("trigger", "Run the timer's command now (not while a run is in progress).", _trigger)
+
+
+def _take_kept(service: Service, kept: Held) -> None:
+    """Crash recovery: the service's pipes and listening sockets, from the keeper.
+
+    Sockets are taken only when the keeper holds every one the service's
+    definition names (else they are all bound anew)."""
+    pipes = {stream: tuple(fds) for stream in ("stdout", "stderr")
+             if (item := kept.pop(pipe_key(service.name, stream), None)) is not None
+             and len(fds := item[1]) == 2}
+    if pipes:
+        service.output.take_over({"pipes": pipes})
+    wanted = [socket_key(service.name, _sockets.describe(spec)) for spec in service.spec.sockets]
+    if wanted and all(key in kept and len(kept[key][1]) == 1 for key in wanted):
+        service.take_over_listeners([kept.pop(key)[1][0] for key in wanted])
 
 
 def _actions_of(spec: Any) -> tuple[ActionSpec, ...]:

@@ -96,6 +96,8 @@ class Service(TimerMixin):
         self._activate = activate
         self.listeners: list[socket.socket] = []
         self._socket_error: str | None = None
+        #: told whenever `listeners` changes (the keeper: see engine)
+        self.on_listeners: Callable[[Service], None] | None = None
         self._changed = trio.Event()  # set (and replaced) at every state change
         self.notify_socket = notify_socket
         self.state = State.STOPPED
@@ -207,6 +209,8 @@ class Service(TimerMixin):
             self.output.close()
             for spec, sock in zip(self.spec.sockets, self.listeners):
                 _sockets.close(spec, sock)
+            self.listeners = []
+            self._listeners_changed()
 
     def take_over_listeners(self, fds: list[int]) -> None:
         """Listening sockets handed over by a previous image (re-exec)."""
@@ -216,6 +220,7 @@ class Service(TimerMixin):
 
     def _bind_sockets(self) -> None:
         if self.listeners:  # taken over from a previous image
+            self._listeners_changed()
             return
         for spec in self.spec.sockets:
             try:
@@ -226,7 +231,12 @@ class Service(TimerMixin):
                 for sock_spec, sock in zip(self.spec.sockets, self.listeners):
                     _sockets.close(sock_spec, sock)
                 self.listeners = []
-                return
+                break
+        self._listeners_changed()
+
+    def _listeners_changed(self) -> None:
+        if self.on_listeners is not None:
+            self.on_listeners(self)
 
     async def _activation_watch(self) -> None:
         """Lazy activation: start on the first connection while stopped."""
@@ -361,6 +371,7 @@ class Service(TimerMixin):
             for sock_spec, sock in zip(old.sockets, self.listeners):
                 _sockets.close(sock_spec, sock)
             self.listeners, self._socket_error = [], None
+            self._listeners_changed()  # the keeper lets go of the old ones first
             self._bind_sockets()
         self.output.note(f"Service {self.name}: new definition in effect.")
         log.info("replacement applied")

@@ -9,8 +9,8 @@
   the state directory, so neither a crash nor a clean restart (SIGTERM, start
   again) undoes them.
 
-The services here are plain ``sleep``: an adopted process's stdout still
-goes to the dead supervisor's pipe, so they must print nothing.  A SIGKILLed
+The services here are plain ``sleep``; services that print through a crash
+are test_lifecycle_crash.py's (the keeper holds their pipes).  A SIGKILLed
 supervisor's children are re-parented to init; the harness's teardown finds
 them by the token in their environment.
 """
