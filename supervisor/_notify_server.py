@@ -20,12 +20,21 @@ from typing import Final
 import structlog
 import trio
 
-__all__ = ["NotifyServer", "parse_notify", "session_of", "ancestors"]
+__all__ = ["NotifyServer", "bound_path", "parse_notify", "session_of", "ancestors"]
 
 log = structlog.get_logger("supervisor.notify")
 
 _CRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 MAX_DATAGRAM: Final = 4096
+
+
+def bound_path(fd: int) -> Path:
+    """The path a Unix socket handed over by a previous image is bound to."""
+    sock = socket.socket(fileno=fd)
+    try:
+        return Path(sock.getsockname())
+    finally:
+        sock.detach()
 
 
 def parse_notify(data: bytes) -> dict[str, str]:

@@ -23,11 +23,12 @@ from herd.protocol import ProtocolError, default_paths
 from . import __version__, _proc
 from ._logging import configure_logging
 from ._notify import sd_notify
-from ._notify_server import NotifyServer
+from ._instance import InstanceLock, instance_name, notify_dir, prepare_notify_dir
+from ._notify_server import NotifyServer, bound_path
 from ._reexec import HELD_SIGNALS, check_new_image, exec_self, take_handover
 from ._state import StateStore
 from .config import Config, Settings, describe_services, load_config
-from .control import ControlServer, SocketInUse, bind_unix_socket
+from .control import ControlServer, SocketInUse, bind_unix_socket, prepare_socket_dir
 from .engine import Engine
 from .schema import ConfigErrors
 
@@ -98,19 +99,22 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any]) ->
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
         # Signals held across a re-exec are delivered now, to the receiver above.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
-        notify_path = settings.socket.parent / "notify.sock"
         try:
+            # The lock comes first: a second supervisor touches no socket.
+            lock = _instance_lock(settings.socket.parent, handover)
             settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
             settings.log_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
             if handover is not None:
                 fds = handover["sockets"]
                 rw, ro = _socket_from_fd(fds["control"]), _socket_from_fd(fds["status"])
                 notify_fd: int | None = fds["notify"]
+                notify_path = bound_path(fds["notify"])
             else:
                 rw = bind_unix_socket(settings.socket, group=settings.socket_group)
                 ro = bind_unix_socket(settings.status_socket,
                                       group=settings.status_socket_group or settings.socket_group)
                 notify_fd = None
+                notify_path = lock.path.with_suffix(".sock")
         except (SocketInUse, OSError, ValueError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             log.error("cannot start", error=why)
@@ -128,7 +132,8 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any]) ->
         if handover is not None:
             log.info("resumed after re-exec", pid=os.getpid(),
                      running=sum(1 for s in engine.services.values() if s.child is not None))
-        reexec = Reexec(engine, settings.state_dir, {"control": rw, "status": ro, "notify": notify.sock})
+        reexec = Reexec(engine, settings.state_dir, {"control": rw, "status": ro, "notify": notify.sock},
+                        lock_fd=lock.fd)
         async with trio.open_nursery() as nursery:
             await nursery.start(notify.serve)
             await nursery.start(engine.run)
@@ -169,6 +174,23 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any]) ->
     if os.getpid() == 1 and reexec.how in ("power-off", "reboot", "halt"):
         _reboot(reexec.how)
     return 0
+
+
+def _instance_lock(socket_dir: Path, handover: dict[str, Any] | None) -> InstanceLock:
+    """The lock of this socket directory: taken now, or kept across a re-exec.
+
+    It is released when the process ends; a later supervisor removes the file.
+
+    Raises:
+        OSError: another supervisor holds it (`AlreadyRunning`), or a directory is unsafe.
+    """
+    prepare_socket_dir(socket_dir)
+    directory = notify_dir()
+    prepare_notify_dir(directory)
+    name = instance_name(socket_dir)
+    if handover is not None and isinstance(handover.get("lock"), int):
+        return InstanceLock.adopt(handover["lock"], directory / f"{name}.lock")
+    return InstanceLock.acquire(directory, name, socket_dir)
 
 
 async def _terminate_strays(grace: float = 5.0) -> None:
@@ -213,10 +235,11 @@ def _socket_from_fd(fd: int) -> trio.socket.SocketType:
 class Reexec:
     """Re-execute in place: check the new image, wait for calm, hand over, exec."""
 
-    def __init__(self, engine: Engine, state_dir: Path, sockets: dict[str, Any]) -> None:
+    def __init__(self, engine: Engine, state_dir: Path, sockets: dict[str, Any], *, lock_fd: int) -> None:
         self.engine = engine
         self.state_dir = state_dir
         self.sockets = sockets
+        self.lock_fd = lock_fd
         self._lock = trio.Lock()
         self.shutdown = trio.Event()
         self.how = "exit"
@@ -250,13 +273,14 @@ class Reexec:
         """Hand over and exec (returns only if exec itself failed)."""
         services = self.engine.handover()
         sockets = {name: sock.fileno() for name, sock in self.sockets.items()}
-        fds = list(sockets.values())
+        fds = [*sockets.values(), self.lock_fd]  # the lock stays held: same open file
         for passed in services.values():
             if passed["pidfd"] is not None:
                 fds.append(passed["pidfd"])
             fds.extend(passed["listeners"])
             fds.extend(fd for pair in passed["output"]["pipes"].values() for fd in pair)
-        exec_self(self.state_dir, {"version": 1, "sockets": sockets, "services": services}, fds)
+        exec_self(self.state_dir, {"version": 1, "sockets": sockets, "lock": self.lock_fd,
+                                   "services": services}, fds)
 
     async def on_signal(self) -> None:
         if self._lock.locked():  # the re-exec under way will pick up the same new code

@@ -41,7 +41,7 @@ from herd.protocol import (
 from . import __version__
 from .engine import MESSAGES, Engine, say
 
-__all__ = ["ControlServer", "bind_unix_socket", "SocketInUse"]
+__all__ = ["ControlServer", "bind_unix_socket", "prepare_socket_dir", "SocketInUse"]
 
 log = structlog.get_logger("supervisor.control")
 
@@ -71,8 +71,7 @@ def bind_unix_socket(path: Path, *, group: str | int | None) -> trio.socket.Sock
         OSError: the path cannot be created.
     """
     gid = _gid(group) if group is not None else None
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755 if os.getuid() == 0 else 0o700)
-    check_socket_dir(path.parent)
+    prepare_socket_dir(path.parent)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -103,6 +102,16 @@ def bind_unix_socket(path: Path, *, group: str | int | None) -> trio.socket.Sock
         os.chmod(path, 0o600)
     sock.listen(128)
     return sock
+
+
+def prepare_socket_dir(directory: Path) -> None:
+    """Create a socket directory (0755 as root, else 0700), or check the one there.
+
+    Raises:
+        OSError: see `check_socket_dir`.
+    """
+    directory.mkdir(parents=True, exist_ok=True, mode=0o755 if os.getuid() == 0 else 0o700)
+    check_socket_dir(directory)
 
 
 def check_socket_dir(directory: Path) -> None:
