@@ -2,15 +2,23 @@
 
 Each service has one pipe for stdout and one for stderr, created once and
 kept across restarts, so nothing a service writes between two runs is lost
-and a future re-exec can hand the read ends over.  Lines longer than
-`MAX_LINE` are split; bytes that are not UTF-8 are replaced.
+and a re-exec can hand the read ends over.  The supervisor keeps only the
+read ends: each spawn gets fresh write ends (the same pipe, opened again
+through ``/proc/self/fd``), which are closed once the child has them.  When
+the last writer is gone the unfinished last line is written out, and the
+reader waits for the next spawn.  Lines longer than `MAX_LINE` are split;
+bytes that are not UTF-8 are replaced.
+
+At most `MAX_OPEN_LOGS` log files are open at once, whatever the number of
+services: the least recently written one is closed, and opened again when
+its service writes next.
 """
 
 from __future__ import annotations
 
 import contextvars
 import os
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +29,7 @@ from typing import Final
 import structlog
 import trio
 
-__all__ = ["LogLine", "LogHub", "ServiceOutput", "MAX_LINE", "note", "CURRENT"]
+__all__ = ["LogLine", "LogHub", "OutputError", "ServiceOutput", "MAX_LINE", "MAX_OPEN_LOGS", "note", "CURRENT"]
 
 #: The output of the service whose actor runs the current task (its hooks too).
 CURRENT: contextvars.ContextVar["ServiceOutput | None"] = contextvars.ContextVar("service_output", default=None)
@@ -38,7 +46,12 @@ def note(text: str) -> bool:
     return True
 
 MAX_LINE: Final = 64 * 1024
+#: Log files open at once, across all services.
+MAX_OPEN_LOGS: Final = 128
 log = structlog.get_logger("supervisor.output")
+
+#: The outputs whose log file is open, least recently written first.
+_open_logs: OrderedDict[ServiceOutput, None] = OrderedDict()
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +99,10 @@ class LogHub:
             send.close()
 
 
+class OutputError(OSError):
+    """A service's output pipes cannot be set up."""
+
+
 class ServiceOutput:
     """One service's output: its pipes, its log file, its recent lines."""
 
@@ -100,29 +117,49 @@ class ServiceOutput:
         self.ring: deque[LogLine] = deque(maxlen=ring)
         self._fd = -1
         self._write_failed = False
-        self._pipes: dict[str, tuple[int, int]] = {}
+        self._pipes: dict[str, int] = {}  # the read end, per stream
+        self._attached: dict[str, trio.Event] = {}  # set when a writer comes after the last went
         self._partial: dict[str, bytearray] = {}  # an unfinished last line, per stream
 
     # -- pipes ---------------------------------------------------------------------
 
-    def writers(self, nursery: trio.Nursery) -> tuple[int, int]:
-        """Write ends for a child's stdout and stderr (pipes made on first use)."""
-        for stream in ("stdout", "stderr"):
-            if stream not in self._pipes:
-                r, w = os.pipe2(os.O_CLOEXEC)
-                self._pipes[stream] = (r, w)
-                nursery.start_soon(self._pump, stream, r)
-        return self._pipes["stdout"][1], self._pipes["stderr"][1]
+    @contextmanager
+    def writers(self, nursery: trio.Nursery) -> Iterator[tuple[int, int]]:
+        """Write ends for a child's stdout and stderr, closed on leaving (pipes made on first use).
+
+        Raises:
+            OutputError: a pipe cannot be made or opened (out of descriptors).
+        """
+        ends: list[int] = []
+        try:
+            for stream in ("stdout", "stderr"):
+                try:
+                    if stream not in self._pipes:
+                        r, w = os.pipe2(os.O_CLOEXEC)
+                        self._pipes[stream] = r
+                        nursery.start_soon(self._pump, stream, r)
+                        ends.append(w)
+                    else:
+                        ends.append(os.open(f"/proc/self/fd/{self._pipes[stream]}",
+                                            os.O_WRONLY | os.O_CLOEXEC))
+                except OSError as exc:
+                    raise OutputError(exc.errno, f"cannot open its {stream} pipe: {exc.strerror}") from None
+                if stream in self._attached:
+                    self._attached.pop(stream).set()
+            yield ends[0], ends[1]
+        finally:
+            for fd in ends:
+                os.close(fd)
 
     def resume(self, nursery: trio.Nursery) -> None:
         """Start reading pipes handed over by a previous image (re-exec)."""
-        for stream, (r, _w) in self._pipes.items():
+        for stream, r in self._pipes.items():
             nursery.start_soon(self._pump, stream, r)
 
     def handover(self) -> dict[str, object]:
-        """The pipes and unfinished lines, for the next image (re-exec)."""
+        """The pipes (read ends) and unfinished lines, for the next image (re-exec)."""
         return {
-            "pipes": {stream: [r, w] for stream, (r, w) in self._pipes.items()},
+            "pipes": {stream: [r] for stream, r in self._pipes.items()},
             "partial": {stream: bytes(buf).hex() for stream, buf in self._partial.items() if buf},
         }
 
@@ -130,10 +167,11 @@ class ServiceOutput:
         pipes = data.get("pipes") or {}
         partial = data.get("partial") or {}
         assert isinstance(pipes, dict) and isinstance(partial, dict)
-        for stream, (r, w) in pipes.items():
+        for stream, (r, *older) in pipes.items():
             os.set_inheritable(r, False)
-            os.set_inheritable(w, False)
-            self._pipes[stream] = (r, w)
+            self._pipes[stream] = r
+            for w in older:  # an image before 0.2 kept the write end too
+                os.close(w)
         for stream, hexed in partial.items():
             self._partial[stream] = bytearray(bytes.fromhex(hexed))
 
@@ -145,13 +183,17 @@ class ServiceOutput:
                     data = await pipe.receive_some(65536)
                 except (trio.ClosedResourceError, trio.BrokenResourceError):
                     break
-                if not data:
-                    break
-                buf += data
-                self._split(stream, buf)
-        if buf:
-            self.emit(stream, bytes(buf))
-            buf.clear()
+                if data:
+                    buf += data
+                    self._split(stream, buf)
+                    continue
+                # Every writer is gone (the service's processes ended): finish the
+                # last line, then wait for the next spawn to open the pipe again.
+                if buf:
+                    self.emit(stream, bytes(buf))
+                    buf.clear()
+                attached = self._attached[stream] = trio.Event()
+                await attached.wait()
 
     def _split(self, stream: str, buf: bytearray) -> None:
         """Emit every complete line of `buf`, cutting lines at MAX_LINE bytes."""
@@ -167,9 +209,12 @@ class ServiceOutput:
                 return
 
     def close(self) -> None:
-        for r, w in self._pipes.values():
-            os.close(w)
+        """At the end of the service (its readers are cancelled: they close the read ends)."""
         self._pipes.clear()
+        self._close_log()
+
+    def _close_log(self) -> None:
+        _open_logs.pop(self, None)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -192,10 +237,11 @@ class ServiceOutput:
         return list(self.ring)[-n:] if n > 0 else []
 
     def _write(self, data: bytes) -> None:
-        if self._fd >= 0 and self.max_size and self._size and self._size + len(data) > self.max_size:
+        if self.max_size and self._size and self._size + len(data) > self.max_size:
             self._rotate()
         if self._fd < 0 and not self._open():
             return
+        _open_logs.move_to_end(self)
         try:
             written = os.write(self._fd, data)
             while written < len(data):  # a short write (signal, nearly full disk)
@@ -210,6 +256,9 @@ class ServiceOutput:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             self._size = os.fstat(self._fd).st_size
+            _open_logs[self] = None
+            while len(_open_logs) > MAX_OPEN_LOGS:  # the least recently written one goes
+                next(iter(_open_logs))._close_log()
             return True
         except OSError as exc:
             self._report(exc)
@@ -217,8 +266,7 @@ class ServiceOutput:
 
     def _rotate(self) -> None:
         """NAME.log → NAME.log.1 → … → NAME.log.N (the oldest is dropped)."""
-        os.close(self._fd)
-        self._fd = -1
+        self._close_log()
         self._size = 0
         try:
             if self.max_backups == 0:

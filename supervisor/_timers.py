@@ -16,6 +16,7 @@ from cronsim import CronSim
 
 from . import _proc
 from ._actor import Outcome, State, _Reply, _Trigger
+from ._output import OutputError
 from ._stopping import terminate
 
 __all__ = ["TimerMixin", "timer_details"]
@@ -62,9 +63,9 @@ class TimerMixin:
         assert self._nursery is not None
         started = time.time()
         try:
-            out, err = self.output.writers(self._nursery)
-            child = _proc.spawn(self.spec, stdout=out, stderr=err)
-        except _proc.SpawnError as exc:
+            with self.output.writers(self._nursery) as (out, err):
+                child = _proc.spawn(self.spec, stdout=out, stderr=err)
+        except (_proc.SpawnError, OutputError) as exc:
             self.last_run = {"start": started, "end": started, "error": str(exc)}
             self.output.note(f"Run of {self.name} failed to start: {exc}")
             return

@@ -20,7 +20,7 @@ import trio
 
 from herd.protocol import ProtocolError, default_paths
 
-from . import __version__, _proc
+from . import __version__, _limits, _proc
 from ._logging import configure_logging
 from ._notify import sd_notify
 from ._instance import InstanceLock, instance_name, notify_dir, prepare_notify_dir
@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{where}: valid, {len(config.services)} service(s)")
         for line in describe_services(config.services):
             print("  " + line)
+        _limits.raise_nofile(_limits.needed(config.services))  # as the daemon would
+        if (short := _limits.shortfall(config.services)) is not None:
+            print(f"warning: {short}", file=sys.stderr)
         return 0
     configure_logging(settings.log_format, settings.log_level)
     if config.path is None:
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _run(config: Config, settings: Settings, overrides: dict[str, Any]) -> int:
     handover = take_handover()
+    nofile = _open_files(config, handover)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
         # Signals held across a re-exec are delivered now, to the receiver above.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
@@ -133,7 +137,7 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any]) ->
             log.info("resumed after re-exec", pid=os.getpid(),
                      running=sum(1 for s in engine.services.values() if s.child is not None))
         reexec = Reexec(engine, settings.state_dir, {"control": rw, "status": ro, "notify": notify.sock},
-                        lock_fd=lock.fd)
+                        lock_fd=lock.fd, nofile=nofile)
         async with trio.open_nursery() as nursery:
             await nursery.start(notify.serve)
             await nursery.start(engine.run)
@@ -174,6 +178,17 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any]) ->
     if os.getpid() == 1 and reexec.how in ("power-off", "reboot", "halt"):
         _reboot(reexec.how)
     return 0
+
+
+def _open_files(config: Config, handover: dict[str, Any] | None) -> tuple[int, int]:
+    """Raise our open-files limit; children keep the one we were given (kept across a re-exec)."""
+    given = _limits.raise_nofile(_limits.needed(config.services))
+    if handover is not None and isinstance(handover.get("nofile"), list):
+        given = (int(handover["nofile"][0]), int(handover["nofile"][1]))
+    _limits.set_child_nofile(given)
+    if (short := _limits.shortfall(config.services)) is not None:
+        log.warning(short)
+    return given
 
 
 def _instance_lock(socket_dir: Path, handover: dict[str, Any] | None) -> InstanceLock:
@@ -235,11 +250,13 @@ def _socket_from_fd(fd: int) -> trio.socket.SocketType:
 class Reexec:
     """Re-execute in place: check the new image, wait for calm, hand over, exec."""
 
-    def __init__(self, engine: Engine, state_dir: Path, sockets: dict[str, Any], *, lock_fd: int) -> None:
+    def __init__(self, engine: Engine, state_dir: Path, sockets: dict[str, Any], *, lock_fd: int,
+                 nofile: tuple[int, int]) -> None:
         self.engine = engine
         self.state_dir = state_dir
         self.sockets = sockets
         self.lock_fd = lock_fd
+        self.nofile = nofile  # the open-files limit we were given, for children
         self._lock = trio.Lock()
         self.shutdown = trio.Event()
         self.how = "exit"
@@ -280,7 +297,7 @@ class Reexec:
             fds.extend(passed["listeners"])
             fds.extend(fd for pair in passed["output"]["pipes"].values() for fd in pair)
         exec_self(self.state_dir, {"version": 1, "sockets": sockets, "lock": self.lock_fd,
-                                   "services": services}, fds)
+                                   "nofile": list(self.nofile), "services": services}, fds)
 
     async def on_signal(self) -> None:
         if self._lock.locked():  # the re-exec under way will pick up the same new code

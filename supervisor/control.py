@@ -39,6 +39,7 @@ from herd.protocol import (
 )
 
 from . import __version__
+from ._accept import serve_clients
 from .engine import MESSAGES, Engine, say
 
 __all__ = ["ControlServer", "bind_unix_socket", "prepare_socket_dir", "SocketInUse"]
@@ -146,9 +147,8 @@ class ControlServer:
         self.reexec = on_reexec  # supervisor.cli.Reexec or None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listener = trio.SocketListener(self.sock)
         try:
-            await trio.serve_listeners(self._handle, [listener], task_status=task_status)
+            await serve_clients(self._handle, self.sock, task_status=task_status)
         finally:
             try:
                 os.unlink(self.path)

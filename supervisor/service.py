@@ -51,7 +51,7 @@ from ._actor import (
     _Trigger,
 )
 from ._output import CURRENT as output_token
-from ._output import LogHub, LogLine, ServiceOutput
+from ._output import LogHub, LogLine, OutputError, ServiceOutput
 from ._probes import (
     drain,
     event_then_cancel,
@@ -371,7 +371,6 @@ class Service(TimerMixin):
                 # A stop may have cancelled this attempt before it ever ran: a
                 # cancelled scope only acts at a checkpoint, so take one now.
                 await trio.lowlevel.checkpoint_if_cancelled()
-                out, err = self.output.writers(self._nursery)
                 if spec.prepare_hook is not None:
                     await spec.prepare_hook(spec)
                     await trio.lowlevel.checkpoint_if_cancelled()
@@ -380,9 +379,10 @@ class Service(TimerMixin):
                     strays = Strays()
                 if self._socket_error is not None:
                     return False, self._socket_error
-                child = _proc.spawn(spec, stdout=out, stderr=err, extra_env=self._extra_env(),
-                                    listen_fds=[(sock.fileno(), s.name)
-                                                for sock, s in zip(self.listeners, spec.sockets)])
+                with self.output.writers(self._nursery) as (out, err):
+                    child = _proc.spawn(spec, stdout=out, stderr=err, extra_env=self._extra_env(),
+                                        listen_fds=[(sock.fileno(), s.name)
+                                                    for sock, s in zip(self.listeners, spec.sockets)])
                 self.child = child
                 self._nursery.start_soon(self._monitor, child)
                 log.debug("spawned", pid=child.pid, command=list(spec.command))
@@ -397,7 +397,7 @@ class Service(TimerMixin):
                 verdict = await self._wait_ready(child, strays)
         except trio.TooSlowError:
             verdict = False, f"not ready within {spec.start_timeout:g} s (start-timeout)"
-        except _proc.SpawnError as exc:
+        except (_proc.SpawnError, OutputError) as exc:
             return False, str(exc)
         except Exception as exc:  # a start hook's own failure
             log.exception("start hook failed")
