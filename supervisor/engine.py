@@ -25,6 +25,7 @@ from herd.protocol import ProtocolError
 from . import __version__
 from ._notify_server import ancestors, session_of
 from ._output import LogHub
+from ._pacer import Pacer
 from . import _proc
 from ._state import StateStore, same_process
 from .config import Config, load_config
@@ -63,6 +64,7 @@ class Engine:
         self._subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
         self._nursery: trio.Nursery | None = None
         self.shutting_down = False
+        self._pacer = Pacer()
         self.started_at = time.time()
         for spec in config.services:
             self.services[spec.name] = self._new_service(spec)
@@ -334,6 +336,7 @@ class Engine:
         if not_up:  # stopped again meanwhile by a concurrent request
             return Outcome(False, code="start-failed",
                            message=f"{service.name}: requirement {', '.join(not_up)} is not running")
+        await self._pacer.turn()  # a mass start goes one service per loop pass (see _pacer)
         if self.shutting_down:
             return Outcome(False, code="shutting-down", message="the supervisor is shutting down")
         outcome = await service.start(as_requirement=as_requirement, operator=operator)
@@ -361,6 +364,7 @@ class Engine:
             async with trio.open_nursery() as nursery:
                 for dep in active:
                     nursery.start_soon(self._stop, dep, stopped)
+        await self._pacer.turn()
         outcome = await service.stop(operator=operator)
         if outcome.initiated:
             stopped.append(service.name)
