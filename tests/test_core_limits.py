@@ -173,11 +173,12 @@ class Pinger(threading.Thread):
 def test_ping_and_status_are_answered_throughout_a_mass_start(sup: Supervisor) -> None:
     # 2000, not 5000: the test should stay near a minute on 2 shared cores
     # (contrib/bench/mass_start.py measures 5000).  Before, one loop pass
-    # forked them all: the socket was silent for 10 s and more.
+    # forked them all: the socket was silent for about the whole start.
     n = 2000
     sup.start({"services": sleepers(n)}, preexec=limited(SOFT, HARD))
     pinger = Pinger(sup)
     pinger.start()
+    began = time.monotonic()
     status_latencies = []
     try:
         deadline = time.monotonic() + 300
@@ -188,12 +189,15 @@ def test_ping_and_status_are_answered_throughout_a_mass_start(sup: Supervisor) -
             if count == n or time.monotonic() > deadline or pinger.failure:
                 break
             time.sleep(0.5)
+        took = time.monotonic() - began
     finally:
         pinger.stop.set()
         pinger.join(70)
         pinger.client.close()
     assert pinger.failure is None, repr(pinger.failure)
     assert count == n, f"{count} of {n} services running after 300 s"
-    assert len(pinger.latencies) > 10
-    assert max(pinger.latencies) < 5, f"a ping took {max(pinger.latencies):.1f} s"
+    worst = max(pinger.latencies)
+    assert worst < 5, f"a ping took {worst:.1f} s"
+    # Scale-free: however fast the machine, no ping waits for a good part of the start.
+    assert worst < max(0.5, took / 4), f"the socket was silent for {worst:.1f} s of a {took:.1f} s mass start"
     assert max(status_latencies) < 10, f"a status took {max(status_latencies):.1f} s"
