@@ -257,11 +257,11 @@ class Engine:
 
     # -- sd_notify -------------------------------------------------------------------------
 
-    def route_notify(self, pid: int, fields: dict[str, str]) -> None:
+    def route_notify(self, pid: int, fields: dict[str, str]) -> bool:
         """Hand a notify message to the service the *sender* belongs to.
 
         The sender is the service's main process, or in its session, or a
-        descendant of it; anything else is ignored.
+        descendant of it; anything else is ignored (returns False).
         """
         mains = {s.child.pid: s for s in self.services.values()
                  if s.child is not None and s.child.alive and s.spec.ready.type == "notify"}
@@ -274,8 +274,9 @@ class Engine:
         if service is None:
             log.warning("notify message from a process of no notify service ignored", pid=pid,
                         keys=sorted(fields))
-            return
+            return False
         service.notify(pid, fields)
+        return True
 
     # -- lookups -------------------------------------------------------------------------
 
