@@ -15,13 +15,18 @@ Descriptors the daemon holds:
 At start the soft limit is raised to the hard limit and, as root, the hard
 limit too when the configuration needs more (up to ``fs.nr_open``).
 Children get the limit the supervisor was given (`child_nofile`), unless
-their ``resource-limits`` set ``nofile``.
+their ``resource-limits`` set ``nofile``: through their preexec step when
+they have one, else by running them through ``prlimit`` (a ``preexec_fn``
+would turn Popen's vfork into a full fork of the daemon: 30 ms instead of 4
+per spawn at a few thousand services).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
+import shutil
 from collections.abc import Iterable
 from typing import Final
 
@@ -107,8 +112,18 @@ def child_nofile(limits: Iterable[tuple[str, int, int]]) -> tuple[str, int, int]
     return ("nofile", *_child_nofile)
 
 
-def restore_wrapper(nofile: tuple[str, int, int]) -> tuple[str, ...]:
-    """A fixed exec wrapper that sets the child's open-files limit, then execs
-    the command (passed as arguments, never interpolated; the numbers are ours)."""
+@functools.cache
+def _prlimit() -> str | None:
+    return shutil.which("prlimit", path=os.defpath + ":/usr/sbin:/sbin")
+
+
+def restore_wrapper(nofile: tuple[str, int, int]) -> tuple[str, ...] | None:
+    """An exec wrapper that sets the child's open-files limit, then execs the
+    command unchanged (util-linux ``prlimit``: no shell, no change to the
+    environment); None where there is no ``prlimit``."""
+    path = _prlimit()
+    if path is None:
+        return None
     _, soft, hard = nofile
-    return ("/bin/sh", "-c", f'ulimit -S -n {int(soft)} && ulimit -H -n {int(hard)} && exec "$0" "$@"')
+    value = ":".join("unlimited" if v < 0 or v == resource.RLIM_INFINITY else str(int(v)) for v in (soft, hard))
+    return (path, f"--nofile={value}", "--")

@@ -176,6 +176,13 @@ class ServiceOutput:
             self._partial[stream] = bytearray(bytes.fromhex(hexed))
 
     async def _pump(self, stream: str, fd: int) -> None:
+        try:
+            await self._read(stream, fd)
+        finally:  # the read end is closed: never open its number again for a child
+            if self._pipes.get(stream) == fd:
+                del self._pipes[stream]
+
+    async def _read(self, stream: str, fd: int) -> None:
         buf = self._partial.setdefault(stream, bytearray())
         async with trio.lowlevel.FdStream(fd) as pipe:
             while True:

@@ -224,6 +224,8 @@ def _check_found(command: str, env: dict[str, str]) -> None:
         SpawnError: it is not found.
     """
     if shutil.which(command, path=env.get("PATH", os.defpath)) is None:
+        if os.sep in command and os.path.exists(command):
+            raise SpawnError(f"permission denied: {command}")
         raise SpawnError(f"command not found: {command}")
 
 
@@ -273,8 +275,11 @@ def spawn(spec: ServiceSpec, *, stdout: int, stderr: int, extra_env: dict[str, s
         kwargs["preexec_fn"] = _child_setup([*spec.resource_limits, *filter(None, [nofile])],
                                             [fd for fd, _ in listen_fds])
     elif nofile is not None:  # a wrapper, not a preexec_fn: that would cost a full fork
-        _check_found(argv[0], env)
-        argv = [*_limits.restore_wrapper(nofile), *argv]
+        if (wrapper := _limits.restore_wrapper(nofile)) is None:
+            kwargs["preexec_fn"] = _child_setup([nofile], [])
+        else:
+            _check_found(argv[0], env)
+            argv = [*wrapper, *argv]
     try:
         popen = subprocess.Popen(
             argv,
