@@ -4,11 +4,13 @@ Services get ``NOTIFY_SOCKET`` pointing here.  The kernel attaches the
 sender's credentials to each datagram (``SO_PASSCRED``), so a message is
 routed by the *sending pid*, never by what the message claims: a process that
 belongs to no service (not its main process, not in its session, not among
-its descendants) is ignored.
+its descendants) is ignored.  Anyone may write to the socket, so what is read
+is rate-limited per sender and in total (`supervisor._notify_gate`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import stat
@@ -20,12 +22,25 @@ from typing import Final
 import structlog
 import trio
 
-__all__ = ["NotifyServer", "parse_notify", "session_of", "ancestors"]
+from ._notify_gate import READ_BURST, READ_RATE, REPORT_EVERY, NotifyGate, TokenBucket
+
+__all__ = ["NotifyServer", "bound_path", "parse_notify", "session_of", "ancestors"]
 
 log = structlog.get_logger("supervisor.notify")
 
 _CRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 MAX_DATAGRAM: Final = 4096
+#: Datagrams read per wake-up before the loop yields.
+_BATCH: Final = 64
+
+
+def bound_path(fd: int) -> Path:
+    """The path a Unix socket handed over by a previous image is bound to."""
+    sock = socket.socket(fileno=fd)
+    try:
+        return Path(sock.getsockname())
+    finally:
+        sock.detach()
 
 
 def parse_notify(data: bytes) -> dict[str, str]:
@@ -72,12 +87,17 @@ def ancestors(pid: int, limit: int = 64) -> list[int]:
 
 
 class NotifyServer:
-    """Receives notify datagrams and hands (sender pid, fields) to `route`."""
+    """Receives notify datagrams and hands (sender pid, fields) to `route`.
 
-    def __init__(self, path: Path, route: Callable[[int, dict[str, str]], None], *,
+    `route` returns False when the sender belongs to no service: its next
+    messages are then dropped unread for a while (see `_notify_gate`).
+    """
+
+    def __init__(self, path: Path, route: Callable[[int, dict[str, str]], bool | None], *,
                  fd: int | None = None) -> None:
         self.path = path
         self.route = route
+        self.gate = NotifyGate()
         if fd is not None:  # handed over by the previous image (re-exec)
             os.set_inheritable(fd, False)
             self.sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
@@ -96,22 +116,42 @@ class NotifyServer:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        raw = self.sock._sock
+        space = socket.CMSG_SPACE(_CRED.size)
+        reading = TokenBucket(READ_RATE, READ_BURST, trio.current_time())
         try:
             with self.sock:
                 while True:
-                    data, ancdata, _flags, _addr = await self.sock.recvmsg(
-                        MAX_DATAGRAM, socket.CMSG_SPACE(_CRED.size))
-                    pid = None
-                    for level, kind, payload in ancdata:
-                        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                            pid = _CRED.unpack(payload[:_CRED.size])[0]
-                    if not pid:
-                        continue
-                    fields = parse_notify(data)
-                    if fields:
-                        self.route(pid, fields)
+                    due = self.gate.pending_report()
+                    with trio.move_on_at(math.inf if due is None else due):
+                        await trio.lowlevel.wait_readable(self.sock)
+                    now = trio.current_time()
+                    if (report := self.gate.report(now)) is not None:
+                        log.warning("notify messages dropped", interval=REPORT_EVERY, **report)
+                    # What is not read now waits in the kernel, whose queue then blocks senders.
+                    for _ in range(_BATCH):
+                        if not reading.take(now):
+                            break
+                        try:
+                            data, ancdata, _flags, _addr = raw.recvmsg(MAX_DATAGRAM, space)
+                        except (BlockingIOError, InterruptedError):
+                            break
+                        self._receive(data, ancdata, now)
+                    await trio.sleep(reading.wait(trio.current_time(), _BATCH))  # a batch, not one
         finally:
             try:
                 os.unlink(self.path)
             except OSError:
                 pass
+
+    def _receive(self, data: bytes, ancdata: list[tuple[int, int, bytes]], now: float) -> None:
+        pid = uid = None
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid, uid, _gid = _CRED.unpack(payload[:_CRED.size])
+        if not pid or uid is None or not self.gate.admit(pid, uid, now):
+            return
+        fields = parse_notify(data)
+        if fields:
+            delivered = self.route(pid, fields)
+            self.gate.routed(pid, uid, delivered is not False, now)

@@ -29,6 +29,7 @@ from typing import Final, final
 
 import trio
 
+from . import _limits
 from .spec import RLIMIT_NAMES, ServiceSpec
 
 __all__ = ["Child", "ExitStatus", "SpawnError", "spawn", "owned_pids", "reap_orphans",
@@ -208,9 +209,6 @@ def _child_setup(limits: Sequence[tuple[str, int, int]], listen_fds: Sequence[in
     def apply() -> None:
         if cgroup_fd is not None:
             os.write(cgroup_fd, b"0")
-        for res, soft, hard in resolved:
-            inf = resource.RLIM_INFINITY
-            resource.setrlimit(res, (inf if soft < 0 else soft, inf if hard < 0 else hard))
         if n:
             # Move the listening sockets to 3, 4, …: first above that range, then down.
             tmp = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + n) for fd in listen_fds]
@@ -219,8 +217,23 @@ def _child_setup(limits: Sequence[tuple[str, int, int]], listen_fds: Sequence[in
             # Popen's close_fds is off for these children (it would close 3…):
             # close everything above the passed range here instead.
             os.closerange(3 + n, upper)
+        for res, soft, hard in resolved:  # last: a lower nofile must not fail the moves above
+            inf = resource.RLIM_INFINITY
+            resource.setrlimit(res, (inf if soft < 0 else soft, inf if hard < 0 else hard))
 
     return apply
+
+
+def _check_found(command: str, env: dict[str, str]) -> None:
+    """For a command run through a wrapper, which would fail only after the start.
+
+    Raises:
+        SpawnError: it is not found.
+    """
+    if shutil.which(command, path=env.get("PATH", os.defpath)) is None:
+        if os.sep in command and os.path.exists(command):
+            raise SpawnError(f"permission denied: {command}")
+        raise SpawnError(f"command not found: {command}")
 
 
 def spawn(spec: ServiceSpec, *, stdout: int, stderr: int, extra_env: dict[str, str] | None = None,
@@ -264,11 +277,18 @@ def spawn(spec: ServiceSpec, *, stdout: int, stderr: int, extra_env: dict[str, s
         env["LISTEN_FDS"] = str(len(listen_fds))
         env["LISTEN_FDNAMES"] = ":".join(name for _, name in listen_fds)
         env.pop("LISTEN_PID", None)
-        if shutil.which(argv[0], path=env.get("PATH", os.defpath)) is None:
-            raise SpawnError(f"command not found: {argv[0]}")
+        _check_found(argv[0], env)
         argv = [*_LISTEN_PID_WRAPPER, *argv]
+    nofile = _limits.child_nofile(spec.resource_limits)  # the open-files limit we were given
     if spec.resource_limits or listen_fds or cgroup_fd is not None:
-        kwargs["preexec_fn"] = _child_setup(spec.resource_limits, [fd for fd, _ in listen_fds], cgroup_fd)
+        kwargs["preexec_fn"] = _child_setup([*spec.resource_limits, *filter(None, [nofile])],
+                                            [fd for fd, _ in listen_fds], cgroup_fd)
+    elif nofile is not None:  # a wrapper, not a preexec_fn: that would cost a full fork
+        if (wrapper := _limits.restore_wrapper(nofile)) is None:
+            kwargs["preexec_fn"] = _child_setup([nofile], [])
+        else:
+            _check_found(argv[0], env)
+            argv = [*wrapper, *argv]
     try:
         popen = subprocess.Popen(
             argv,

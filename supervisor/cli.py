@@ -21,17 +21,18 @@ import trio
 
 from herd.protocol import ProtocolError, default_paths
 
-from . import __version__, _proc
+from . import __version__, _limits, _proc
 from ._cgroup import CgroupUnavailable, Hierarchy
 from ._hostcheck import check_host, log_findings
+from ._instance import InstanceLock, instance_name, notify_dir, prepare_notify_dir
 from ._keeper_link import KeeperLink
 from ._logging import configure_logging
 from ._notify import sd_notify
-from ._notify_server import NotifyServer
+from ._notify_server import NotifyServer, bound_path
 from ._reexec import check_new_image, config_in_force, exec_self, take_handover
 from ._state import StateStore
 from .config import Config, Settings, describe_services, load_config
-from .control import ControlServer, SocketInUse, bind_unix_socket
+from .control import ControlServer, SocketInUse, bind_unix_socket, prepare_socket_dir
 from .engine import Engine
 from .schema import ConfigErrors
 
@@ -120,7 +121,38 @@ def _check(config: Config, config_path: Path, *, host: bool) -> int:
     print(f"{where}: valid, {len(config.services)} service(s)" + ("" if host else " (host checks skipped)"))
     for line in describe_services(config.services):
         print("  " + line)
+    _limits.raise_nofile(_limits.needed(config.services))  # as the daemon would
+    if (short := _limits.shortfall(config.services)) is not None:
+        print(f"warning: {short}", file=sys.stderr)
     return 0
+
+
+def _open_files(config: Config, handover: dict[str, Any] | None) -> tuple[int, int]:
+    """Raise our open-files limit; children keep the one we were given (kept across a re-exec)."""
+    given = _limits.raise_nofile(_limits.needed(config.services))
+    if handover is not None and isinstance(handover.get("nofile"), list):
+        given = (int(handover["nofile"][0]), int(handover["nofile"][1]))
+    _limits.set_child_nofile(given)
+    if (short := _limits.shortfall(config.services)) is not None:
+        log.warning(short)
+    return given
+
+
+def _instance_lock(socket_dir: Path, handover: dict[str, Any] | None) -> InstanceLock:
+    """The lock of this socket directory: taken now, or kept across a re-exec.
+
+    It is released when the process ends; a later supervisor removes the file.
+
+    Raises:
+        OSError: another supervisor holds it (`AlreadyRunning`), or a directory is unsafe.
+    """
+    prepare_socket_dir(socket_dir)
+    directory = notify_dir()
+    prepare_notify_dir(directory)
+    name = instance_name(socket_dir)
+    if handover is not None and isinstance(handover.get("lock"), int):
+        return InstanceLock.adopt(handover["lock"], directory / f"{name}.lock")
+    return InstanceLock.acquire(directory, name, socket_dir)
 
 
 
@@ -140,23 +172,27 @@ def _open_cgroups(settings: Settings, wanted: bool) -> tuple[Hierarchy | None, s
 
 async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cgroups: bool = True,
                handover: dict[str, Any] | None = None) -> int:
+    nofile = _open_files(config, handover)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
         # Signals held across a re-exec are delivered now, to the receiver above;
         # and no signal stays blocked (children inherit the mask: see _proc.spawn).
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        notify_path = settings.socket.parent / "notify.sock"
         try:
+            # The lock comes first: a second supervisor touches no socket.
+            lock = _instance_lock(settings.socket.parent, handover)
             settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
             settings.log_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
             if handover is not None:
                 fds = handover["sockets"]
                 rw, ro = _socket_from_fd(fds["control"]), _socket_from_fd(fds["status"])
                 notify_fd: int | None = fds["notify"]
+                notify_path = bound_path(fds["notify"])
             else:
                 rw = bind_unix_socket(settings.socket, group=settings.socket_group)
                 ro = bind_unix_socket(settings.status_socket,
                                       group=settings.status_socket_group or settings.socket_group)
                 notify_fd = None
+                notify_path = lock.path.with_suffix(".sock")
         except (SocketInUse, OSError, ValueError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             log.error("cannot start", error=why)
@@ -180,7 +216,8 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cg
         if handover is not None:
             log.info("resumed after re-exec", pid=os.getpid(),
                      running=sum(1 for s in engine.services.values() if s.child is not None))
-        reexec = Reexec(engine, settings.state_dir, {"control": rw, "status": ro, "notify": notify.sock})
+        reexec = Reexec(engine, settings.state_dir, {"control": rw, "status": ro, "notify": notify.sock},
+                        lock_fd=lock.fd, nofile=nofile)
         reexec.signals = signals
         async with trio.open_nursery() as nursery:
             await nursery.start(notify.serve)
@@ -235,6 +272,34 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cg
     return 0
 
 
+def _open_files(config: Config, handover: dict[str, Any] | None) -> tuple[int, int]:
+    """Raise our open-files limit; children keep the one we were given (kept across a re-exec)."""
+    given = _limits.raise_nofile(_limits.needed(config.services))
+    if handover is not None and isinstance(handover.get("nofile"), list):
+        given = (int(handover["nofile"][0]), int(handover["nofile"][1]))
+    _limits.set_child_nofile(given)
+    if (short := _limits.shortfall(config.services)) is not None:
+        log.warning(short)
+    return given
+
+
+def _instance_lock(socket_dir: Path, handover: dict[str, Any] | None) -> InstanceLock:
+    """The lock of this socket directory: taken now, or kept across a re-exec.
+
+    It is released when the process ends; a later supervisor removes the file.
+
+    Raises:
+        OSError: another supervisor holds it (`AlreadyRunning`), or a directory is unsafe.
+    """
+    prepare_socket_dir(socket_dir)
+    directory = notify_dir()
+    prepare_notify_dir(directory)
+    name = instance_name(socket_dir)
+    if handover is not None and isinstance(handover.get("lock"), int):
+        return InstanceLock.adopt(handover["lock"], directory / f"{name}.lock")
+    return InstanceLock.acquire(directory, name, socket_dir)
+
+
 async def _terminate_strays(grace: float = 5.0) -> None:
     """As PID 1: SIGTERM every other process, wait `grace`, then SIGKILL."""
     def others() -> list[int]:
@@ -277,10 +342,13 @@ def _socket_from_fd(fd: int) -> trio.socket.SocketType:
 class Reexec:
     """Re-execute in place: check the new image, wait for calm, hand over, exec."""
 
-    def __init__(self, engine: Engine, state_dir: Path, sockets: dict[str, Any]) -> None:
+    def __init__(self, engine: Engine, state_dir: Path, sockets: dict[str, Any], *, lock_fd: int,
+                 nofile: tuple[int, int]) -> None:
         self.engine = engine
         self.state_dir = state_dir
         self.sockets = sockets
+        self.lock_fd = lock_fd
+        self.nofile = nofile  # the open-files limit we were given, for children
         self._lock = trio.Lock()
         self.shutdown = trio.Event()
         self.how = "exit"
@@ -345,7 +413,7 @@ class Reexec:
         sockets = {name: sock.fileno() for name, sock in self.sockets.items()}
         if self.engine.keeper is not None and self.engine.keeper.sock is not None:
             sockets["keeper"] = self.engine.keeper.sock.fileno()
-        fds = list(sockets.values())
+        fds = [*sockets.values(), self.lock_fd]  # the lock stays held: same open file
         for passed in services.values():
             if passed["pidfd"] is not None:
                 fds.append(passed["pidfd"])
@@ -354,6 +422,7 @@ class Reexec:
         connections = [state for server in self.servers for state in server.handover()]
         fds.extend(state["fd"] for state in connections)
         handover: dict[str, Any] = {"version": 1, "sockets": sockets, "services": services,
+                                    "lock": self.lock_fd, "nofile": list(self.nofile),
                                     "events": {"epoch": self.engine.epoch, "seq": self.engine.seq},
                                     "connections": connections}
         if self.engine.config.source is not None:

@@ -16,6 +16,7 @@ every action not declared read-only, whoever asks.
 from __future__ import annotations
 
 import errno
+from functools import partial
 import grp
 import math
 import os
@@ -43,11 +44,12 @@ from herd.protocol import (
 )
 
 from . import __version__
+from ._accept import serve_clients
 from ._actions import STREAMED, find_action
 from ._backlog import Backlog, Overflow
 from .engine import MESSAGES, Engine
 
-__all__ = ["ControlServer", "bind_unix_socket", "SocketInUse"]
+__all__ = ["ControlServer", "bind_unix_socket", "prepare_socket_dir", "SocketInUse"]
 
 log = structlog.get_logger("supervisor.control")
 
@@ -83,8 +85,7 @@ def bind_unix_socket(path: Path, *, group: str | int | None) -> trio.socket.Sock
         OSError: the path cannot be created.
     """
     gid = _gid(group) if group is not None else None
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755 if os.getuid() == 0 else 0o700)
-    check_socket_dir(path.parent)
+    prepare_socket_dir(path.parent)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -115,6 +116,16 @@ def bind_unix_socket(path: Path, *, group: str | int | None) -> trio.socket.Sock
         os.chmod(path, 0o600)
     sock.listen(128)
     return sock
+
+
+def prepare_socket_dir(directory: Path) -> None:
+    """Create a socket directory (0755 as root, else 0700), or check the one there.
+
+    Raises:
+        OSError: see `check_socket_dir`.
+    """
+    directory.mkdir(parents=True, exist_ok=True, mode=0o755 if os.getuid() == 0 else 0o700)
+    check_socket_dir(directory)
 
 
 def check_socket_dir(directory: Path) -> None:
@@ -185,13 +196,12 @@ class ControlServer:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                     resumed: list[dict[str, Any]] = ()) -> None:
         """Serve the socket; `resumed` are connections a previous image handed over."""
-        listener = trio.SocketListener(self.sock)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 for state in resumed:  # their streams subscribe now, before any event
                     nursery.start_soon(self._resume, self._adopt(state))
-                await nursery.start(trio.serve_listeners, self._handle, [listener])
+                await nursery.start(partial(serve_clients, self._handle, self.sock))
                 task_status.started()
         finally:
             try:

@@ -30,6 +30,7 @@ from ._notify_server import ancestors, session_of
 from ._keeper_link import Held, KeeperLink, close_held, pipe_key, socket_key
 from ._output import LogHub, ServiceOutput
 from . import _proc, _sockets, _threads
+from ._pacer import Pacer
 from ._cgroup import Hierarchy, Watcher
 from ._containment import Containment
 from ._state import StateStore, same_process
@@ -84,6 +85,7 @@ class Engine:
         self._subscribers: set[Backlog[dict[str, Any]]] = set()
         self._nursery: trio.Nursery | None = None
         self.shutting_down = False
+        self._pacer = Pacer()
         self.started_at = time.time()
         for spec in config.services:
             self.services[spec.name] = self._new_service(spec)
@@ -382,20 +384,21 @@ class Engine:
             found = next((mains[a] for a in ancestors(pid) if a in mains), None)
         return found
 
-    def route_notify(self, pid: int, fields: dict[str, str]) -> None:
+    def route_notify(self, pid: int, fields: dict[str, str]) -> bool:
         """Hand a notify message to the service the *sender* belongs to.
 
         The sender is in the service's cgroup (without cgroups: it is the
         service's main process, in its session, or a descendant of it);
-        anything else is ignored.
+        anything else is ignored (returns False).
         """
         owner = self.pid_owner(pid, notify_only=True)
         service = self.services.get(owner) if owner is not None else None
         if service is None:
             log.warning("notify message from a process of no notify service ignored", pid=pid,
                         keys=sorted(fields))
-            return
+            return False
         service.notify(pid, fields)
+        return True
 
     # -- lookups -------------------------------------------------------------------------
 
@@ -456,6 +459,7 @@ class Engine:
         if not_up:  # stopped again meanwhile by a concurrent request
             return Outcome(False, code="start-failed",
                            message=f"{service.name}: requirement {', '.join(not_up)} is not running")
+        await self._pacer.turn()  # a mass start goes one service per loop pass (see _pacer)
         if self.shutting_down:
             return Outcome(False, code="shutting-down", message="the supervisor is shutting down")
         outcome = await service.start(as_requirement=as_requirement, operator=operator)
@@ -483,6 +487,7 @@ class Engine:
             async with trio.open_nursery() as nursery:
                 for dep in active:
                     nursery.start_soon(self._stop, dep, stopped)
+        await self._pacer.turn()
         outcome = await service.stop(operator=operator)
         if outcome.initiated:
             stopped.append(service.name)

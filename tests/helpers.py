@@ -578,8 +578,13 @@ class Supervisor:
         config: dict[str, Any] | str | None,
         args: list[str] | None = None,
         umask: int = -1,
+        preexec: Callable[[], None] | None = None,
     ) -> socket.socket:
-        """Launch the daemon; returns the bound NOTIFY_SOCKET datagram socket."""
+        """Launch the daemon; returns the bound NOTIFY_SOCKET datagram socket.
+
+        ``preexec`` runs in the daemon's process before it starts (to set its
+        limits, say).
+        """
         assert self.proc is None, "one daemon per Supervisor"
         if config is not None:
             self.write_config(config)
@@ -598,6 +603,7 @@ class Supervisor:
                 stderr=err,
                 start_new_session=True,
                 umask=umask,
+                preexec_fn=preexec,
             )
         return notify
 
@@ -606,9 +612,10 @@ class Supervisor:
         config: dict[str, Any] | str | None,
         args: list[str] | None = None,
         umask: int = -1,
+        preexec: Callable[[], None] | None = None,
     ) -> Supervisor:
         """Launch the daemon and return once it has sent READY=1."""
-        notify = self.spawn(config, args, umask)
+        notify = self.spawn(config, args, umask, preexec)
         try:
             self._wait_ready(notify)
         finally:

@@ -949,6 +949,9 @@ def report(data: dict[str, Any], out: Path, quick: bool) -> str:
     if data["problems"]:
         lines += ["## Problems seen during the run", ""] + [f"- {p}" for p in data["problems"]] + [""]
     lines += ["![results](results.png)", ""]
+    mass = HERE / "mass_start.md"  # written by mass_start.py, kept across regenerations
+    if mass.exists():
+        lines += [mass.read_text().rstrip(), ""]
     return "\n".join(lines)
 
 
