@@ -155,8 +155,6 @@ def _instance_lock(socket_dir: Path, handover: dict[str, Any] | None) -> Instanc
     return InstanceLock.acquire(directory, name, socket_dir)
 
 
-
-
 def _open_cgroups(settings: Settings, wanted: bool) -> tuple[Hierarchy | None, str | None]:
     """This supervisor's cgroup subtree, or None and why (said once, in the log)."""
     if not wanted:
@@ -270,34 +268,6 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cg
     if os.getpid() == 1 and reexec.how in ("power-off", "reboot", "halt"):
         _reboot(reexec.how)
     return 0
-
-
-def _open_files(config: Config, handover: dict[str, Any] | None) -> tuple[int, int]:
-    """Raise our open-files limit; children keep the one we were given (kept across a re-exec)."""
-    given = _limits.raise_nofile(_limits.needed(config.services))
-    if handover is not None and isinstance(handover.get("nofile"), list):
-        given = (int(handover["nofile"][0]), int(handover["nofile"][1]))
-    _limits.set_child_nofile(given)
-    if (short := _limits.shortfall(config.services)) is not None:
-        log.warning(short)
-    return given
-
-
-def _instance_lock(socket_dir: Path, handover: dict[str, Any] | None) -> InstanceLock:
-    """The lock of this socket directory: taken now, or kept across a re-exec.
-
-    It is released when the process ends; a later supervisor removes the file.
-
-    Raises:
-        OSError: another supervisor holds it (`AlreadyRunning`), or a directory is unsafe.
-    """
-    prepare_socket_dir(socket_dir)
-    directory = notify_dir()
-    prepare_notify_dir(directory)
-    name = instance_name(socket_dir)
-    if handover is not None and isinstance(handover.get("lock"), int):
-        return InstanceLock.adopt(handover["lock"], directory / f"{name}.lock")
-    return InstanceLock.acquire(directory, name, socket_dir)
 
 
 async def _terminate_strays(grace: float = 5.0) -> None:
