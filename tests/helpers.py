@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
+import pytest
 import tomli_w
 
 T = TypeVar("T")
@@ -247,6 +249,47 @@ def world_executable(path: str) -> bool:
             return False
     mode = os.stat(real).st_mode
     return bool(mode & stat.S_IXOTH and mode & stat.S_IROTH)
+
+
+def make_gate(path: Path) -> Path:
+    """A FIFO that a service blocks on (``open(path).read()``) until the test
+    calls `open_gate`: a signal, not a file to poll."""
+    os.mkfifo(path, 0o666)
+    os.chmod(path, 0o666)  # services may run as another user
+    return path
+
+
+def open_gate(path: Path, timeout: float = 20.0) -> None:
+    """Let the service waiting on the FIFO `path` go on (it reads EOF)."""
+    def writer() -> int | None:
+        try:
+            return os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: the service is not reading it yet
+            return None
+
+    os.close(wait_until(writer, timeout, f"a service waiting on {path}"))
+
+
+#: For a service's Python code: block until the test opens the gate argv[i].
+WAIT_GATE = "def wait_gate(path):\n    open(path).read()\n"
+
+
+def need(what: str) -> None:
+    """A test cannot run here without `what`: as root (CI, where `contrib/dev
+    test` installs everything) that is a failure, otherwise a skip naming it."""
+    message = f"missing: {what}"
+    if os.getuid() == 0:
+        pytest.fail(message + " -- run `contrib/dev test` (as root it installs them)")
+    pytest.skip(message)
+
+
+def nobody_python() -> str:
+    """A Python interpreter that user `nobody` can run (`need`s one)."""
+    python = python_for_other_users()
+    if python is None:
+        need("a Python interpreter that user nobody may run (Debian package python3)")
+    assert python is not None
+    return python
 
 
 def python_for_other_users() -> str | None:
@@ -506,14 +549,19 @@ def remove_cgroup_tree(top: Path) -> None:
         (top / "cgroup.kill").write_text("1")
     except OSError:
         pass
-    deadline = Deadline(10)
-    while not deadline.expired():
-        try:
-            if "populated 0" in (top / "cgroup.events").read_text():
-                break
-        except OSError:
-            return
-        time.sleep(0.02)
+    # cgroup.events signals each change with POLLPRI: wait on that, not a timer
+    try:
+        fd = os.open(top / "cgroup.events", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        watch = select.poll()
+        watch.register(fd, select.POLLPRI)
+        deadline = Deadline(10)
+        while b"populated 0" not in os.pread(fd, 4096, 0) and not deadline.expired():
+            watch.poll(max(1, int(deadline.remaining() * 1000)))
+    finally:
+        os.close(fd)
     for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
         try:
             d.rmdir()

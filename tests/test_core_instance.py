@@ -16,9 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-from helpers import REPO, Supervisor, base_env, py_service, python_for_other_users, wait_until
+from helpers import REPO, Supervisor, base_env, py_service, nobody_python, wait_until
 
 #: Sends READY=1 to $NOTIFY_SOCKET at once (after printing it), then sleeps.
 NOTIFY_NOW = r'''
@@ -117,9 +116,7 @@ def test_a_planted_notify_socket_in_a_sticky_directory_does_not_stop_the_daemon(
 
 def test_the_notify_socket_is_reachable_by_other_users_and_only_we_write_its_directory(
         sup: Supervisor) -> None:
-    python = python_for_other_users()
-    if python is None:
-        pytest.skip("no Python interpreter that `nobody` may run")
+    python = nobody_python()
     assert stat.S_IMODE(os.stat(sup.sockdir).st_mode) == 0o700  # the control sockets are private
     service = notify_service(sup, "unprivileged", user="nobody")
     service["command"] = [python, *service["command"][1:]]  # type: ignore[index]

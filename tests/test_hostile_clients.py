@@ -31,8 +31,11 @@ from helpers import (
     Client,
     Deadline,
     Supervisor,
+    WAIT_GATE,
     base_env,
-    python_for_other_users,
+    make_gate,
+    nobody_python,
+    open_gate,
     run_herd,
     sleeper,
     wait_until,
@@ -242,9 +245,7 @@ def test_reload_from_a_group_member_loads_only_root_owned_unwritable_files(sup: 
                                                                            tmp_path: Path) -> None:
     if os.getuid() != 0:
         pytest.skip("needs root: the daemon runs as root and the client as nobody")
-    python = python_for_other_users()
-    if python is None:
-        pytest.skip("no Python interpreter that `nobody` may run")
+    python = nobody_python()
     nobody = 65534
     os.chmod(sup.sockdir, 0o755)  # nobody reaches the socket through its group only
     base = {"supervisor": {"socket-group": nobody},
@@ -293,18 +294,16 @@ def test_reload_from_a_group_member_loads_only_root_owned_unwritable_files(sup: 
 # Item 7: followers that fall behind
 
 
-_BURST = r"""
+_BURST = WAIT_GATE + r"""
 import os, sys, time
 go, again, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 print("ready", flush=True)
-while not os.path.exists(go):
-    time.sleep(0.02)
+wait_gate(go)
 for i in range(n):
     sys.stdout.write(f"burst-line-{i:06d} " + "x" * 80 + "\n")
 sys.stdout.flush()
 print("burst-done", flush=True)
-while not os.path.exists(again):
-    time.sleep(0.02)
+wait_gate(again)
 print("after-the-gap", flush=True)
 time.sleep(1e6)
 """
@@ -337,7 +336,7 @@ class _Lines:
 
 def test_log_follower_that_falls_behind_is_told_how_many_lines_it_lost(sup: Supervisor, tmp_path: Path) -> None:
     n = 30000
-    go, again = tmp_path / "go", tmp_path / "again"
+    go, again = make_gate(tmp_path / "go"), make_gate(tmp_path / "again")
     sup.start({"services": {"burst": {"command": [PY, "-c", _BURST, str(go), str(again), str(n)]}}})
     sup.wait_log("burst", lambda t: t == "ready")
     herd = subprocess.Popen([sys.executable, "-m", "herd", "-s", str(sup.socket), "log", "burst", "-f"],
@@ -346,9 +345,9 @@ def test_log_follower_that_falls_behind_is_told_how_many_lines_it_lost(sup: Supe
     try:
         out = _Lines(herd.stdout)
         out.until(lambda line: line.endswith("stdout: ready"), 20)
-        go.touch()  # and read nothing while the service writes its burst
+        open_gate(go)  # and read nothing while the service writes its burst
         sup.wait_log("burst", lambda t: t == "burst-done", timeout=60)
-        again.touch()
+        open_gate(again)
         lines = out.until(lambda line: line.endswith("stdout: after-the-gap"), 60)
     finally:
         herd.terminate()

@@ -38,7 +38,7 @@ from typing import Any
 import psutil
 import pytest
 import trio
-from helpers import Deadline, Supervisor, python_for_other_users, run_supervisor, wait_until
+from helpers import Deadline, Supervisor, need, python_for_other_users, run_supervisor, wait_until
 
 from services import _secret_service as ss
 from services import hurd_vm
@@ -576,13 +576,6 @@ def _try_connect(port: int) -> socket.socket | None:
 
 # ---------------------------------------------------------------------------------------
 # 3. the real thing: QEMU (TCG) and the test guest
-
-
-def need(what: str) -> None:
-    message = f"missing: {what}"
-    if os.getuid() == 0:
-        pytest.fail(message + " -- run `contrib/dev test` (as root it installs them)")
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,15 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 
-from helpers import Supervisor, base_env, py_service, python_for_other_users
+from helpers import WAIT_GATE, Supervisor, base_env, make_gate, nobody_python, open_gate, py_service
 
 #: argv: MARKER FLAG.  Prints its NOTIFY_SOCKET, waits for FLAG, sends READY=1.
-READY_AFTER_FLAG = r'''
+READY_AFTER_FLAG = WAIT_GATE + r'''
 import os, socket, sys, time
 path = os.environ["NOTIFY_SOCKET"]
 print("NOTIFY_SOCKET=" + path, flush=True)
-while not os.path.exists(sys.argv[2]):
-    time.sleep(0.01)
+wait_gate(sys.argv[2])
 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 s.sendto(b"READY=1\nSTATUS=ready despite the flood", path)
 time.sleep(1e6)
@@ -38,6 +36,7 @@ FLOODER = r'''
 import os, socket, sys, time
 path, seconds, procs = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 r, w = os.pipe()
+started_r, started_w = os.pipe()
 kids = []
 for _ in range(procs):
     pid = os.fork()
@@ -48,6 +47,8 @@ for _ in range(procs):
         while time.monotonic() < end:
             try:
                 s.sendto(b"READY=1\nSTATUS=flood\nMAINPID=1", path)
+                if not sent:
+                    os.write(started_w, b"x")
                 sent += 1
             except (socket.timeout, BlockingIOError):
                 pass
@@ -55,6 +56,14 @@ for _ in range(procs):
         os._exit(0)
     kids.append(pid)
 os.close(w)
+os.close(started_w)
+got = b""
+while len(got) < procs:  # every flooder has sent its first datagram
+    chunk = os.read(started_r, procs)
+    if not chunk:
+        break
+    got += chunk
+print("flooding", flush=True)
 for pid in kids:
     os.waitpid(pid, 0)
 with os.fdopen(r) as f:
@@ -70,10 +79,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def test_a_notify_flood_costs_little_and_ready_still_gets_through(sup: Supervisor, tmp_path: Path) -> None:
-    python = python_for_other_users()
-    if python is None:
-        pytest.skip("no Python interpreter that `nobody` may run")
-    flag = tmp_path / "go"
+    python = nobody_python()
+    flag = make_gate(tmp_path / "go")
     sup.start({"services": {
         "late": py_service(READY_AFTER_FLAG, sup.marker("late"), str(flag), ready={"type": "notify"},
                            **{"auto-start": False, "start-timeout": 60}),
@@ -91,8 +98,9 @@ def test_a_notify_flood_costs_little_and_ready_still_gets_through(sup: Superviso
         flood = subprocess.Popen([python, "-c", FLOODER, path, str(FLOOD_SECONDS), "4"], user="nobody",
                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True, cwd="/")
-        time.sleep(FLOOD_SECONDS / 3)  # paces the scenario: READY=1 is sent while the flood is on
-        flag.touch()
+        assert flood.stdout is not None
+        assert flood.stdout.readline() == "flooding\n"  # READY=1 goes while the flood is on
+        open_gate(flag)
         out, err = start.communicate(timeout=60)
         ready_at = time.monotonic()
         flood_out, flood_err = flood.communicate(timeout=60)

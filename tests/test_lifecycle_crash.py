@@ -180,8 +180,9 @@ def test_sigkill_of_the_supervisor_amid_partial_lines(sup: Supervisor) -> None:
     wait_printed(sup, names, {n: 20 for n in names}, "partial")
 
     for _ in range(3):  # each crash lands amid unfinished lines
+        at_crash = last_numbers(sup, names, "partial")
         crash(sup)
-        time.sleep(1)
+        wait_printed(sup, names, at_crash, "partial")  # the keeper writes while no supervisor runs
         restart(sup)
         assert wait_running(sup, names) == pids
         wait_printed(sup, names, last_numbers(sup, names, "partial"), "partial")
@@ -207,8 +208,9 @@ def test_sigkill_of_the_keeper_loses_nothing(sup: Supervisor) -> None:
     assert len(second) == 1, second
     assert all(pid_alive(pid) for pid in pids.values())
     # the new keeper holds the pipes: a crash of the supervisor now loses nothing either
+    at_crash = last_numbers(sup, names)
     crash(sup)
-    time.sleep(2)
+    wait_printed(sup, names, {n: at_crash[n] + 50 for n in names})  # the new keeper writes meanwhile
     assert all(pid_alive(pid) for pid in pids.values()), "a service died while no supervisor ran"
     during = last_numbers(sup, names)
     restart(sup)
