@@ -188,12 +188,13 @@ def test_sigkill_of_the_supervisor_amid_partial_lines(sup: Supervisor) -> None:
         wait_printed(sup, names, last_numbers(sup, names, "partial"), "partial")
     for name in names:
         assert_every_number_once(sup, name, "partial", in_flight=3)
-    # a line cut by the crash is completed in the file, never repeated
+    # a line cut by the crash is completed in the file, never repeated (what
+    # was in flight at the crash may be missing: counted above)
     for name in names:
         for _stamp, stream, text in sup.log_lines(name):
             if stream == "stdout" and text.strip():
-                words = text.split()
-                assert words == [str(n) for n in range(int(words[0]), int(words[0]) + len(words))], text
+                words = [int(w) for w in text.split()]
+                assert words == sorted(set(words)), text
 
 
 def test_sigkill_of_the_keeper_loses_nothing(sup: Supervisor) -> None:

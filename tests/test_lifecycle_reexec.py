@@ -293,7 +293,8 @@ def pids_of(sup: Supervisor) -> dict[str, int | None]:
 def wait_running(sup: Supervisor, names: list[str], timeout: float = 15.0) -> dict[str, int]:
     def up() -> dict[str, int] | None:
         st = sup.rstatus()
-        if all(st[n]["state"] == "running" and st[n]["pid"] for n in names):
+        # a service not there yet (a reload still to come) is not running yet
+        if all(n in st and st[n]["state"] == "running" and st[n]["pid"] for n in names):
             return {n: st[n]["pid"] for n in names}
         return None
 
