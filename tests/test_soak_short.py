@@ -1,9 +1,12 @@
 """A short soak: `contrib/bench/soak` for about half a minute of chaos, twice.
 
 The soak starts its own daemon (random SIGKILLs, start/stop/restart storms from
-many clients, misbehaving clients), then checks its invariants (state matches
-the processes, no zombie or duplicate, fds and memory back near the start, no
-lost log line, clean SIGTERM) and prints `soak: PASS …` or `soak: FAIL …`.
+many clients, misbehaving clients, non-reading followers, NaN and 5000-digit
+ids, and as root: a loopback port squatter, symlink swaps of a log file and a
+notify flood from user nobody), then checks its invariants (state matches the
+processes, no zombie or duplicate, fds and memory back near the start, the
+decoy behind the symlinks untouched, no lost log line, clean SIGTERM, nothing
+left) and prints `soak: PASS …` or `soak: FAIL …`.
 
 The first run has no re-execs (one probe `reexec root` at the start when it is
 supported); the second re-executes the daemon every few seconds.
@@ -11,6 +14,8 @@ supported); the second re-executes the daemon every few seconds.
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +36,15 @@ def run_soak(*args: str) -> subprocess.CompletedProcess[str]:
 def verdict(cp: subprocess.CompletedProcess[str]) -> str:
     lines = [line for line in cp.stdout.splitlines() if line.startswith("soak: ")]
     assert lines, f"no verdict line; stdout {cp.stdout[-2000:]!r}"
-    return lines[-1]
+    line = lines[-1]
+    if line.startswith("soak: PASS"):
+        # The hostile actors did run, and the resources before and after are reported.
+        assert re.search(r"[1-9]\d* bad ids", line), line
+        assert re.search(r"fds \d+->\d+ \([-+]\d+%\), rss [\d.]+->[\d.]+ MiB", line), line
+        if os.geteuid() == 0:
+            for actor in ("port squatters", "symlink swaps", "notify floods"):
+                assert re.search(rf"[1-9]\d* {actor}", line), line
+    return line
 
 
 @pytest.mark.slow

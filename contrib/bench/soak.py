@@ -9,7 +9,27 @@ For the given time (default 10 minutes) it:
   pipelined, each reply checked;
 * re-executes the daemon (SIGUSR1) now and then, if `reexec root` is supported;
 * sends misbehaving clients: silent ones, garbage, half lines, clients that
-  hang up mid-line, clients that never read their replies or their events.
+  hang up mid-line, clients that never read their replies or their events,
+  non-reading followers (`log` with `[100, "follow"]`, `subscribe`, never read);
+* sends requests with bad ids (at most 300): `NaN`, `Infinity`, `1e999`,
+  5000-digit integers (as id or argument).  Each must get `bad-request` (or a
+  clean close), never `internal`, and the connection must still answer `ping`.
+
+As root (with a python3 that user nobody can run), hostile local actors run
+as user nobody, each bounded in count and time:
+
+* a port squatter: up to 5 processes in turn, each binding a loopback TCP port
+  for up to 10 s, accepting connections and never reading them.  The daemon
+  here has no hurd-vm service (that needs QEMU), so this only checks that the
+  daemon does not mind; a squatter on a childhurd's secrets port is covered
+  by tests/test_hurd_vm.py (test_squatter_*), not by the soak;
+* symlink swaps: service `swap0` (user nobody) logs into a directory that
+  nobody owns, and one process keeps replacing that log file with a symlink
+  to a root-owned decoy file of the soak (mode 0644) for the whole chaos;
+* a notify flood: up to 6 bursts of 3 processes, each sending datagrams (READY=1,
+  MAINPID=1, garbage, …) to the daemon's notify socket (found in the environment
+  of the notify service `notify0`) for up to 3 s, while `ping` must answer
+  within PING_LIMIT seconds.
 
 Then it quiesces (every service enabled and started again) and checks:
 
@@ -17,17 +37,22 @@ Then it quiesces (every service enabled and started again) and checks:
   process carrying the service's marker, and it is the status pid, a child of
   the daemon; stopped => none;
 * no zombie children of the daemon, no duplicate service processes;
-* the daemon's fd count and RSS are back near the start (tolerances below; an
-  RSS above them passes only if it stopped growing in the second half of the
-  chaos: a high-water mark of client queues, not a leak);
+* the daemon's fd count is back within 10 % of the start, and so is its RSS,
+  or else RSS stopped growing in the second half of the chaos (a high-water
+  mark of client queues, not a leak: a short run ends above 10 %, as the
+  non-reading clients' queues hold up to 1 MiB each by design).  The baseline
+  is taken after a restart of every service, so that each log file is open.
+  Both numbers are printed before the verdict and in it;
+* the decoy file is unchanged (content, owner, mode, one link);
 * no lost log line: each counter service prints `SEQ RUN N` with N = 0, 1, 2, …
   per process run, and records its last N in a side file; each run's lines in
   the log file must be gap-free from 0 and reach the side file's N;
 * no `internal` error, no request without a reply, no traceback in the daemon's log;
-* SIGTERM stops everything and the daemon exits 0.
+* SIGTERM stops everything and the daemon exits 0; no service, actor or other
+  process naming the soak's directories (the keeper) is left.
 
 It prints one line, `soak: PASS …` or `soak: FAIL …`, and exits 0 or 1.
-Loopback only (Unix sockets); every loop is bounded by the deadline.
+Loopback and local sockets only; every loop is bounded by the deadline.
 """
 
 from __future__ import annotations
@@ -56,8 +81,27 @@ from herd.protocol import ERROR_CODES  # noqa: E402
 
 SLEEP = shutil.which("sleep") or "/bin/sleep"
 MARKER_ENV = "SOAK_MARKER"
-FD_TOLERANCE = 8
+#: The daemon's fds and RSS after the run, against the baseline: at most 10 % more.
+RETURN_TOLERANCE = 0.10
+#: Seconds within which `ping` must answer during the hostile actors (generous: 2 shared cores).
+PING_LIMIT = 10.0
 RSS_TOLERANCE = (1.5, 40 * 2**20)  # up to 30 non-reading clients x 1 MiB queued by design, + slack; or a plateau
+#: The hostile actors that run as user `nobody` need an interpreter that user can
+#: run (a virtualenv under /root is not); their scripts use the standard library only.
+NOBODY_PY = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3")
+                  if os.access(p, os.X_OK) and os.stat(p).st_mode & 0o001), None)
+#: Requests whose id is not a valid one: each must get `bad-request` (or a clean
+#: close), never `internal`, never a traceback.
+BAD_ID_LINES = [
+    b'{"id": NaN, "action": "ping"}\n',
+    b'{"id": 1e999, "action": "ping"}\n',
+    b'{"id": -Infinity, "action": "status"}\n',
+    b'{"id": Infinity, "action": "ping", "args": [NaN]}\n',
+    b'{"id": ' + b"9" * 5000 + b', "action": "ping"}\n',
+    b'{"id": -' + b"1" * 5000 + b', "action": "status"}\n',
+    b'{"id": 1' + b"0" * 5000 + b'.5, "action": "ping"}\n',
+    b'{"id": 7, "action": "ping", "args": [' + b"3" * 5000 + b']}\n',
+]
 
 #: A service that prints a gap-free counter, one line per write(2), and keeps
 #: its last number in a side file (written after the line).
@@ -75,6 +119,89 @@ while True:
         os.pwrite(fd, b"%20d" % n, 0)
         n += 1
     time.sleep(rng.uniform(0.01, 0.05))
+"""
+
+
+#: A notify service: READY=1 on $NOTIFY_SOCKET, then idle (its environment
+#: tells the notify flooder where the daemon's notify socket is).
+NOTIFY_SERVICE = r"""
+import os, socket, sys, time
+path = os.environ["NOTIFY_SOCKET"]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.connect("\0" + path[1:] if path.startswith("@") else path)
+s.send(b"READY=1")
+while True:
+    time.sleep(3600)
+"""
+
+#: A service running as `nobody` that prints steadily into a log file in a
+#: directory `nobody` owns (so the symlink swapper can replace the file).
+CHATTER = r"""
+import os, sys, time
+n = 0
+while True:
+    os.write(1, b"chatter %s %d\n" % (sys.argv[1].encode(), n))
+    n += 1
+    time.sleep(0.02)
+"""
+
+#: Hostile actors, run as `nobody` (argv: script marker deadline-in-seconds ...).
+#: Each ends by itself when its time is up; the soak kills what is left.
+SQUATTER = r"""
+import socket, sys, time
+end = time.monotonic() + float(sys.argv[2])
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(16)
+print(ls.getsockname()[1], flush=True)
+ls.settimeout(0.2)
+held = []
+while time.monotonic() < end:
+    try:
+        c, _ = ls.accept()
+        held = (held + [c])[-32:]  # accepts and keeps, never reads
+    except socket.timeout:
+        pass
+"""
+
+SWAPPER = r"""
+import os, random, sys, time
+end = time.monotonic() + float(sys.argv[2])
+target, decoy = sys.argv[3], sys.argv[4]
+tmp = target + ".swap"
+rng = random.Random()
+n = 0
+while time.monotonic() < end and n < 20000:
+    try:
+        os.symlink(decoy, tmp)
+    except FileExistsError:
+        os.unlink(tmp)
+        continue
+    os.rename(tmp, target)  # the log file is now a symlink to a root-owned file
+    n += 1
+    time.sleep(rng.uniform(0.0, 0.05))
+print(n, flush=True)
+"""
+
+NOTIFY_FLOOD = r"""
+import os, socket, sys, time
+end = time.monotonic() + float(sys.argv[2])
+path = sys.argv[3]
+msgs = [b"READY=1", b"MAINPID=1", b"STOPPING=1", b"STATUS=" + b"x" * 4000, b"WATCHDOG=1",
+        b"\xff\xfe garbage", b"", b"READY=1\nMAINPID=%d" % os.getppid(), b"FDSTORE=1"]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.setblocking(False)
+s.connect(path)
+n = 0
+while time.monotonic() < end and n < 200000:
+    try:
+        s.send(msgs[n % len(msgs)])
+        n += 1
+    except BlockingIOError:
+        time.sleep(0.001)  # the daemon reads at its own pace: the kernel makes us wait
+    except OSError:
+        time.sleep(0.01)
+print(n, flush=True)
 """
 
 
@@ -163,6 +290,18 @@ class Soak:
         self.services: dict[str, dict] = {}
         self.counters: list[str] = []
         self.reexec_supported = False
+        # The hostile actors that need user `nobody` (and root to become it).
+        self.hostile = os.geteuid() == 0 and NOBODY_PY is not None
+        self.actors: list[subprocess.Popen] = []
+        self.ping_worst = 0.0
+        if self.hostile:
+            self.swapdir = Path(tempfile.mkdtemp(prefix="soak-swap-", dir="/tmp"))
+            os.chown(self.swapdir, 65534, 65534)
+            os.chmod(self.swapdir, 0o755)
+            self.decoy = self.tmp / "decoy"
+            self.decoy_text = f"root-owned decoy of {self.token}: a symlink swap must never write here\n"
+            self.decoy.write_text(self.decoy_text)
+            os.chmod(self.decoy, 0o644)
 
     # ---- set-up ---------------------------------------------------------------------------
 
@@ -196,6 +335,18 @@ class Soak:
                 svc["requires"] = ["count0"]
             self.services[name] = svc
             names.append(name)
+        if self.hostile:
+            # A notify service (its environment names the daemon's notify socket, for the
+            # flooder) and a chatty service of user nobody logging into a directory that
+            # nobody owns (for the symlink swapper).
+            self.services["notify0"] = {
+                "command": [py, "-c", NOTIFY_SERVICE, self.marker("notify0")], "respawn-delay": 0,
+                "stop-timeout": 5, "extra": ['ready = { type = "notify" }', "start-timeout = 60"]}
+            self.services["swap0"] = {
+                "command": [NOBODY_PY, "-c", CHATTER, self.marker("swap0")], "respawn-delay": 0.05,
+                "stop-timeout": 5, "log-max-size": 4096, "log-max-backups": 2,
+                "extra": ['user = "nobody"', 'group = "nogroup"',
+                          "log-file = " + json.dumps(str(self.swapdir / "swap0.log"))]}
         for name, svc in self.services.items():
             env = {MARKER_ENV: self.marker(name)}
             out.append(f"[services.{name}]")
@@ -212,6 +363,7 @@ class Soak:
             if "respawn-limit" in svc:
                 rl = svc["respawn-limit"]
                 out.append(f"respawn-limit = {{ count = {rl['count']}, seconds = {rl['seconds']} }}")
+            out.extend(svc.get("extra", []))
             out.append("environment = { " + ", ".join(f'{k} = "{v}"' for k, v in env.items()) + " }")
             out.append("")
         return "\n".join(out)
@@ -326,7 +478,7 @@ class Soak:
                         self.count("kills")
                 else:
                     marked = self.marked()
-                    procs = [p for ps in marked.values() for p in ps]
+                    procs = [p for name, ps in marked.items() if name in self.services for p in ps]
                     if procs:
                         rng.choice(procs).kill()
                         self.count("kills")
@@ -429,7 +581,8 @@ class Soak:
             while self.running():
                 time.sleep(rng.uniform(0.05, 0.4))
                 kind = rng.choice(["silent", "hangup", "garbage", "half-close", "half-keep", "no-read",
-                                   "no-read-events", "binary", "close-silent"])
+                                   "no-read-events", "no-read-follow", "no-read-subscribe", "binary",
+                                   "close-silent"])
                 try:
                     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                     s.settimeout(5)
@@ -460,6 +613,10 @@ class Soak:
                     elif kind == "no-read-events":
                         s.sendall(b'{"id": 1, "action": "subscribe"}\n{"id": 2, "action": "log", "args": [0, "follow"]}\n')
                         silent.append(s)
+                    elif kind in ("no-read-follow", "no-read-subscribe"):  # followers that never read
+                        s.sendall(b'{"action": "log", "args": [100, "follow"]}\n' if kind == "no-read-follow"
+                                  else b'{"action": "subscribe"}\n')
+                        silent.append(s)
                     elif kind == "close-silent" and silent:
                         silent.pop(rng.randrange(len(silent))).close()
                         s.close()
@@ -475,6 +632,174 @@ class Soak:
         finally:
             for s in silent:
                 s.close()
+
+    # ---- hostile actors: loopback / local only, each bounded in count and time ----------------------
+
+    def spawn_nobody(self, kind: str, script: str, seconds: float, *args: str) -> subprocess.Popen:
+        """An actor script run as user nobody (no groups), for at most `seconds`."""
+        n = self.stats[f"actor-{kind}"]
+        self.count(f"actor-{kind}")
+        with open(self.tmp / f"actor-{kind}-{n}.err", "wb") as err:
+            p = subprocess.Popen([NOBODY_PY, "-I", "-c", script, self.marker(f"actor-{kind}"), f"{seconds:.2f}", *args],
+                                 user=65534, group=65534, extra_groups=[], cwd="/", stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=err, start_new_session=True)
+        with self.lock:
+            self.actors.append(p)
+        return p
+
+    def finish_actor(self, p: subprocess.Popen, kind: str, seconds: float) -> str:
+        """Its output once it ended (by itself: its time is bounded); a crash is a failure."""
+        try:
+            out, _ = p.communicate(timeout=seconds + 30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, _ = p.communicate()
+            self.fail(f"{kind} actor did not end within {seconds + 30:.0f} s")
+        if p.returncode != 0:
+            self.fail(f"{kind} actor exited {p.returncode}: {_tail(self.tmp / f'actor-{kind}-*.err')}")
+        return out.decode(errors="replace").strip()
+
+    def ping(self, where: str) -> None:
+        """One `ping` on a new connection; the daemon must answer within PING_LIMIT s."""
+        t0 = time.monotonic()
+        try:
+            c = Conn(self.rw, PING_LIMIT)
+            try:
+                rep = c.call("ping", timeout=PING_LIMIT)
+            finally:
+                c.close()
+        except (OSError, ConnectionError, TimeoutError, ValueError) as exc:
+            if not self.recently_reexeced():
+                self.fail(f"{where}: ping failed: {type(exc).__name__}: {exc}")
+            return
+        dt = time.monotonic() - t0
+        with self.lock:
+            self.ping_worst = max(self.ping_worst, dt)
+        if not rep.get("ok"):
+            self.fail(f"{where}: ping: {rep}")
+
+    def sleep_while_running(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while self.running() and time.monotonic() < end:
+            time.sleep(0.1)
+
+    def left(self) -> float:
+        return max(0.5, self.deadline - time.monotonic())
+
+    def squatter(self) -> None:
+        """Processes of nobody that bind a loopback TCP port, accept and hold
+        connections and never read (at most 5 in turn, up to 10 s each).  The
+        daemon has no hurd-vm service here (that needs QEMU): a squatter on a
+        childhurd's secrets port is covered by tests/test_hurd_vm.py
+        (test_squatter_*).  Here: the daemon must not mind."""
+        rng = random.Random(self.rng.random() + 11)
+        for _ in range(5):
+            self.sleep_while_running(rng.uniform(0.2, 2))
+            if not self.running():
+                return
+            secs = min(rng.uniform(3, 10), self.left())
+            p = self.spawn_nobody("squatter", SQUATTER, secs)
+            port = p.stdout.readline().strip()
+            held = []
+            if port.isdigit():
+                for _ in range(rng.randrange(1, 8)):
+                    try:
+                        held.append(socket.create_connection(("127.0.0.1", int(port)), timeout=2))
+                    except OSError:
+                        break
+            self.ping("while a squatter holds a loopback port")
+            self.finish_actor(p, "squatter", secs)
+            for h in held:
+                h.close()
+            self.count("squats")
+
+    def swapper(self) -> None:
+        """One process of nobody that, for the whole chaos, keeps replacing the
+        log file of swap0 (in a directory nobody owns) with a symlink to a root
+        file of the soak (the decoy).  The decoy must never change."""
+        secs = self.left()
+        p = self.spawn_nobody("swapper", SWAPPER, secs, str(self.swapdir / "swap0.log"), str(self.decoy))
+        out = self.finish_actor(p, "swapper", secs)
+        self.count("symlink-swaps", int(out) if out.isdigit() else 0)
+
+    def notify_socket(self) -> str | None:
+        """The daemon's notify socket, from the environment of the notify service."""
+        try:
+            pid = self.status(10).get("notify0", {}).get("pid")
+            return psutil.Process(pid).environ().get("NOTIFY_SOCKET") if pid else None
+        except (psutil.Error, OSError, ConnectionError, TimeoutError, RuntimeError):
+            return None
+
+    def notify_flooder(self) -> None:
+        """Bursts of datagrams to the daemon's notify socket from processes of
+        nobody (at most 6 bursts of 3 processes, up to 3 s each, up to 200000
+        datagrams a process), while `ping` must keep answering."""
+        rng = random.Random(self.rng.random() + 13)
+        for _ in range(6):
+            self.sleep_while_running(rng.uniform(0.5, 4))
+            if not self.running():
+                return
+            path = self.notify_socket()
+            if not path:
+                continue
+            if path.startswith("@"):
+                path = "\0" + path[1:]
+            secs = min(rng.uniform(1, 3), self.left())
+            procs = [self.spawn_nobody("notify-flood", NOTIFY_FLOOD, secs, path) for _ in range(3)]
+            while any(p.poll() is None for p in procs):
+                self.ping("during a notify flood")
+                time.sleep(0.1)
+            for p in procs:
+                out = self.finish_actor(p, "notify-flood", secs)
+                self.count("notify-datagrams", int(out) if out.isdigit() else 0)
+            self.count("notify-floods")
+
+    def bad_ids(self) -> None:
+        """Requests with NaN, infinite, 5000-digit ids (at most 300): each gets
+        `bad-request` or a clean close; if the connection stays, it still works."""
+        rng = random.Random(self.rng.random() + 17)
+        for _ in range(300):
+            self.sleep_while_running(rng.uniform(0.02, 0.2))
+            if not self.running():
+                return
+            line = rng.choice(BAD_ID_LINES)
+            what = f"bad id {line[:24]!r}…"
+            try:
+                c = Conn(self.rw if rng.random() < 0.5 else self.ro, 10)
+                try:
+                    c.sock.sendall(line)
+                    self.count("bad-ids")
+                    try:
+                        rep = c.read(30)
+                    except ValueError as exc:
+                        self.fail(f"{what}: the reply is not JSON: {exc}")
+                        continue
+                    if rep is None:
+                        self.count("bad-id-closes")
+                        continue
+                    self.check_reply(rep, what)
+                    if rep.get("ok") is not False or rep["error"].get("code") != "bad-request":
+                        self.fail(f"{what}: expected bad-request, got {str(rep)[:200]}")
+                    elif not c.call("ping", timeout=30).get("ok"):
+                        self.fail(f"{what}: the next ping on the connection failed")
+                finally:
+                    c.close()
+            except (OSError, ConnectionError, TimeoutError, ValueError) as exc:
+                if not self.recently_reexeced():
+                    self.fail(f"{what}: {type(exc).__name__}: {exc}")
+
+    def check_decoy(self) -> None:
+        """The root file that symlink swaps pointed the log at is untouched."""
+        try:
+            st = os.lstat(self.decoy)
+            text = self.decoy.read_text()
+        except OSError as exc:
+            self.fail(f"decoy {self.decoy}: {exc}")
+            return
+        if text != self.decoy_text:
+            self.fail(f"the decoy {self.decoy} was written through a symlink swap: {text[-200:]!r}")
+        if (st.st_uid, st.st_mode & 0o7777, st.st_nlink) != (0, 0o644, 1):
+            self.fail(f"the decoy {self.decoy} changed: uid {st.st_uid} mode {st.st_mode:o} links {st.st_nlink}")
 
     def reexecer(self) -> None:
         rng = random.Random(self.rng.random() + 7)
@@ -534,7 +859,6 @@ class Soak:
         self.wait_quiet(60)
         time.sleep(1)
         d = self.daemon()
-        fd0, rss0 = d.num_fds(), d.memory_info().rss
         try:
             c = Conn(self.rw)
             rep = c.call("reexec", "root", timeout=30)
@@ -547,8 +871,14 @@ class Soak:
         if self.reexec_supported:
             self.last_reexec = time.monotonic()
             time.sleep(1)
-            self.wait_quiet(30)
-            fd0, rss0 = d.num_fds(), d.memory_info().rss  # the baseline is a re-exec'd daemon
+            self.wait_quiet(30)  # the baseline is a re-exec'd daemon
+        # Warm: a restart of every service has the daemon open each log file, as it holds
+        # them after the chaos (a re-exec'd daemon opens them again at the next line).
+        self.restart_all()
+        time.sleep(1)
+        self.wait_quiet(30)
+        fd0, rss0 = d.num_fds(), d.memory_info().rss
+        self.fd_kinds0 = _fd_summary(d.pid, True)
         log(f"daemon pid {d.pid}: {len(self.services)} services, fds {fd0}, rss {rss0 / 2**20:.1f} MiB, "
             f"re-exec {'supported' if self.reexec_supported else 'unsupported'}; chaos for {a.minutes:g} min")
 
@@ -559,6 +889,12 @@ class Soak:
                    threading.Thread(target=self.subscriber, daemon=True),
                    threading.Thread(target=self.misbehaver, daemon=True)]
         threads += [threading.Thread(target=self.storm, args=(k,), daemon=True) for k in range(a.clients)]
+        threads.append(threading.Thread(target=self.bad_ids, daemon=True))
+        if self.hostile:
+            threads += [threading.Thread(target=f, daemon=True)
+                        for f in (self.squatter, self.swapper, self.notify_flooder)]
+        else:
+            log("not root or no python3 that user nobody can run: no squatter, symlink swaps or notify flood")
         if self.reexec_supported and not a.no_reexec:
             threads.append(threading.Thread(target=self.reexecer, daemon=True))
         for t in threads:
@@ -577,6 +913,16 @@ class Soak:
             self.final_checks(fd0, rss0)
         self.elapsed = time.monotonic() - t_start
         return self.verdict()
+
+    def restart_all(self) -> None:
+        c = Conn(self.rw, 30)
+        try:
+            ids = [c.send("restart", name) for name in self.services]
+            for rep in c.replies(ids, 120).values():
+                self.check_reply(rep, "warm-up restart")
+        finally:
+            c.close()
+        self.wait_quiet(60)
 
     def wait_quiet(self, timeout: float) -> dict[str, dict]:
         end = time.monotonic() + timeout
@@ -634,19 +980,27 @@ class Soak:
         while True:
             fd1, rss1 = d.num_fds(), d.memory_info().rss
             zombies = [p.pid for p in d.children() if _status(p) == psutil.STATUS_ZOMBIE]
-            ok = fd1 <= fd0 + FD_TOLERANCE and not zombies
+            ok = fd1 <= fd0 * (1 + RETURN_TOLERANCE) and not zombies
             if ok or time.monotonic() > end:
                 break
             time.sleep(0.5)
         self.fds, self.rss = (fd0, fd1), (rss0, rss1)
-        if fd1 > fd0 + FD_TOLERANCE:
-            self.fail(f"daemon fds {fd0} -> {fd1} (tolerance +{FD_TOLERANCE}): "
-                      f"{_fd_summary(d.pid)}")
+        log(f"daemon fds {fd0} -> {fd1}, rss {rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MiB "
+            f"(fds now: {_fd_summary(d.pid, True)}; at the start: {self.fd_kinds0})")
+        if fd1 > fd0 * (1 + RETURN_TOLERANCE):
+            self.fail(f"daemon fds {fd0} -> {fd1} (more than {RETURN_TOLERANCE:.0%} up): now {_fd_summary(d.pid, True)}; "
+                      f"at the start {self.fd_kinds0}")
+        # RSS: within 10 % of the start, or else (Python keeps freed memory; a short run
+        # ends at the high-water mark of the queues of non-reading clients) a plateau.
+        if rss1 > rss0 * (1 + RETURN_TOLERANCE):
+            log(f"daemon RSS {rss1 / rss0 - 1:+.0%} over the start: judged by the plateau rule")
         if rss1 > max(rss0 * RSS_TOLERANCE[0], rss0 + RSS_TOLERANCE[1]) and self.still_growing():
             series = " ".join(f"{t:.0f}s:{r:.0f}" for t, r, _ in getattr(self, "samples", []))
             self.fail(f"daemon RSS {rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MiB (MiB during the chaos: {series})")
         if zombies:
             self.fail(f"zombie children of the daemon: {zombies}")
+        if self.hostile:
+            self.check_decoy()
         # Orderly shutdown.
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -658,10 +1012,24 @@ class Soak:
         time.sleep(0.5)
         left = {n: [p.pid for p in ps] for n, ps in self.marked().items() if ps}
         if left:
-            self.fail(f"service processes left after SIGTERM: {left}")
+            self.fail(f"service or actor processes left after SIGTERM: {left}")
+        strays = self.strays()
+        if strays:
+            self.fail(f"processes left after SIGTERM (the keeper?): {strays}")
         # Every counter has stopped and the daemon has drained their pipes: now the logs are complete.
         self.check_logs()
         self.check_daemon_log()
+
+    def strays(self) -> list[str]:
+        """Processes other than this one that name our work or socket directory (the
+        daemon, its keeper) in their command line."""
+        mine = (str(self.tmp), str(self.sockdir))
+        out = []
+        for p in psutil.process_iter(["pid", "cmdline", "status"]):
+            cmd = " ".join(p.info.get("cmdline") or [])
+            if p.pid != os.getpid() and p.info.get("status") != psutil.STATUS_ZOMBIE and any(m in cmd for m in mine):
+                out.append(f"{p.pid} {cmd[:120]}")
+        return out
 
     def still_growing(self) -> bool:
         """Whether RSS kept growing in the second half of the chaos.
@@ -774,6 +1142,8 @@ class Soak:
                     if "Traceback" in line:
                         bad.append(line[:300])
                     continue
+                if isinstance(obj, dict) and str(obj.get("event", "")).startswith("log file not writable"):
+                    self.count("log-refusals")
                 if isinstance(obj, dict) and ("exception" in obj or obj.get("level") in ("critical",)):
                     bad.append(f"{obj.get('event')}: {str(obj.get('exception', ''))[-300:]}")
         except OSError:
@@ -788,11 +1158,19 @@ class Soak:
         summary = (f"{self.a.minutes:g} min chaos ({getattr(self, 'elapsed', 0):.0f} s in all), "
                    f"{len(self.services)} services, {s['kills']} kills, {s['requests']} requests "
                    f"({s['polls']} polls), {s['reexecs'] if self.reexec_supported else 'no (unsupported)'} re-execs, "
-                   f"{s['bad-clients']} bad clients")
+                   f"{s['bad-clients']} bad clients, {s['bad-ids']} bad ids ({s['bad-id-closes']} closed)")
+        if self.hostile:
+            summary += (f", {s['squats']} port squatters, {s['symlink-swaps']} symlink swaps "
+                        f"({s['log-refusals']} log opens refused), "
+                        f"{s['notify-floods']} notify floods ({s['notify-datagrams']} datagrams), "
+                        f"worst ping {self.ping_worst:.2f} s")
+        else:
+            summary += ", no actors as nobody (not root)"
         if fds and rss:
             high = max((r for _, r, _ in getattr(self, "samples", [])), default=0.0)
-            summary += (f"; fds {fds[0]}->{fds[1]}, rss {rss[0] / 2**20:.1f}->{rss[1] / 2**20:.1f} MiB"
-                        f" (high-water {high:.1f})")
+            summary += (f"; fds {fds[0]}->{fds[1]} ({fds[1] / fds[0] - 1:+.0%}), "
+                        f"rss {rss[0] / 2**20:.1f}->{rss[1] / 2**20:.1f} MiB ({rss[1] / rss[0] - 1:+.0%},"
+                        f" high-water {high:.1f})")
         if hasattr(self, "log_lines"):
             summary += (f"; {self.log_lines} log lines in {self.log_runs} runs gap-free "
                         f"({getattr(self, 'rotations', 0)} rotations)") if not any(
@@ -815,6 +1193,13 @@ class Soak:
         return 0
 
     def cleanup(self) -> None:
+        for a in self.actors:
+            if a.poll() is None:
+                a.kill()
+            try:
+                a.communicate(timeout=10)
+            except (subprocess.TimeoutExpired, OSError, ValueError):
+                pass
         if self.proc is not None and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -831,10 +1216,17 @@ class Soak:
                 except psutil.Error:
                     pass
         shutil.rmtree(self.sockdir, ignore_errors=True)
+        if self.hostile:
+            shutil.rmtree(self.swapdir, ignore_errors=True)
         if not self.a.keep:
             shutil.rmtree(self.tmp, ignore_errors=True)
         else:
             log(f"kept {self.tmp}")
+
+
+def _tail(pattern: Path, n: int = 400) -> str:
+    texts = [f.read_text(errors="replace") for f in sorted(pattern.parent.glob(pattern.name))]
+    return " | ".join(t[-n:] for t in texts if t.strip())[-n:]
 
 
 def _status(p: psutil.Process) -> str:
@@ -844,7 +1236,7 @@ def _status(p: psutil.Process) -> str:
         return "gone"
 
 
-def _fd_summary(pid: int) -> str:
+def _fd_summary(pid: int, files: bool = False) -> str:
     kinds: Counter[str] = Counter()
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -852,7 +1244,7 @@ def _fd_summary(pid: int) -> str:
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
             except OSError:
                 continue
-            kinds[target.split(":")[0] if ":" in target else "file"] += 1
+            kinds[target.split(":")[0] if ":" in target else target if files else "file"] += 1
     except OSError:
         pass
     return ", ".join(f"{k} {v}" for k, v in kinds.most_common())
