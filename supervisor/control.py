@@ -15,10 +15,10 @@ every action not declared read-only, whoever asks.
 
 from __future__ import annotations
 
+import collections
 import errno
 from functools import partial
 import grp
-import math
 import os
 import socket
 import stat
@@ -246,7 +246,7 @@ class ControlServer:
         """Each connection's descriptor and state, for the next image (made inheritable)."""
         out = []
         for conn in self.connections:
-            if not conn.closing:
+            if not conn.closing and conn.stream.socket.fileno() >= 0:
                 state = conn.handover()
                 os.set_inheritable(state["fd"], True)
                 out.append(state)
@@ -287,7 +287,12 @@ class _Connection:
         self._resumed_streams = [self._subscribe_again(stream) for stream in (resumed or {}).get("streams", [])]
         self.queued = 0  # bytes queued for the client and not yet taken by its socket
         self.in_flight = 0
-        self._out_send, self._out_recv = trio.open_memory_channel[bytes](math.inf)
+        # Output waiting for the writer.  A plain deque, not a memory channel:
+        # a channel hands an item straight to a parked receiver, where a
+        # re-exec's handover could not see it.
+        self._out: collections.deque[bytes] = collections.deque()
+        self._out_closed = False
+        self._out_ready = trio.lowlevel.ParkingLot()  # the writer waits here for output
         self._written = trio.lowlevel.ParkingLot()  # woken as the writer makes progress
         self._streams: set[trio.CancelScope] = set()  # subscriptions, log follows
         self._closing = False
@@ -315,7 +320,8 @@ class _Connection:
                     await self._reader()
                     for scope in list(self._streams):  # the client is gone: end its streams
                         scope.cancel()
-                self._out_send.close()  # the writer flushes what is queued, then ends
+                self._out_closed = True  # the writer flushes what is queued, then ends
+                self._out_ready.unpark_all()
         finally:
             budget.connections.discard(self)
             budget.release(self.queued)
@@ -345,7 +351,8 @@ class _Connection:
         if not data:
             return
         self.queued += len(data)
-        self._out_send.send_nowait(data)
+        self._out.append(data)
+        self._out_ready.unpark_all()
         self.server.budget.charge(self, len(data))
 
     @property
@@ -373,10 +380,12 @@ class _Connection:
         try:
             while True:
                 if self._chunk is None:
-                    try:
-                        self._chunk = memoryview(await self._out_recv.receive())
-                    except trio.EndOfChannel:
-                        return
+                    if not self._out:
+                        if self._out_closed:
+                            return
+                        await self._out_ready.park()
+                        continue
+                    self._chunk = memoryview(self._out.popleft())
                 try:
                     n = os.write(fd, self._chunk[:_WRITE_CHUNK])
                 except BlockingIOError:
@@ -456,11 +465,8 @@ class _Connection:
         dispatched, every byte not yet sent (events waiting included), and its
         event streams."""
         pending = bytearray(self._chunk or b"")
-        while True:
-            try:
-                pending += self._out_recv.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
+        for data in self._out:
+            pending += data
         streams = []
         for kind, req_id, service, backlog, render, source in self.stream_info.values():
             if source is not None:
