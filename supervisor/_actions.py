@@ -210,11 +210,16 @@ async def _reexec(conn: _Connection, req: Request, _: None) -> Any:
     if reexec is None:
         raise ProtocolError("unsupported", "re-exec is not available here")
     await reexec.prepare(requester=conn)
-    conn.send({"id": req.id, "ok": True, "result": {"reexec": True},
-               "messages": ["Re-executing the supervisor; every service keeps running."]})
-    with trio.move_on_after(1):  # let the reply reach the client first
-        await conn.flushed()
-    reexec.execute()
+    # From here on, clients wait for the exec: nothing may cancel it halfway
+    # (the requester hanging up included), or they would wait forever.
+    with trio.CancelScope(shield=True):
+        try:
+            conn.send({"id": req.id, "ok": True, "result": {"reexec": True},
+                       "messages": ["Re-executing the supervisor; every service keeps running."]})
+            with trio.move_on_after(1):  # let the reply reach the client first
+                await conn.flushed()
+        finally:
+            reexec.execute()
     return STREAMED
 
 

@@ -324,6 +324,7 @@ class Reexec:
         self.how = "exit"
         self.servers: list[ControlServer] = []  # their connections are handed over too
         self.signals: Any = None  # the signal receiver (SIGHUPs not yet acted on at the exec)
+        self._holding_reloads = False  # prepare() took the engine's reload lock
 
     def request_shutdown(self, how: str) -> None:
         """Stop every service and exit ("exit"), or then power off/reboot/halt as PID 1."""
@@ -355,29 +356,48 @@ class Reexec:
                                     f"{QUIESCE_TIMEOUT:g} s: {', '.join(busy)}")
             for server in self.servers:
                 server.pause()
-
-            def requests() -> int:
-                return sum(server.busy(requester) for server in self.servers)
-
-            with trio.move_on_after(QUIESCE_TIMEOUT):
-                while requests():
-                    await trio.sleep(0.01)
-            if requests():
+            try:
+                await self._drain(requester)
+            except BaseException:  # refused or cancelled: dispatch again, as if nothing happened
                 self._resume_clients()
-                raise ProtocolError("action-failed", f"re-exec refused: {requests()} request(s) still in "
-                                                     f"flight after {QUIESCE_TIMEOUT:g} s")
-            # No reload may run across the exec: the configuration in force is
-            # what is handed over.  A reload asked for from now on (SIGHUP) is
-            # carried out by the new image.
-            await self.engine.hold_reloads()
+                raise
+
+    async def _drain(self, requester: Any) -> None:
+        """Wait until no request is in flight and no service is starting or
+        stopping (a request answered just now may have started one), then
+        hold every reload."""
+
+        def requests() -> int:
+            return sum(server.busy(requester) for server in self.servers) + len(self.engine.busy())
+
+        with trio.move_on_after(QUIESCE_TIMEOUT):
+            while requests():
+                await trio.sleep(0.01)
+        if requests():
+            raise ProtocolError("action-failed", f"re-exec refused: {requests()} request(s) or "
+                                                 f"service(s) still busy after {QUIESCE_TIMEOUT:g} s")
+        # No reload may run across the exec: the configuration in force is
+        # what is handed over.  A reload asked for from now on (SIGHUP) is
+        # carried out by the new image.
+        await self.engine.hold_reloads()
+        self._holding_reloads = True
 
     def _resume_clients(self) -> None:
         for server in self.servers:
             server.pause(False)
-        self.engine.release_reloads()
+        if self._holding_reloads:
+            self._holding_reloads = False
+            self.engine.release_reloads()
 
     def execute(self) -> None:
-        """Hand over and exec (returns only if exec itself failed)."""
+        """Hand over and exec.  Returns only if something failed before or in
+        the exec itself; then every client is served again."""
+        try:
+            self._execute()
+        finally:  # still here: the exec failed
+            self._resume_clients()
+
+    def _execute(self) -> None:
         self.engine.flush_records()
         services = self.engine.handover()
         sockets = {name: sock.fileno() for name, sock in self.sockets.items()}
@@ -404,10 +424,7 @@ class Reexec:
             hup = signal.SIGHUP in (getattr(self.signals, "_pending", None) or {})
             handover["reload"] = hup or self.engine.reloads_waiting > 0
 
-        try:
-            exec_self(self.state_dir, handover, fds, reload_pending)
-        finally:  # still here: the exec failed
-            self._resume_clients()
+        exec_self(self.state_dir, handover, fds, reload_pending)
 
     async def on_signal(self) -> None:
         if self._lock.locked():  # the re-exec under way will pick up the same new code
