@@ -218,6 +218,7 @@ class Conn:
         self.sock.connect(str(path))
         self.buf = b""
         self.next_id = 0
+        self.sent: dict[int, str] = {}  # id -> what was asked and when, to name a request never answered
         hello = self.read(timeout)
         if not hello or hello.get("hello") != "supervisor":
             raise ConnectionError(f"bad hello {hello!r}")
@@ -244,18 +245,24 @@ class Conn:
         if args is not None:
             req["args"] = args
         self.sock.sendall(json.dumps(req).encode() + b"\n")
+        self.sent[self.next_id] = f"{action} {service or ''} at {time.strftime('%H:%M:%S')}".strip()
         return self.next_id
 
     def replies(self, ids: list[int], timeout: float) -> dict[int, dict]:
         got: dict[int, dict] = {}
         end = time.monotonic() + timeout
         while len(got) < len(ids):
-            obj = self.read(max(0.001, end - time.monotonic()))
+            try:
+                obj = self.read(max(0.001, end - time.monotonic()))
+            except TimeoutError:
+                missing = [f"#{i} {self.sent.get(i, '?')}" for i in ids if i not in got]
+                raise TimeoutError(f"no reply to {', '.join(missing)}") from None
             if obj is None:
                 raise ConnectionError(f"closed with {len(ids) - len(got)} replies outstanding")
             if "event" in obj:
                 continue
             got[obj.get("id")] = obj
+            self.sent.pop(obj.get("id"), None)
         return got
 
     def call(self, action: str, service: str | None = None, timeout: float = 60.0) -> dict:
@@ -515,8 +522,8 @@ class Soak:
                 got = conn.replies(ids, 120)
                 for rep in got.values():
                     self.check_reply(rep, "storm")
-            except TimeoutError:
-                self.fail("storm: no reply within 120 s")
+            except TimeoutError as exc:
+                self.fail(f"storm: within 120 s, {exc}")
                 conn.close() if conn else None
                 conn = None
             except (ConnectionError, OSError) as exc:
