@@ -1027,6 +1027,13 @@ class Soak:
         finally:
             self.crash_window = (self.crash_window[0], time.monotonic())
             self.mutators.open()
+        # The clients reconnect: the dashboard's next poll is answered by the new daemon.
+        polls, end = self.stats["polls"], time.monotonic() + 30
+        while self.running() and self.stats["polls"] <= polls:
+            if time.monotonic() > end:
+                self.fail(f"crash {k}: the dashboard got no reply from the new daemon within 30 s")
+                break
+            time.sleep(0.1)
 
     def warm_up(self) -> list[str]:
         """Before a baseline on a new daemon: as at the start, every service enabled
