@@ -11,10 +11,16 @@ For the given time (default 10 minutes) it:
 * SIGKILLs the daemon every `--crash-every` seconds or so (0: never) and starts
   a new one on the same state directory, sockets and log directory: the
   keeper (docs/keeper.md) drains the services' pipes meanwhile, and the new
-  daemon re-adopts the services.  The actors that change services (killer,
-  storms, re-execs) are held around each crash, so the check is strict: every
-  service keeps its state, PID and enabled flag across the crash, and its
-  processes match its state before and after.  The clients go on meanwhile,
+  daemon re-adopts the services.  In a settled moment: the actors that change
+  services (killer, storms, re-execs) are held around the crash, so the check
+  is strict: every service keeps its state, PID and enabled flag across it
+  (a stopped one is started by the new daemon only if no operator's stop,
+  disable or held-down requirement keeps it down, as the state records say),
+  and its processes match its state before and after.  Amid the storms (a
+  share `--crash-amid`, default 0.5): those actors are held only after the
+  SIGKILL, and each service's processes must match its state once the new
+  daemon has settled (no orphan or second process of a start under way).
+  The clients go on meanwhile,
   meet a dead socket (those errors are counted apart) and reconnect; they are
   held just before the new daemon starts, which is then warmed up as at the
   start (every service started, every log file open) and gives the baseline
@@ -961,31 +967,38 @@ class Soak:
             if not self.running():
                 return
             try:
-                self.crash(rng.uniform(0.3, self.a.crash_down))
+                self.crash(rng.uniform(0.3, self.a.crash_down), amid=rng.random() < self.a.crash_amid)
             except Exception as exc:  # no daemon to go on with: end the chaos
                 self.fail(f"crash {self.stats['crashes']}: {type(exc).__name__}: {exc}")
                 log(self.err_tail())
                 self.stop_event.set()
                 return
 
-    def crash(self, down: float) -> None:
+    def crash(self, down: float, amid: bool) -> None:
         """One supervisor SIGKILL, checked strictly.
 
-        The actors that change services (killer, storms, re-execs) are held
-        first, until every service is settled; the snapshot taken then must hold
-        after the crash: each running service runs on with the same pid, each
-        stopped one stays stopped, and enabled stays as it was.  Meanwhile the
-        clients go on and meet a dead socket (their errors are counted apart);
-        they are held too just before the new daemon starts, so that the
-        baseline for fds and RSS, taken on the new process, holds no client's
-        connection (as at the start)."""
+        Unless `amid`, the actors that change services (killer, storms,
+        re-execs) are held first, until every service is settled; the snapshot
+        taken then must hold after the crash: each running service runs on with
+        the same pid, each stopped one stays stopped (see `held_down`), and
+        enabled stays as it was.  `amid`: the SIGKILL lands amid the storms
+        (starts, stops, respawns under way), and those actors are held right
+        after it; then each service's state must match its processes once the
+        new daemon has settled (no duplicate, no orphan of a start the dead
+        daemon had under way).  Meanwhile the clients go on and meet a dead
+        socket (their errors are counted apart); they are held too just before
+        the new daemon starts, so that the baseline for fds and RSS, taken on
+        the new process, holds no client's connection (as at the start)."""
         k = self.stats["crashes"] + 1
-        if not self.mutators.close(180):
+        st0: dict[str, dict] = {}
+        held: set[str] = set()
+        if not amid and not self.mutators.close(180):
             self.fail(f"crash {k}: the chaos actors did not pause within 180 s")
         try:
-            st0 = self.settled(60)
-            self.check_state(st0, f"before crash {k}", enabled=False)
-            held = self.held_down(st0)
+            if not amid:
+                st0 = self.settled(60)
+                self.check_state(st0, f"before crash {k}", enabled=False)
+                held = self.held_down(st0)
             self.crash_window = (time.monotonic(), 1e18)
             before = time.time()
             self.proc.kill()
@@ -993,6 +1006,11 @@ class Soak:
             self.kills_at.append((before, after))
             self.count("crashes")
             self.proc.wait(30)
+            if amid:
+                self.count("crashes-amid")
+                self.adopted |= {p.pid for n, ps in self.marked().items() if n in self.services for p in ps}
+                if not self.mutators.close(180):
+                    self.fail(f"crash {k}: the chaos actors did not pause within 180 s")
             self.adopted |= {s["pid"] for s in st0.values() if s["state"] == "running"}
             time.sleep(down)  # the clients meet a dead socket meanwhile
             if not self.clients.close(180):
@@ -1018,8 +1036,10 @@ class Soak:
                                   f"after the recovery {now}")
                 self.check_state(st1, f"after crash {k}", enabled=False)
                 cold = self.warm_up()
-                log(f"crash {k}: supervisor SIGKILLed, {down:.1f} s down, new daemon pid {self.proc.pid}: "
-                    f"{sum(s0['state'] == 'running' for s0 in st0.values())} services adopted; "
+                log(f"crash {k}: supervisor SIGKILLed{' amid the storms' if amid else ''}, {down:.1f} s down, "
+                    f"new daemon pid {self.proc.pid}: "
+                    f"{sum(s1['state'] == 'running' and s1['pid'] in self.adopted for s1 in st1.values())} "
+                    f"services adopted; "
                     f"for the baseline, all started and {len(cold)} restarted: {' '.join(cold)}")
                 self.take_baseline(f"after crash {k}")
             finally:
@@ -1509,7 +1529,8 @@ class Soak:
                 "log of" in f for f in self.failures) else ""
         if self.a.crash_every:
             lost = sum(last - first + 1 for _, _, first, last, _ in self.lost_in_flight)
-            summary += (f"; {s['crashes']} supervisor crashes ({s['client-errors-at-crashes']} client errors "
+            summary += (f"; {s['crashes']} supervisor crashes ({s['crashes-amid']} amid the storms, "
+                        f"{s['client-errors-at-crashes']} client errors "
                         f"meanwhile, {lost} lines lost in flight, {s['stopped-started-at-crashes']} stopped "
                         f"services not held down started by the new daemon)")
         dropped = s["storm-connections-dropped"] + s["dashboard-connections-dropped"]
@@ -1605,6 +1626,8 @@ def main() -> int:
     p.add_argument("--no-reexec", action="store_true", help="no re-execs (to tell their faults from others)")
     p.add_argument("--crash-every", type=float, default=20.0,
                    help="seconds between supervisor SIGKILLs (about; 0: none; default 20)")
+    p.add_argument("--crash-amid", type=float, default=0.5,
+                   help="the share of SIGKILLs that land amid the storms, not in a settled moment (default 0.5)")
     p.add_argument("--crash-down", type=float, default=3.0,
                    help="longest time without a supervisor after a SIGKILL (default 3 s)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs) for a look")
