@@ -9,7 +9,12 @@ decoy behind the symlinks untouched, no lost log line, clean SIGTERM, nothing
 left) and prints `soak: PASS …` or `soak: FAIL …`.
 
 The first run has no re-execs (one probe `reexec root` at the start when it is
-supported); the second re-executes the daemon every few seconds.
+supported) but SIGKILLs the supervisor every few seconds, in settled moments,
+and starts a new one on the same state directory and sockets (issue 14):
+around each crash, every service keeps its state and PID and no log line is
+lost or doubled beyond what a SIGKILL may cut in flight (each such gap is
+named); clients' errors while no supervisor runs are counted, not failed.
+The second run re-executes the daemon every few seconds, without crashes.
 """
 
 from __future__ import annotations
@@ -48,16 +53,20 @@ def verdict(cp: subprocess.CompletedProcess[str]) -> str:
 
 
 @pytest.mark.slow
-def test_soak_without_reexec_passes() -> None:
-    cp = run_soak("--no-reexec")
+def test_soak_with_supervisor_sigkills_passes() -> None:
+    # Crashes in settled moments only: a SIGKILL amid the storms (the soak's
+    # --crash-amid) can land between a service's spawn and its record, and the
+    # new daemon then runs a second process beside the first (a known bug).
+    cp = run_soak("--no-reexec", "--crash-every", "8", "--crash-amid", "0")
     line = verdict(cp)
     assert line.startswith("soak: PASS"), line
+    assert re.search(r"; [1-9]\d* supervisor crashes", line), line
     assert cp.returncode == 0
 
 
 @pytest.mark.slow
 def test_soak_with_reexecs_passes() -> None:
-    cp = run_soak("--reexec-every", "6")
+    cp = run_soak("--reexec-every", "6", "--crash-every", "0")
     line = verdict(cp)
     assert line.startswith("soak: PASS"), line
     assert cp.returncode == 0
