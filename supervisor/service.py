@@ -203,6 +203,8 @@ class Service(TimerMixin):
                 # pipes handed over by a re-exec are read again, running or not
                 self.output.resume(nursery)
                 task_status.started()
+                if self.child is None:
+                    await self._sweep_unrecorded()
                 async for msg in self._inbox:
                     self._handle(msg)
         finally:
@@ -211,6 +213,18 @@ class Service(TimerMixin):
                 _sockets.close(spec, sock)
             self.listeners = []
             self._listeners_changed()
+
+    async def _sweep_unrecorded(self) -> None:
+        """At start-up, with no process adopted: what is in the service's cgroup
+        was spawned by a supervisor killed before it could record the PID.
+        It is stopped before any request is handled, so that "stopped" means
+        an empty cgroup (and a start never runs a second process beside it).
+        Not under kill-mode "process", whose cgroup may hold guests."""
+        if self.spec.kill_mode == "process" or not self.containment.populated():
+            return
+        log.warning("processes found in the cgroup of a service with no recorded process; stopping them",
+                    pids=sorted(self.containment.pids()))
+        await self.containment.sweep(self.spec.stop_signal, self.spec.stop_timeout, self.output.note)
 
     def take_over_listeners(self, fds: list[int]) -> None:
         """Listening sockets handed over by a previous image (re-exec)."""

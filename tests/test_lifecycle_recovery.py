@@ -25,6 +25,7 @@ import tomllib
 from typing import Any
 
 import psutil
+import pytest
 import tomli_w
 
 from helpers import (
@@ -223,6 +224,33 @@ def test_reused_pid_is_never_adopted(sup: Supervisor) -> None:
     finally:
         decoy.kill()
         decoy.wait()
+
+
+@pytest.mark.cgroup_only
+def test_process_spawned_just_before_a_crash_is_not_left_running(sup: Supervisor) -> None:
+    """The supervisor is SIGKILLed after spawning a service but before its
+    record names the new PID (simulated: the record is put back as it was
+    before the start, stopped by the operator).  The next supervisor finds
+    the process in the service's cgroup with no record of it: it stops it,
+    so that "stopped" means nothing runs, instead of leaving it unsupervised."""
+    sup.start({"services": {"svc": sleeper(sup.marker("svc")), "other": sleeper(sup.marker("other"))}})
+    pids = wait_running(sup, ["svc", "other"])
+    crash(sup)
+    record_path = sup.state_dir / "services" / "svc.toml"
+    record = tomllib.loads(record_path.read_text())
+    assert record.get("pid") == pids["svc"], record
+    for key in ("pid", "pid-start"):
+        record.pop(key, None)
+    record.update({"state": "stopped", "intent": "down"})
+    record_path.write_text(tomli_w.dumps(record))
+
+    restart(sup)
+    wait_until(lambda: not find_pids(sup.marker("svc")), 20, "the unrecorded process to be stopped")
+    assert sup.rstatus("svc")["state"] == "stopped"
+    assert wait_running(sup, ["other"])["other"] == pids["other"], "a recorded service was touched"
+    events = daemon_events(sup)
+    assert any("no recorded process" in ev["event"] and ev.get("service") == "svc" for ev in events), \
+        [ev["event"] for ev in events]
 
 
 # --------------------------------------------------------------------------
