@@ -5,7 +5,8 @@ Descriptors the daemon holds:
 * per service with a command: both ends of its stdout and stderr pipes
   (the keeper holds duplicates of them too, docs/keeper.md), its log file
   and the pidfd of its running process: `PER_SERVICE`; plus one per
-  listening socket (`sockets`);
+  listening socket (`sockets`); the guards (`_guard`) are in the service's
+  table, not in ours;
 * the supervisor itself (`BASE`: its own files, sockets, event loop, the
   reserve kept for clients when the table is full) and its clients
   (`MAX_CLIENTS` per control socket).

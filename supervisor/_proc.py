@@ -32,7 +32,7 @@ import trio
 from . import _limits
 from .spec import RLIMIT_NAMES, ServiceSpec
 
-__all__ = ["Child", "ExitStatus", "SpawnError", "spawn", "owned_pids", "reap_orphans",
+__all__ = ["Child", "ExitStatus", "SpawnError", "spawn", "guard_numbers", "owned_pids", "reap_orphans",
            "descendants", "own_children", "process_group_members", "set_child_subreaper", "pidfd_or_none",
            "wait_pidfds_gone"]
 
@@ -195,12 +195,20 @@ def _lookup_group(group: str | int) -> int:
 _LISTEN_PID_WRAPPER = ("/bin/sh", "-c", 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"')
 
 
+def guard_numbers(guard_fds: Sequence[int], listen_count: int) -> list[int]:
+    """The numbers a child gets its guard descriptors at (see `spawn`)."""
+    if listen_count:
+        return [3 + listen_count + i for i in range(len(guard_fds))]
+    return list(guard_fds)
+
+
 def _child_setup(limits: Sequence[tuple[str, int, int]], listen_fds: Sequence[int],
                  cgroup_fd: int | None = None):
     """What must happen in the child between fork and exec (kept minimal).
 
     `cgroup_fd` is the service's ``cgroup.procs``, open for writing: the child
     joins its cgroup first, so that nothing it ever runs starts outside it.
+    `listen_fds` (the sockets, then the guards) are moved to 3, 4, ….
     """
     resolved = [(getattr(resource, RLIMIT_NAMES[name]), soft, hard) for name, soft, hard in limits]
     n = len(listen_fds)
@@ -210,7 +218,7 @@ def _child_setup(limits: Sequence[tuple[str, int, int]], listen_fds: Sequence[in
         if cgroup_fd is not None:
             os.write(cgroup_fd, b"0")
         if n:
-            # Move the listening sockets to 3, 4, …: first above that range, then down.
+            # Move the descriptors to 3, 4, …: first above that range, then down.
             tmp = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + n) for fd in listen_fds]
             for i, fd in enumerate(tmp):
                 os.dup2(fd, 3 + i)
@@ -237,14 +245,17 @@ def _check_found(command: str, env: dict[str, str]) -> None:
 
 
 def spawn(spec: ServiceSpec, *, stdout: int, stderr: int, extra_env: dict[str, str] | None = None,
-          listen_fds: Sequence[tuple[int, str]] = (), cgroup_fd: int | None = None) -> Child:
+          listen_fds: Sequence[tuple[int, str]] = (), cgroup_fd: int | None = None,
+          guard_fds: Sequence[int] = ()) -> Child:
     """Start `spec.command` in a new session, with the spec's credentials.
 
     The child gets /dev/null as stdin, `stdout`/`stderr` as given, and no other
     descriptor but the `listen_fds` (fd, name), which it receives as 3, 4, …
-    with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID set (socket activation).
-    With `cgroup_fd` (the service's ``cgroup.procs``) it joins that cgroup
-    before it executes the command.
+    with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID set (socket activation),
+    and the `guard_fds` (docs/keeper.md, "The guard"): right after the
+    sockets, or at their own numbers when there are none (no fork-time step
+    needed); `guard_numbers` tells where.  With `cgroup_fd` (the service's
+    ``cgroup.procs``) it joins that cgroup before it executes the command.
 
     Raises:
         SpawnError: naming the reason (command not found, no such user, …).
@@ -282,7 +293,8 @@ def spawn(spec: ServiceSpec, *, stdout: int, stderr: int, extra_env: dict[str, s
     nofile = _limits.child_nofile(spec.resource_limits)  # the open-files limit we were given
     if spec.resource_limits or listen_fds or cgroup_fd is not None:
         kwargs["preexec_fn"] = _child_setup([*spec.resource_limits, *filter(None, [nofile])],
-                                            [fd for fd, _ in listen_fds], cgroup_fd)
+                                            [*(fd for fd, _ in listen_fds), *guard_fds] if listen_fds else [],
+                                            cgroup_fd)
     elif nofile is not None:  # a wrapper, not a preexec_fn: that would cost a full fork
         if (wrapper := _limits.restore_wrapper(nofile)) is None:
             kwargs["preexec_fn"] = _child_setup([nofile], [])
@@ -296,6 +308,7 @@ def spawn(spec: ServiceSpec, *, stdout: int, stderr: int, extra_env: dict[str, s
             stdout=stdout,
             stderr=stderr,
             close_fds=not listen_fds,
+            pass_fds=() if listen_fds else tuple(guard_fds),
             cwd=spec.directory,
             env=env,
             start_new_session=True,

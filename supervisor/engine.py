@@ -29,7 +29,7 @@ from ._config_file import read_config_file
 from ._notify_server import ancestors, session_of
 from ._keeper_link import Held, KeeperLink, close_held, pipe_key, socket_key
 from ._output import LogHub, ServiceOutput
-from . import _proc, _sockets, _threads
+from . import _guard, _proc, _sockets, _threads
 from ._pacer import Pacer
 from ._cgroup import Hierarchy, Watcher
 from ._containment import Containment
@@ -166,6 +166,8 @@ class Engine:
                         child = None
                 else:
                     log.info("recorded process is gone", service=name, pid=record["pid"])
+            if passed is None and child is not None and record is not None:
+                _reclaim_pipes(service, child, record)
             if record is not None or child is not None:
                 service.restore(record or {}, child)
                 service.output.reload_history()
@@ -686,6 +688,26 @@ def _take_kept(service: Service, kept: Held) -> None:
     wanted = [socket_key(service.name, _sockets.describe(spec)) for spec in service.spec.sockets]
     if wanted and all(key in kept and len(kept[key][1]) == 1 for key in wanted):
         service.take_over_listeners([kept.pop(key)[1][0] for key in wanted])
+
+
+def _reclaim_pipes(service: Service, child: _proc.Child, record: dict[str, Any]) -> None:
+    """Crash recovery with no keeper (it was killed too): take the pipes the
+    keeper did not hand back from the adopted service itself (`_guard`)."""
+    taken: dict[str, tuple[int, int]] = {}
+    failed: dict[str, str] = {}
+    guards = record.get("guards") if isinstance(record.get("guards"), dict) else {}
+    for stream in [s for s in _guard.STREAM_FDS if s not in service.output.pipes]:
+        try:
+            taken[stream] = _guard.reclaim(child.pidfd, stream, guards.get(stream))
+        except OSError as exc:
+            failed[stream] = exc.strerror or str(exc)
+    if failed:
+        log.warning("output pipes not recovered (keeper gone, guard closed): what the service writes there "
+                    "is lost, and it may die of SIGPIPE", service=service.name, pid=child.pid, errors=failed)
+    if taken:
+        log.info("took the output pipes back from the service itself", service=service.name, pid=child.pid,
+                 streams=sorted(taken))
+        service.output.take_over({"pipes": taken})
 
 
 def _actions_of(spec: Any) -> tuple[ActionSpec, ...]:

@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 import trio
 
-from . import _proc, _sockets, lifecycle, respawn
+from . import _guard, _proc, _sockets, lifecycle, respawn
 from ._containment import Containment
 from ._actor import (
     Outcome,
@@ -134,6 +134,8 @@ class Service(TimerMixin):
         self._stayed_down: str | None = None  # the last exit meant "not needed here"
         self.restored = False  # its record was taken over (re-exec, crash recovery)
         self._saved_pid: int | None = None  # the main PID in the record last written
+        #: stream → where the service holds its pipe's read end (`_guard.record`)
+        self.guards: dict[str, dict[str, int]] = {}
         self._nursery: trio.Nursery | None = None
         self._inbox_send, self._inbox = trio.open_memory_channel[Any](math.inf)
 
@@ -500,13 +502,17 @@ class Service(TimerMixin):
             cgroup_fd = self.containment.open_for_spawn()
         except OSError as exc:
             raise _proc.SpawnError(f"cannot use the cgroup of {self.name}: {exc.strerror or exc}") from None
+        listen_fds = [(sock.fileno(), s.name) for sock, s in zip(self.listeners, spec.sockets)]
+        readers = {stream: r for stream, (r, _w) in self.output.pipes.items()}  # its guards
         try:
-            return _proc.spawn(spec, stdout=out, stderr=err, extra_env=self._extra_env(),
-                               listen_fds=[(sock.fileno(), s.name) for sock, s in zip(self.listeners, spec.sockets)],
-                               cgroup_fd=cgroup_fd)
+            child = _proc.spawn(spec, stdout=out, stderr=err, extra_env=self._extra_env(),
+                                listen_fds=listen_fds, cgroup_fd=cgroup_fd, guard_fds=[*readers.values()])
         finally:
             if cgroup_fd is not None:
                 os.close(cgroup_fd)
+        numbers = _proc.guard_numbers([*readers.values()], len(listen_fds))
+        self.guards = {stream: _guard.record(r, n) for (stream, r), n in zip(readers.items(), numbers)}
+        return child
 
     def _on_main_process(self, gen: int, child: _proc.Child) -> None:
         """The start worker spawned (or found, through a pid file) the main process."""
@@ -882,6 +888,7 @@ class Service(TimerMixin):
             "pid": child.pid if child else None,
             "pid-start": child.start_time_ticks if child else None,
             "cgroup": self.containment.cgroup.rel if self.containment.cgroup is not None else None,
+            "guards": self.guards if child else None,
             "one-shot-done": self.one_shot_done,
             "stayed-down": self._stayed_down,
             "status-text": self.status_text,
@@ -944,6 +951,8 @@ class Service(TimerMixin):
         if child is not None:
             self.child = child
             self.state = State.RUNNING
+            if isinstance(record.get("guards"), dict):
+                self.guards = record["guards"]
         elif processless and record.get("state") == State.RUNNING.value and self.enabled:
             self.state = State.RUNNING
             self._hook_ran = self.spec.command is None

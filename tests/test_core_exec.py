@@ -48,7 +48,10 @@ def test_child_sees_only_fds_0_1_2(sup: Supervisor) -> None:
     sup.subscribe(ro=True)
     sup.subscribe(ro=False)
     info = run_probe(sup, "probe")
-    assert info["fds"] == [0, 1, 2], f"leaked descriptors: {info['fd-targets']}"
+    targets = info["fd-targets"]
+    # beyond 0-2 only its guards: its own stdout and stderr pipes again (docs/keeper.md)
+    extra = sorted(target for fd, target in targets.items() if int(fd) > 2)
+    assert len(info["fds"]) == 5 and extra == sorted([targets["1"], targets["2"]]), f"leaked descriptors: {targets}"
     # Each service is in its own session and process group.
     assert info["sid"] == info["pid"] and info["pgid"] == info["pid"]
 

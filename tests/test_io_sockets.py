@@ -170,7 +170,9 @@ def test_sockets_are_passed_as_fds_3_and_up(sup: Supervisor) -> None:
     info = listen_info(sup, "web", pid)
     assert info["n"] == 2, info
     assert info["names"] == ["main", "tcp"], info
-    assert info["fds"] == [0, 1, 2, 3, 4], f"the child should see 0-2 and the two sockets only: {info}"
+    # 0-2, the two sockets, then its guards (its own stdout and stderr pipes again: docs/keeper.md)
+    assert info["fds"] == [0, 1, 2, 3, 4, 5, 6], f"the child should see 0-2, the sockets and guards only: {info}"
+    assert [info["targets"][k] for k in ("5", "6")] == [info["targets"][k] for k in ("1", "2")], info
     assert info["listening"] == [1, 1], info
     assert info["families"] == ["AF_UNIX", "AF_INET"], info
     assert find_pids(sup.marker("web")) == {pid}, "LISTEN_PID was not the service's own pid"

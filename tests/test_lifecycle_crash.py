@@ -9,14 +9,16 @@ every number a service printed, exactly once, in order.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 from pathlib import Path
 
 import psutil
 
 from helpers import SLEEP, Supervisor, pid_alive, py_service, wait_until
-from test_lifecycle_recovery import crash, restart, wait_running
+from test_lifecycle_recovery import crash, daemon_events, restart, wait_running
 
 #: Prints "N" (argv[2]: "line" → "N\n"; "partial" → "N " with a newline
 #: after every 7th number; "big" → "N:" + 1 MiB of "x" + "\n") every argv[3] s.
@@ -220,6 +222,106 @@ def test_sigkill_of_the_keeper_loses_nothing(sup: Supervisor) -> None:
     for name in names:
         assert_every_number_once(sup, name)
     assert keeper_pids(sup) == second, "the restarted supervisor did not keep the keeper"
+
+
+def crash_with_the_keeper(sup: Supervisor) -> None:
+    """SIGKILL the supervisor and its keeper at the same instant (back to back)."""
+    keepers = wait_until(lambda: keeper_pids(sup) or None, 10, "the keeper to run")
+    sup.send_signal(signal.SIGKILL)
+    for pid in keepers:
+        os.kill(pid, signal.SIGKILL)
+    sup.wait_exit(10)
+    wait_until(lambda: not any(pid_alive(k) for k in keepers), 10, "the keeper to be gone")
+
+
+def test_sigkill_of_the_supervisor_and_the_keeper_together(sup: Supervisor) -> None:
+    """Each service holds its own pipes' read ends (docs/keeper.md, "The
+    guard"): with no supervisor and no keeper, no service dies of SIGPIPE,
+    what they print waits in their pipes, and the next supervisor takes the
+    pipes back from the services themselves."""
+    names = ["g1", "g2", "g3"]
+    # g3 has a listening socket: its guards come after it
+    services = {n: counter(sup, n) for n in names}
+    services["g3"]["sockets"] = [{"path": str(sup.tmp / "g3.sock")}]
+    sup.start({"services": services})
+    pids = wait_running(sup, names)
+    wait_printed(sup, names, {n: 20 for n in names})
+
+    crash_with_the_keeper(sup)
+    time.sleep(2)  # the scenario: two seconds with neither (about 200 lines each)
+    assert all(pid_alive(pid) for pid in pids.values()), "a service died while nothing read its pipes"
+    at_restart = last_numbers(sup, names)
+    restart(sup)
+
+    assert wait_running(sup, names) == pids, "a service was replaced"
+    wait_printed(sup, names, {n: at_restart[n] + 250 for n in names})  # beyond what waited in the pipe
+    for name in names:  # lost: at most what a killed process had read and not yet written
+        assert_every_number_once(sup, name, in_flight=2)
+    st = sup.rstatus()
+    assert all(st[n]["respawns"] == [] for n in names), "a service was respawned"
+    # the new keeper holds them: a crash of the supervisor alone now loses nothing
+    during = last_numbers(sup, names)
+    crash(sup)
+    wait_printed(sup, names, {n: during[n] + 50 for n in names})
+    restart(sup)
+    assert wait_running(sup, names) == pids
+
+
+#: Closes every descriptor above 2 (as many daemons do), then prints "N"
+#: every 10 ms, or (argv[2] == "signal") once and then on every SIGUSR1, or
+#: ("mute") once and then sends its stdout and stderr to /dev/null.
+CLOSER = r"""
+import os, signal, sys, time
+os.closerange(3, 1 << 16)
+i = 0
+def say(*_):
+    global i
+    print(i, flush=True)
+    i += 1
+if sys.argv[2] in ("signal", "mute"):
+    signal.signal(signal.SIGUSR1, say)
+    say()
+    if sys.argv[2] == "mute":
+        null = os.open("/dev/null", os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+    while True:
+        signal.pause()
+while True:
+    say()
+    time.sleep(0.01)
+"""
+
+
+def test_a_service_that_closed_its_guard(sup: Supervisor) -> None:
+    """A service that closes every descriptor above 2 runs as any other.
+    After a SIGKILL of the supervisor and the keeper together, one that
+    printed meanwhile has died of SIGPIPE and is started again; one that
+    stayed silent still writes to its pipe as stdout: the next supervisor
+    takes it from there; one that has the pipe nowhere any more is named
+    in a warning."""
+    names = ["loud", "quiet", "mute"]
+    sup.start({"services": {n: py_service(CLOSER, sup.marker(n), how)
+                            for n, how in zip(names, ["loop", "signal", "mute"])}})
+    pids = wait_running(sup, names)
+    wait_printed(sup, ["loud"], {"loud": 20})
+    for name in ("quiet", "mute"):
+        wait_until(lambda: stdout_text(sup, name) == "0\n", 10, f"{name}'s first line")
+
+    crash_with_the_keeper(sup)
+    wait_until(lambda: not pid_alive(pids["loud"]), 10, "loud to die of SIGPIPE")
+    restart(sup)
+
+    now = wait_until(lambda: (p := wait_running(sup, names))["loud"] != pids["loud"] and p, 15, "loud to run again")
+    assert (now["quiet"], now["mute"]) == (pids["quiet"], pids["mute"]), "a silent service was replaced"
+    warned = [e for e in daemon_events(sup) if e["event"].startswith("output pipes not recovered")]
+    assert [e.get("service") for e in warned] == ["mute"], warned
+    wait_until(lambda: any(t == "Service loud started (PID %d)." % now["loud"] for _, s, t in sup.log_lines("loud")
+                           if s == "supervisor"), 10, "loud's new start in its log")
+    for i in range(1, 4):
+        os.kill(pids["quiet"], signal.SIGUSR1)
+        wait_until(lambda: stdout_text(sup, "quiet").endswith(f"{i}\n"), 10, f"quiet's line {i}")
+    assert stdout_text(sup, "quiet") == "0\n1\n2\n3\n"
 
 
 def test_orderly_shutdown_ends_the_keeper(sup: Supervisor) -> None:
