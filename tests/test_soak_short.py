@@ -54,10 +54,9 @@ def verdict(cp: subprocess.CompletedProcess[str]) -> str:
 
 @pytest.mark.slow
 def test_soak_with_supervisor_sigkills_passes() -> None:
-    # Crashes in settled moments only: a SIGKILL amid the storms (the soak's
-    # --crash-amid) can land between a service's spawn and its record, and the
-    # new daemon then runs a second process beside the first (a known bug).
-    cp = run_soak("--no-reexec", "--crash-every", "8", "--crash-amid", "0")
+    # Half the SIGKILLs land amid the storms (a spawn not yet recorded, a
+    # stop half done), half in settled moments (strict: same PIDs, no line lost).
+    cp = run_soak("--no-reexec", "--crash-every", "8", "--crash-amid", "0.5")
     line = verdict(cp)
     assert line.startswith("soak: PASS"), line
     assert re.search(r"; [1-9]\d* supervisor crashes", line), line
