@@ -187,7 +187,7 @@ class ControlServer:
         self.read_only = read_only
         self.path = path
         self.clients = 0
-        self.reexec = on_reexec  # supervisor.cli.Reexec or None
+        self.reexec = on_reexec  # supervisor.reexec.Reexec or None
         self.budget = budget
         self.connections: set[_Connection] = set()
         self.paused = False  # a re-exec is near: requests wait in the connections' buffers
