@@ -1,13 +1,14 @@
 """`supervisor`: the daemon's command line, and the wiring of its tasks.
 
-This module only wires: config → engine → control servers, plus the signal
-and orphan-reaping loops.  It runs in the foreground; it never daemonizes.
+This module only parses arguments and wires: config → engine → control
+servers, plus the signal loop.  The re-exec is `reexec.Reexec`; what PID 1
+does (reaping orphans, terminating strays, powering off) is in `pid1`.
+It runs in the foreground; it never daemonizes.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import socket
@@ -21,7 +22,7 @@ import trio
 
 from herd.protocol import default_paths
 
-from . import __version__, _limits, _proc
+from . import __version__, _limits, _proc, pid1
 from ._cgroup import CgroupUnavailable, Hierarchy
 from ._hostcheck import check_host, log_findings
 from ._instance import InstanceLock, instance_name, notify_dir, prepare_notify_dir
@@ -227,7 +228,7 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cg
             await nursery.start(engine.run)
             engine.keep_all()
             await nursery.start(keeper.run)
-            nursery.start_soon(_reap_orphans)
+            nursery.start_soon(pid1.reap_orphans)
             log.info("ready", version=__version__, pid=os.getpid(), services=len(engine.services),
                      socket=str(settings.socket), status_socket=str(settings.status_socket))
             sd_notify(f"READY=1\nSTATUS=supervising {len(engine.services)} services\nMAINPID={os.getpid()}")
@@ -260,45 +261,11 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cg
             log.info("all services stopped", order=stopped)
             await keeper.close()
             if os.getpid() == 1:
-                await _terminate_strays()
+                await pid1.terminate_strays()
             nursery.cancel_scope.cancel()
     if os.getpid() == 1 and reexec.how in ("power-off", "reboot", "halt"):
-        _reboot(reexec.how)
+        pid1.reboot(reexec.how)
     return 0
-
-
-async def _terminate_strays(grace: float = 5.0) -> None:
-    """As PID 1: SIGTERM every other process, wait `grace`, then SIGKILL."""
-    def others() -> list[int]:
-        return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != 1]
-
-    if not others():
-        return
-    log.info("terminating stray processes", count=len(others()))
-    os.kill(-1, signal.SIGTERM)
-    with trio.move_on_after(grace):
-        while others():
-            _proc.reap_orphans()  # at shutdown every zombie is an orphan: no grace
-            await trio.sleep(0.05)
-    if others():
-        log.warning("stray processes survived SIGTERM; sending SIGKILL", count=len(others()))
-        os.kill(-1, signal.SIGKILL)
-        with trio.move_on_after(2):
-            while others():
-                _proc.reap_orphans()
-                await trio.sleep(0.05)
-
-
-def _reboot(how: str) -> None:
-    """reboot(2): power off, restart or halt (only meaningful as PID 1)."""
-    import ctypes
-
-    cmd = {"power-off": 0x4321FEDC, "reboot": 0x01234567, "halt": 0xCDEF0123}[how]
-    os.sync()
-    log.info("system going down", how=how)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.reboot(ctypes.c_int(cmd)) != 0:
-        log.error("reboot(2) failed", how=how, errno=ctypes.get_errno())
 
 
 def _socket_from_fd(fd: int) -> trio.socket.SocketType:
@@ -311,16 +278,3 @@ async def _reload(engine: Engine, counted: bool = True) -> None:
         await engine.reload(counted=counted)
     except Exception as exc:  # already logged with its details; keep running
         log.warning("reload on SIGHUP failed", error=str(exc))
-
-
-async def _reap_orphans() -> None:
-    """Reap orphans re-parented to us (subreaper / PID 1), never an owned child,
-    and never a helper process before its owner had the chance to wait for it."""
-    seen: dict[int, float] = {}
-    with trio.open_signal_receiver(signal.SIGCHLD) as sigchld:
-        while True:
-            reaped, waiting = _proc.reap_orphans(seen, trio.current_time(), _proc.ORPHAN_GRACE)
-            for pid, status in reaped:
-                log.debug("reaped orphan", pid=pid, status=status)
-            with trio.move_on_after(_proc.ORPHAN_GRACE if waiting else math.inf):
-                await sigchld.__anext__()
