@@ -22,7 +22,7 @@ import trio
 from herd.protocol import MAX_LOG_LINES, ProtocolError, Request
 
 from ._backlog import Backlog
-from .engine import say
+from ._messages import say
 
 if TYPE_CHECKING:
     from .control import _Connection

@@ -47,7 +47,8 @@ from . import __version__
 from ._accept import serve_clients
 from ._actions import STREAMED, find_action
 from ._backlog import Backlog, Overflow
-from .engine import MESSAGES, Engine
+from ._messages import MESSAGES
+from .engine import Engine
 
 __all__ = ["ControlServer", "bind_unix_socket", "prepare_socket_dir", "SocketInUse"]
 

@@ -9,7 +9,6 @@ to subscribers as an event.
 
 from __future__ import annotations
 
-import contextvars
 import os
 import time
 import uuid
@@ -25,6 +24,7 @@ from herd.protocol import ProtocolError
 
 from . import __version__
 from ._backlog import Backlog
+from ._messages import MESSAGES, say
 from ._config_file import read_config_file
 from ._notify_server import ancestors, session_of
 from ._keeper_link import Held, KeeperLink, close_held, pipe_key, socket_key
@@ -44,17 +44,6 @@ from .spec import ActionContext, ActionSpec
 __all__ = ["Engine", "say", "MESSAGES", "TRIGGER"]
 
 log = structlog.get_logger("supervisor.engine")
-
-#: Human-readable lines for the reply of the request being served.
-MESSAGES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("messages", default=None)
-
-
-def say(text: str) -> None:
-    """Add a line to the current request's reply `messages` (if any)."""
-    messages = MESSAGES.get()
-    if messages is not None:
-        messages.append(text)
-
 
 class Engine:
     """Owns the service actors; the control server only calls its methods."""
