@@ -22,7 +22,7 @@ import trio
 
 from herd.protocol import default_paths
 
-from . import __version__, _limits, _proc, pid1
+from . import __version__, _limits, _proc, pid1, takeover
 from ._cgroup import CgroupUnavailable, Hierarchy
 from ._hostcheck import check_host, log_findings
 from ._instance import InstanceLock, instance_name, notify_dir, prepare_notify_dir
@@ -208,7 +208,7 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cg
         except OSError as exc:
             log.error("cannot create the notify socket", path=str(notify_path), error=str(exc))
             return 1
-        engine.restore(StateStore(settings.state_dir), handover, kept)
+        takeover.restore(engine, StateStore(settings.state_dir), handover, kept)
         if handover is not None:
             log.info("resumed after re-exec", pid=os.getpid(),
                      running=sum(1 for s in engine.services.values() if s.child is not None))

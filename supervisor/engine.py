@@ -27,13 +27,13 @@ from ._backlog import Backlog
 from ._messages import MESSAGES, say
 from ._config_file import read_config_file
 from ._notify_server import ancestors, session_of
-from ._keeper_link import Held, KeeperLink, close_held, pipe_key, socket_key
+from ._keeper_link import KeeperLink
 from ._output import LogHub, ServiceOutput
-from . import _proc, _sockets, _threads
+from . import _sockets, _threads
 from ._pacer import Pacer
 from ._cgroup import Hierarchy, Watcher
 from ._containment import Containment
-from ._state import StateStore, same_process
+from ._state import StateStore
 from ._hostcheck import log_findings
 from .config import Config, load_config
 from .schema import ConfigErrors
@@ -57,14 +57,14 @@ class Engine:
         self.cgroups = cgroups
         self.no_cgroups_reason = no_cgroups_reason
         self.watcher = Watcher() if cgroups is not None else None
-        self.resumed_by_reexec = False  # set by restore() when a re-exec handed over
+        self.resumed_by_reexec = False  # set by takeover.restore() when a re-exec handed over
         self._reload_lock = trio.Lock()
         self.reloads_waiting = 0  # reloads asked for while another (or a re-exec) holds the lock
         # Events are numbered: `seq` is contiguous for this `epoch`, which is
         # drawn at a fresh start and kept across a re-exec.
         self.epoch = uuid.uuid4().hex[:16]
         self.seq = 0
-        self.store: StateStore | None = None  # the service records (set by restore)
+        self.store: StateStore | None = None  # the service records (set by takeover.restore)
         self.overrides = overrides or {}
         self.notify_socket = notify_socket
         self.graph: Graph = config.graph
@@ -109,65 +109,6 @@ class Engine:
             service.run_scope = scope
             await service.run(task_status=task_status)
 
-    # -- taking over from a previous supervisor ----------------------------------------------
-
-    def restore(self, store: StateStore, handover: dict[str, Any] | None = None,
-                kept: Held | None = None) -> None:
-        """Before `run`: read the service records; adopt what still runs.
-
-        After a re-exec, `handover` holds the open descriptors of each service
-        (pidfd, pipes, listening sockets), which are taken over as they are.
-        After a crash, a recorded PID is adopted only if the process with that
-        PID started when the record says (a reused PID is never adopted), and
-        the pipes and listening sockets the keeper held (`kept`, from
-        `KeeperLink.open`) are taken back.
-        """
-        kept = dict(kept or {})
-        records = store.load()
-        self.store = store
-        self.resumed_by_reexec = handover is not None
-        events = (handover or {}).get("events")
-        if isinstance(events, dict) and isinstance(events.get("epoch"), str):
-            self.epoch, self.seq = events["epoch"], int(events.get("seq", 0))
-        handed: dict[str, Any] = (handover or {}).get("services", {})
-        for name, service in self.services.items():
-            service.store = store
-            record, passed = records.get(name), handed.get(name)
-            child = None
-            if passed is not None:
-                service.output.take_over(passed.get("output", {}))
-                service.take_over_listeners(passed.get("listeners", []))
-                if passed.get("pidfd") is not None:
-                    os.set_inheritable(passed["pidfd"], False)
-                    child = _proc.Child(passed["pid"], passed["pidfd"])
-            else:
-                _take_kept(service, kept)
-            if passed is None and record is not None and record.get("pid") and service.spec.command is not None:
-                group = service.containment.cgroup
-                if group is not None and not group.contains(record["pid"]):
-                    log.info("recorded process is gone", service=name, pid=record["pid"],
-                             why="no such process in the service's cgroup")
-                elif same_process(record["pid"], record.get("pid-start")):
-                    try:
-                        child = _proc.Child.adopt(record["pid"])
-                        log.info("adopted a running service", service=name, pid=child.pid)
-                    except OSError:
-                        child = None
-                else:
-                    log.info("recorded process is gone", service=name, pid=record["pid"])
-            if record is not None or child is not None:
-                service.restore(record or {}, child)
-                service.output.reload_history()
-        close_held(kept)  # duplicates of what a re-exec handed over, or of what nothing uses
-        for name, passed in handed.items():
-            if name not in self.services:  # dropped from the configuration meanwhile
-                log.warning("service no longer configured; its process is left alone",
-                            service=name, pid=passed.get("pid"))
-                for fd in [passed.get("pidfd"), *passed.get("listeners", []),
-                           *[f for pair in passed.get("output", {}).get("pipes", {}).values() for f in pair]]:
-                    if isinstance(fd, int):
-                        os.close(fd)
-
     # -- the keeper (docs/keeper.md) -----------------------------------------------------
 
     def _keep_pipe(self, output: ServiceOutput, stream: str, fds: tuple[int, int] | None) -> None:
@@ -189,19 +130,6 @@ class Engine:
             for stream, fds in service.output.pipes.items():
                 self._keep_pipe(service.output, stream, fds)
         self.keeper.forget_stale()
-
-    def handover(self) -> dict[str, Any]:
-        """Each service's open descriptors, for a re-exec (see `restore`)."""
-        out: dict[str, Any] = {}
-        for name, service in self.services.items():
-            child = service.child if service.child is not None and service.child.alive else None
-            out[name] = {
-                "pid": child.pid if child else None,
-                "pidfd": child.pidfd if child else None,
-                "output": service.output.handover(),
-                "listeners": [sock.fileno() for sock in service.listeners],
-            }
-        return out
 
     def busy(self) -> list[str]:
         """Services in the middle of a transition."""
@@ -660,21 +588,6 @@ async def _trigger(ctx: ActionContext, args: list[Any]) -> dict[str, Any]:
 
 #: Every timer's action (a service with a `schedule`), unless its type has its own `trigger`.
 TRIGGER = ActionSpec("trigger", "Run the timer's command now (not while a run is in progress).", _trigger)
-
-
-def _take_kept(service: Service, kept: Held) -> None:
-    """Crash recovery: the service's pipes and listening sockets, from the keeper.
-
-    Sockets are taken only when the keeper holds every one the service's
-    definition names (else they are all bound anew)."""
-    pipes = {stream: tuple(fds) for stream in ("stdout", "stderr")
-             if (item := kept.pop(pipe_key(service.name, stream), None)) is not None
-             and len(fds := item[1]) == 2}
-    if pipes:
-        service.output.take_over({"pipes": pipes})
-    wanted = [socket_key(service.name, _sockets.describe(spec)) for spec in service.spec.sockets]
-    if wanted and all(key in kept and len(kept[key][1]) == 1 for key in wanted):
-        service.take_over_listeners([kept.pop(key)[1][0] for key in wanted])
 
 
 def _actions_of(spec: Any) -> tuple[ActionSpec, ...]:

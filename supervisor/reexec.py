@@ -20,6 +20,7 @@ import trio
 
 from herd.protocol import ProtocolError
 
+from . import takeover
 from ._reexec import check_new_image, exec_self
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ class Reexec:
 
     def _execute(self) -> None:
         self.engine.flush_records()
-        services = self.engine.handover()
+        services = takeover.describe(self.engine)
         sockets = {name: sock.fileno() for name, sock in self.sockets.items()}
         if self.engine.keeper is not None and self.engine.keeper.sock is not None:
             sockets["keeper"] = self.engine.keeper.sock.fileno()
