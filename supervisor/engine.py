@@ -25,18 +25,15 @@ from herd.protocol import ProtocolError
 from . import __version__
 from ._backlog import Backlog
 from ._messages import MESSAGES, say
-from ._config_file import read_config_file
 from ._notify_server import ancestors, session_of
 from ._keeper_link import KeeperLink
 from ._output import LogHub, ServiceOutput
-from . import _sockets, _threads
+from . import _sockets, reload
 from ._pacer import Pacer
 from ._cgroup import Hierarchy, Watcher
 from ._containment import Containment
 from ._state import StateStore
-from ._hostcheck import log_findings
-from .config import Config, load_config
-from .schema import ConfigErrors
+from .config import Config
 from .graph import Graph
 from .service import Outcome, Service, State
 from .spec import ActionContext, ActionSpec
@@ -159,9 +156,23 @@ class Engine:
         finally:
             self.reloads_waiting -= 1
         try:
-            return await self._reload(path, requester)
+            self._check_running()
+            return await reload.apply(self, path, requester)
         finally:
             self._reload_lock.release()
+
+    async def add_service(self, spec: Any) -> None:
+        """A new service (a reload): its actor, running."""
+        service = self._new_service(spec)
+        self.services[spec.name] = service
+        assert self._nursery is not None
+        await self._nursery.start(self._run_actor, service)
+
+    def remove_service(self, name: str) -> None:
+        """A service gone from the configuration (a reload, after it stopped): its actor ends."""
+        service = self.services.pop(name)
+        if service.run_scope is not None:
+            service.run_scope.cancel()
 
     async def hold_reloads(self) -> None:
         """Wait for a reload under way, and keep others out (a re-exec)."""
@@ -170,75 +181,6 @@ class Engine:
     def release_reloads(self) -> None:
         if self._reload_lock.locked():
             self._reload_lock.release()
-
-    async def _reload(self, path: Path | None, requester: int | None) -> dict[str, Any]:
-        self._check_running()
-        path = path or self.config.path
-        if path is None:
-            raise ProtocolError("bad-arguments", "no configuration file to reload; name one")
-        try:
-            config = await _threads.run_sync(self._load_config, path, requester)
-        except ProtocolError as exc:
-            log.warning("reload refused", config=str(path), requester=requester, error=exc.message)
-            raise
-        except ConfigErrors as exc:
-            log.warning("reload refused", config=str(path), errors=[str(e) for e in exc.errors])
-            raise ProtocolError("config-error", "\n".join(str(e) for e in exc.errors)) from None
-        log_findings(config, log)
-        new = {spec.name: spec for spec in config.services}
-        added = sorted(n for n in new if n not in self.services)
-        removed = [n for n in reversed(self.graph.order()) if n not in new]
-        changed = sorted(n for n in new if n in self.services
-                         and new[n] != (self.services[n].pending_spec or self.services[n].spec))
-        for name in removed:  # dependents first; nothing in the new graph requires them
-            service = self.services[name]
-            outcome = await service.stop()
-            if outcome.initiated:
-                say(f"Service {name} has been stopped.")
-        self.graph = config.graph
-        self.config = config
-        for name in removed:
-            service = self.services.pop(name)
-            if service.run_scope is not None:
-                service.run_scope.cancel()
-            say(f"Service {name} has been removed.")
-        assert self._nursery is not None
-        for name in added:
-            service = self._new_service(new[name])
-            self.services[name] = service
-            await self._nursery.start(self._run_actor, service)
-            say(f"Service {name} has been added.")
-        for name in changed:
-            outcome = await self.services[name].replace(new[name])
-            say(f"Service {name} has been updated." if outcome.initiated
-                else f"Service {name} will be replaced at its next restart.")
-        log.info("configuration reloaded", config=str(path), added=added, removed=removed, changed=changed)
-        failures: list[str] = []
-
-        async def start_new(name: str) -> None:
-            try:
-                await self.start(name, operator=False)
-            except ProtocolError as exc:
-                failures.append(exc.message)
-
-        async with trio.open_nursery() as nursery:
-            for name in added:
-                spec = new[name]
-                if spec.auto_start and spec.activation != "lazy":
-                    nursery.start_soon(start_new, name)
-        for message in failures:
-            say(message)
-        return {"config": str(path), "added": added, "removed": removed, "changed": changed,
-                "pending": sorted(n for n in changed if self.services[n].pending_spec is not None)}
-
-    def _load_config(self, path: Path, requester: int | None) -> Config:
-        """In a worker thread: read the file safely, then parse it.
-
-        Raises:
-            ProtocolError: see `read_config_file`.
-            ConfigErrors: the configuration is invalid.
-        """
-        return load_config(path, overrides=self.overrides, data=read_config_file(path, requester=requester))
 
     # -- events --------------------------------------------------------------------------
 
