@@ -37,6 +37,7 @@ from .config import Config
 from .graph import Graph
 from .service import Outcome, Service, State
 from .spec import ActionContext, ActionSpec
+from .timer import TRIGGER
 
 __all__ = ["Engine", "say", "MESSAGES", "TRIGGER"]
 
@@ -515,21 +516,6 @@ class Engine:
         if self.cgroups is not None:
             return {"mode": "cgroup", "cgroup": self.cgroups.rel, "mount": str(self.cgroups.mount)}
         return {"mode": "process-tree", "reason": self.no_cgroups_reason}
-
-
-async def _trigger(ctx: ActionContext, args: list[Any]) -> dict[str, Any]:
-    if args:
-        raise ProtocolError("bad-arguments", "trigger takes no arguments")
-    service = ctx.engine.lookup(ctx.service)
-    outcome = await service.trigger()
-    if not outcome.ok:
-        raise ProtocolError(outcome.code or "action-failed", outcome.message)
-    say(f"Timer {service.name} triggered (PID {service.child.pid if service.child else '?'}).")
-    return {"service": service.name, "pid": service.child.pid if service.child else None}
-
-
-#: Every timer's action (a service with a `schedule`), unless its type has its own `trigger`.
-TRIGGER = ActionSpec("trigger", "Run the timer's command now (not while a run is in progress).", _trigger)
 
 
 def _actions_of(spec: Any) -> tuple[ActionSpec, ...]:

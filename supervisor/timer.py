@@ -19,14 +19,18 @@ from typing import TYPE_CHECKING, Any
 import trio
 from cronsim import CronSim
 
+from herd.protocol import ProtocolError
+
 from . import _proc
 from ._actor import Outcome, State, _Overran, _Reply, _TimerArmed, _Trigger
+from ._messages import say
 from ._stopping import terminate
+from .spec import ActionContext, ActionSpec
 
 if TYPE_CHECKING:
     from .service import Service
 
-__all__ = ["Timer", "timer_details"]
+__all__ = ["TRIGGER", "Timer", "timer_details"]
 
 
 class Timer:
@@ -151,6 +155,21 @@ class Timer:
         spec = self.service.spec
         return {"schedule": spec.schedule, "next-run": self.next_run, "last-run": self.last_run,
                 "max-duration": spec.max_duration}
+
+
+async def _trigger(ctx: ActionContext, args: list[Any]) -> dict[str, Any]:
+    if args:
+        raise ProtocolError("bad-arguments", "trigger takes no arguments")
+    service = ctx.engine.lookup(ctx.service)
+    outcome = await service.trigger()
+    if not outcome.ok:
+        raise ProtocolError(outcome.code or "action-failed", outcome.message)
+    say(f"Timer {service.name} triggered (PID {service.child.pid if service.child else '?'}).")
+    return {"service": service.name, "pid": service.child.pid if service.child else None}
+
+
+#: Every timer's action (a service with a `schedule`), unless its type has its own `trigger`.
+TRIGGER = ActionSpec("trigger", "Run the timer's command now (not while a run is in progress).", _trigger)
 
 
 def timer_details(timer: dict[str, Any]) -> dict[str, Any]:
