@@ -4,7 +4,8 @@ Starting pulls requirements first (independent ones in parallel, each
 service's actor deduplicating concurrent starts); stopping takes dependents
 down first.  Reads (`status`, `graph`, logs) are served from the actors'
 current fields and never wait on an actor.  Every state change is published
-to subscribers as an event.
+to subscribers as an event.  A reload's diff is applied by `reload`;
+taking over after a re-exec or a crash is `takeover`'s.
 """
 
 from __future__ import annotations
