@@ -24,6 +24,7 @@ from herd.protocol import default_paths
 
 from . import __version__, _limits, _proc, pid1, takeover
 from ._cgroup import CgroupUnavailable, Hierarchy
+from ._control_sockets import SocketInUse, bind_unix_socket, prepare_socket_dir
 from ._hostcheck import check_host, log_findings
 from ._instance import InstanceLock, instance_name, notify_dir, prepare_notify_dir
 from ._keeper_link import KeeperLink
@@ -33,7 +34,7 @@ from ._notify_server import NotifyServer, bound_path
 from ._reexec import config_in_force, take_handover
 from ._state import StateStore
 from .config import Config, Settings, describe_services, load_config
-from .control import ControlServer, SocketInUse, bind_unix_socket, prepare_socket_dir
+from .control import ControlServer
 from .engine import Engine
 from .reexec import Reexec
 from .schema import ConfigErrors
