@@ -5,7 +5,7 @@ supervisor itself (service ``root``), whether it only reads (then the
 read-only socket serves it too), what arguments it takes (a parser that
 validates them), and its handler.  A service type's own actions are declared
 the same way in its `ActionSpec` (``read_only``), and every timer's
-``trigger`` in `engine.TRIGGER`.  `herd.protocol.READ_ACTIONS` and
+``trigger`` in `timer.TRIGGER`.  `herd.protocol.READ_ACTIONS` and
 ``WRITE_ACTIONS`` are this table's names for clients (a test keeps them equal).
 """
 
@@ -22,7 +22,7 @@ import trio
 from herd.protocol import MAX_LOG_LINES, ProtocolError, Request
 
 from ._backlog import Backlog
-from .engine import say
+from ._messages import say
 
 if TYPE_CHECKING:
     from .control import _Connection

@@ -1,4 +1,8 @@
-"""Re-executing the supervisor in place (SIGUSR1, `herd reexec root`).
+"""Re-executing the supervisor in place (SIGUSR1, `herd reexec root`): the mechanics.
+
+The procedure (when, waiting for calm, what is handed over) is
+`reexec.Reexec`; this module checks the new image, writes and reads the
+handover file, and executes.
 
 Before anything is touched, the new image is tried in a child process (it
 must import and accept the configuration: ``--check``); if not, the re-exec

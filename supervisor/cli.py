@@ -1,13 +1,14 @@
 """`supervisor`: the daemon's command line, and the wiring of its tasks.
 
-This module only wires: config → engine → control servers, plus the signal
-and orphan-reaping loops.  It runs in the foreground; it never daemonizes.
+This module only parses arguments and wires: config → engine → control
+servers, plus the signal loop.  The re-exec is `reexec.Reexec`; what PID 1
+does (reaping orphans, terminating strays, powering off) is in `pid1`.
+It runs in the foreground; it never daemonizes.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import socket
@@ -19,30 +20,28 @@ from typing import Any
 import structlog
 import trio
 
-from herd.protocol import ProtocolError, default_paths
+from herd.protocol import default_paths
 
-from . import __version__, _limits, _proc
+from . import __version__, _limits, _proc, pid1, takeover
 from ._cgroup import CgroupUnavailable, Hierarchy
+from ._control_sockets import SocketInUse, bind_unix_socket, prepare_socket_dir
 from ._hostcheck import check_host, log_findings
 from ._instance import InstanceLock, instance_name, notify_dir, prepare_notify_dir
 from ._keeper_link import KeeperLink
 from ._logging import configure_logging
 from ._notify import sd_notify
 from ._notify_server import NotifyServer, bound_path
-from ._reexec import check_new_image, config_in_force, exec_self, take_handover
+from ._reexec import config_in_force, take_handover
 from ._state import StateStore
 from .config import Config, Settings, describe_services, load_config
-from .control import ControlServer, SocketInUse, bind_unix_socket, prepare_socket_dir
+from .control import ControlServer
 from .engine import Engine
+from .reexec import Reexec
 from .schema import ConfigErrors
 
 __all__ = ["main"]
 
 log = structlog.get_logger("supervisor")
-
-#: How long a re-exec waits for services in transition before it gives up.
-QUIESCE_TIMEOUT = 10.0
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="supervisor", description="Supervise the services of a VM host.")
@@ -210,7 +209,7 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cg
         except OSError as exc:
             log.error("cannot create the notify socket", path=str(notify_path), error=str(exc))
             return 1
-        engine.restore(StateStore(settings.state_dir), handover, kept)
+        takeover.restore(engine, StateStore(settings.state_dir), handover, kept)
         if handover is not None:
             log.info("resumed after re-exec", pid=os.getpid(),
                      running=sum(1 for s in engine.services.values() if s.child is not None))
@@ -230,7 +229,7 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cg
             await nursery.start(engine.run)
             engine.keep_all()
             await nursery.start(keeper.run)
-            nursery.start_soon(_reap_orphans)
+            nursery.start_soon(pid1.reap_orphans)
             log.info("ready", version=__version__, pid=os.getpid(), services=len(engine.services),
                      socket=str(settings.socket), status_socket=str(settings.status_socket))
             sd_notify(f"READY=1\nSTATUS=supervising {len(engine.services)} services\nMAINPID={os.getpid()}")
@@ -263,45 +262,11 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cg
             log.info("all services stopped", order=stopped)
             await keeper.close()
             if os.getpid() == 1:
-                await _terminate_strays()
+                await pid1.terminate_strays()
             nursery.cancel_scope.cancel()
     if os.getpid() == 1 and reexec.how in ("power-off", "reboot", "halt"):
-        _reboot(reexec.how)
+        pid1.reboot(reexec.how)
     return 0
-
-
-async def _terminate_strays(grace: float = 5.0) -> None:
-    """As PID 1: SIGTERM every other process, wait `grace`, then SIGKILL."""
-    def others() -> list[int]:
-        return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != 1]
-
-    if not others():
-        return
-    log.info("terminating stray processes", count=len(others()))
-    os.kill(-1, signal.SIGTERM)
-    with trio.move_on_after(grace):
-        while others():
-            _proc.reap_orphans()  # at shutdown every zombie is an orphan: no grace
-            await trio.sleep(0.05)
-    if others():
-        log.warning("stray processes survived SIGTERM; sending SIGKILL", count=len(others()))
-        os.kill(-1, signal.SIGKILL)
-        with trio.move_on_after(2):
-            while others():
-                _proc.reap_orphans()
-                await trio.sleep(0.05)
-
-
-def _reboot(how: str) -> None:
-    """reboot(2): power off, restart or halt (only meaningful as PID 1)."""
-    import ctypes
-
-    cmd = {"power-off": 0x4321FEDC, "reboot": 0x01234567, "halt": 0xCDEF0123}[how]
-    os.sync()
-    log.info("system going down", how=how)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.reboot(ctypes.c_int(cmd)) != 0:
-        log.error("reboot(2) failed", how=how, errno=ctypes.get_errno())
 
 
 def _socket_from_fd(fd: int) -> trio.socket.SocketType:
@@ -309,150 +274,8 @@ def _socket_from_fd(fd: int) -> trio.socket.SocketType:
     return trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
 
 
-class Reexec:
-    """Re-execute in place: check the new image, wait for calm, hand over, exec."""
-
-    def __init__(self, engine: Engine, state_dir: Path, sockets: dict[str, Any], *, lock_fd: int,
-                 nofile: tuple[int, int]) -> None:
-        self.engine = engine
-        self.state_dir = state_dir
-        self.sockets = sockets
-        self.lock_fd = lock_fd
-        self.nofile = nofile  # the open-files limit we were given, for children
-        self._lock = trio.Lock()
-        self.shutdown = trio.Event()
-        self.how = "exit"
-        self.servers: list[ControlServer] = []  # their connections are handed over too
-        self.signals: Any = None  # the signal receiver (SIGHUPs not yet acted on at the exec)
-        self._holding_reloads = False  # prepare() took the engine's reload lock
-
-    def request_shutdown(self, how: str) -> None:
-        """Stop every service and exit ("exit"), or then power off/reboot/halt as PID 1."""
-        if not self.shutdown.is_set():
-            self.how = how
-            self.shutdown.set()
-
-    async def prepare(self, requester: Any = None) -> None:
-        """Everything that can fail, before anything is touched; then stop
-        dispatching requests and let those in flight finish, so that each
-        is answered by this image (what arrives meanwhile is answered by the
-        next one).  `requester`: the connection asking for the re-exec.
-
-        Raises:
-            ProtocolError: the new image fails its check, services or
-                requests stay busy.
-        """
-        if self._lock.locked():
-            raise ProtocolError("action-failed", "a re-exec is already under way")
-        async with self._lock:
-            await check_new_image(self.engine.config.source, self.state_dir)
-            with trio.move_on_after(QUIESCE_TIMEOUT):
-                while self.engine.busy():
-                    await trio.sleep(0.01)
-            busy = self.engine.busy()
-            if busy:
-                raise ProtocolError("action-failed",
-                                    f"re-exec refused: still starting or stopping after "
-                                    f"{QUIESCE_TIMEOUT:g} s: {', '.join(busy)}")
-            for server in self.servers:
-                server.pause()
-            try:
-                await self._drain(requester)
-            except BaseException:  # refused or cancelled: dispatch again, as if nothing happened
-                self._resume_clients()
-                raise
-
-    async def _drain(self, requester: Any) -> None:
-        """Wait until no request is in flight and no service is starting or
-        stopping (a request answered just now may have started one), then
-        hold every reload."""
-
-        def requests() -> int:
-            return sum(server.busy(requester) for server in self.servers) + len(self.engine.busy())
-
-        with trio.move_on_after(QUIESCE_TIMEOUT):
-            while requests():
-                await trio.sleep(0.01)
-        if requests():
-            raise ProtocolError("action-failed", f"re-exec refused: {requests()} request(s) or "
-                                                 f"service(s) still busy after {QUIESCE_TIMEOUT:g} s")
-        # No reload may run across the exec: the configuration in force is
-        # what is handed over.  A reload asked for from now on (SIGHUP) is
-        # carried out by the new image.
-        await self.engine.hold_reloads()
-        self._holding_reloads = True
-
-    def _resume_clients(self) -> None:
-        for server in self.servers:
-            server.pause(False)
-        if self._holding_reloads:
-            self._holding_reloads = False
-            self.engine.release_reloads()
-
-    def execute(self) -> None:
-        """Hand over and exec.  Returns only if something failed before or in
-        the exec itself; then every client is served again."""
-        try:
-            self._execute()
-        finally:  # still here: the exec failed
-            self._resume_clients()
-
-    def _execute(self) -> None:
-        self.engine.flush_records()
-        services = self.engine.handover()
-        sockets = {name: sock.fileno() for name, sock in self.sockets.items()}
-        if self.engine.keeper is not None and self.engine.keeper.sock is not None:
-            sockets["keeper"] = self.engine.keeper.sock.fileno()
-        fds = [*sockets.values(), self.lock_fd]  # the lock stays held: same open file
-        for passed in services.values():
-            if passed["pidfd"] is not None:
-                fds.append(passed["pidfd"])
-            fds.extend(passed["listeners"])
-            fds.extend(fd for pair in passed["output"]["pipes"].values() for fd in pair)
-        connections = [state for server in self.servers for state in server.handover()]
-        fds.extend(state["fd"] for state in connections)
-        handover: dict[str, Any] = {"version": 1, "sockets": sockets, "services": services,
-                                    "lock": self.lock_fd, "nofile": list(self.nofile),
-                                    "events": {"epoch": self.engine.epoch, "seq": self.engine.seq},
-                                    "connections": connections}
-        if self.engine.config.source is not None:
-            handover["config"] = {"path": str(self.engine.config.path),
-                                  "source": self.engine.config.source.decode("utf-8")}
-        def reload_pending(handover: dict[str, Any]) -> None:
-            # with signals blocked: a reload asked for (SIGHUP) but not done
-            # here is done by the new image
-            hup = signal.SIGHUP in (getattr(self.signals, "_pending", None) or {})
-            handover["reload"] = hup or self.engine.reloads_waiting > 0
-
-        exec_self(self.state_dir, handover, fds, reload_pending)
-
-    async def on_signal(self) -> None:
-        if self._lock.locked():  # the re-exec under way will pick up the same new code
-            log.info("re-exec already under way; SIGUSR1 merged into it")
-            return
-        try:
-            await self.prepare()
-        except ProtocolError as exc:
-            log.error("re-exec refused", reason=exc.message)
-            return
-        self.execute()
-
-
 async def _reload(engine: Engine, counted: bool = True) -> None:
     try:
         await engine.reload(counted=counted)
     except Exception as exc:  # already logged with its details; keep running
         log.warning("reload on SIGHUP failed", error=str(exc))
-
-
-async def _reap_orphans() -> None:
-    """Reap orphans re-parented to us (subreaper / PID 1), never an owned child,
-    and never a helper process before its owner had the chance to wait for it."""
-    seen: dict[int, float] = {}
-    with trio.open_signal_receiver(signal.SIGCHLD) as sigchld:
-        while True:
-            reaped, waiting = _proc.reap_orphans(seen, trio.current_time(), _proc.ORPHAN_GRACE)
-            for pid, status in reaped:
-                log.debug("reaped orphan", pid=pid, status=status)
-            with trio.move_on_after(_proc.ORPHAN_GRACE if waiting else math.inf):
-                await sigchld.__anext__()

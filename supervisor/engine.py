@@ -4,12 +4,12 @@ Starting pulls requirements first (independent ones in parallel, each
 service's actor deduplicating concurrent starts); stopping takes dependents
 down first.  Reads (`status`, `graph`, logs) are served from the actors'
 current fields and never wait on an actor.  Every state change is published
-to subscribers as an event.
+to subscribers as an event.  A reload's diff is applied by `reload`;
+taking over after a re-exec or a crash is `takeover`'s.
 """
 
 from __future__ import annotations
 
-import contextvars
 import os
 import time
 import uuid
@@ -25,36 +25,24 @@ from herd.protocol import ProtocolError
 
 from . import __version__
 from ._backlog import Backlog
-from ._config_file import read_config_file
+from ._messages import MESSAGES, say
 from ._notify_server import ancestors, session_of
-from ._keeper_link import Held, KeeperLink, close_held, pipe_key, socket_key
+from ._keeper_link import KeeperLink
 from ._output import LogHub, ServiceOutput
-from . import _guard, _proc, _sockets, _threads
+from . import _sockets, reload
 from ._pacer import Pacer
 from ._cgroup import Hierarchy, Watcher
 from ._containment import Containment
-from ._state import StateStore, same_process
-from ._hostcheck import log_findings
-from .config import Config, load_config
-from .schema import ConfigErrors
+from ._state import StateStore
+from .config import Config
 from .graph import Graph
 from .service import Outcome, Service, State
 from .spec import ActionContext, ActionSpec
+from .timer import TRIGGER
 
 __all__ = ["Engine", "say", "MESSAGES", "TRIGGER"]
 
 log = structlog.get_logger("supervisor.engine")
-
-#: Human-readable lines for the reply of the request being served.
-MESSAGES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("messages", default=None)
-
-
-def say(text: str) -> None:
-    """Add a line to the current request's reply `messages` (if any)."""
-    messages = MESSAGES.get()
-    if messages is not None:
-        messages.append(text)
-
 
 class Engine:
     """Owns the service actors; the control server only calls its methods."""
@@ -68,14 +56,14 @@ class Engine:
         self.cgroups = cgroups
         self.no_cgroups_reason = no_cgroups_reason
         self.watcher = Watcher() if cgroups is not None else None
-        self.resumed_by_reexec = False  # set by restore() when a re-exec handed over
+        self.resumed_by_reexec = False  # set by takeover.restore() when a re-exec handed over
         self._reload_lock = trio.Lock()
         self.reloads_waiting = 0  # reloads asked for while another (or a re-exec) holds the lock
         # Events are numbered: `seq` is contiguous for this `epoch`, which is
         # drawn at a fresh start and kept across a re-exec.
         self.epoch = uuid.uuid4().hex[:16]
         self.seq = 0
-        self.store: StateStore | None = None  # the service records (set by restore)
+        self.store: StateStore | None = None  # the service records (set by takeover.restore)
         self.overrides = overrides or {}
         self.notify_socket = notify_socket
         self.graph: Graph = config.graph
@@ -120,67 +108,6 @@ class Engine:
             service.run_scope = scope
             await service.run(task_status=task_status)
 
-    # -- taking over from a previous supervisor ----------------------------------------------
-
-    def restore(self, store: StateStore, handover: dict[str, Any] | None = None,
-                kept: Held | None = None) -> None:
-        """Before `run`: read the service records; adopt what still runs.
-
-        After a re-exec, `handover` holds the open descriptors of each service
-        (pidfd, pipes, listening sockets), which are taken over as they are.
-        After a crash, a recorded PID is adopted only if the process with that
-        PID started when the record says (a reused PID is never adopted), and
-        the pipes and listening sockets the keeper held (`kept`, from
-        `KeeperLink.open`) are taken back.
-        """
-        kept = dict(kept or {})
-        records = store.load()
-        self.store = store
-        self.resumed_by_reexec = handover is not None
-        events = (handover or {}).get("events")
-        if isinstance(events, dict) and isinstance(events.get("epoch"), str):
-            self.epoch, self.seq = events["epoch"], int(events.get("seq", 0))
-        handed: dict[str, Any] = (handover or {}).get("services", {})
-        for name, service in self.services.items():
-            service.store = store
-            record, passed = records.get(name), handed.get(name)
-            child = None
-            if passed is not None:
-                service.output.take_over(passed.get("output", {}))
-                service.take_over_listeners(passed.get("listeners", []))
-                if passed.get("pidfd") is not None:
-                    os.set_inheritable(passed["pidfd"], False)
-                    child = _proc.Child(passed["pid"], passed["pidfd"])
-            else:
-                _take_kept(service, kept)
-            if passed is None and record is not None and record.get("pid") and service.spec.command is not None:
-                group = service.containment.cgroup
-                if group is not None and not group.contains(record["pid"]):
-                    log.info("recorded process is gone", service=name, pid=record["pid"],
-                             why="no such process in the service's cgroup")
-                elif same_process(record["pid"], record.get("pid-start")):
-                    try:
-                        child = _proc.Child.adopt(record["pid"])
-                        log.info("adopted a running service", service=name, pid=child.pid)
-                    except OSError:
-                        child = None
-                else:
-                    log.info("recorded process is gone", service=name, pid=record["pid"])
-            if passed is None and child is not None and record is not None:
-                _reclaim_pipes(service, child, record)
-            if record is not None or child is not None:
-                service.restore(record or {}, child)
-                service.output.reload_history()
-        close_held(kept)  # duplicates of what a re-exec handed over, or of what nothing uses
-        for name, passed in handed.items():
-            if name not in self.services:  # dropped from the configuration meanwhile
-                log.warning("service no longer configured; its process is left alone",
-                            service=name, pid=passed.get("pid"))
-                for fd in [passed.get("pidfd"), *passed.get("listeners", []),
-                           *[f for pair in passed.get("output", {}).get("pipes", {}).values() for f in pair]]:
-                    if isinstance(fd, int):
-                        os.close(fd)
-
     # -- the keeper (docs/keeper.md) -----------------------------------------------------
 
     def _keep_pipe(self, output: ServiceOutput, stream: str, fds: tuple[int, int] | None) -> None:
@@ -202,19 +129,6 @@ class Engine:
             for stream, fds in service.output.pipes.items():
                 self._keep_pipe(service.output, stream, fds)
         self.keeper.forget_stale()
-
-    def handover(self) -> dict[str, Any]:
-        """Each service's open descriptors, for a re-exec (see `restore`)."""
-        out: dict[str, Any] = {}
-        for name, service in self.services.items():
-            child = service.child if service.child is not None and service.child.alive else None
-            out[name] = {
-                "pid": child.pid if child else None,
-                "pidfd": child.pidfd if child else None,
-                "output": service.output.handover(),
-                "listeners": [sock.fileno() for sock in service.listeners],
-            }
-        return out
 
     def busy(self) -> list[str]:
         """Services in the middle of a transition."""
@@ -244,9 +158,23 @@ class Engine:
         finally:
             self.reloads_waiting -= 1
         try:
-            return await self._reload(path, requester)
+            self._check_running()
+            return await reload.apply(self, path, requester)
         finally:
             self._reload_lock.release()
+
+    async def add_service(self, spec: Any) -> None:
+        """A new service (a reload): its actor, running."""
+        service = self._new_service(spec)
+        self.services[spec.name] = service
+        assert self._nursery is not None
+        await self._nursery.start(self._run_actor, service)
+
+    def remove_service(self, name: str) -> None:
+        """A service gone from the configuration (a reload, after it stopped): its actor ends."""
+        service = self.services.pop(name)
+        if service.run_scope is not None:
+            service.run_scope.cancel()
 
     async def hold_reloads(self) -> None:
         """Wait for a reload under way, and keep others out (a re-exec)."""
@@ -255,75 +183,6 @@ class Engine:
     def release_reloads(self) -> None:
         if self._reload_lock.locked():
             self._reload_lock.release()
-
-    async def _reload(self, path: Path | None, requester: int | None) -> dict[str, Any]:
-        self._check_running()
-        path = path or self.config.path
-        if path is None:
-            raise ProtocolError("bad-arguments", "no configuration file to reload; name one")
-        try:
-            config = await _threads.run_sync(self._load_config, path, requester)
-        except ProtocolError as exc:
-            log.warning("reload refused", config=str(path), requester=requester, error=exc.message)
-            raise
-        except ConfigErrors as exc:
-            log.warning("reload refused", config=str(path), errors=[str(e) for e in exc.errors])
-            raise ProtocolError("config-error", "\n".join(str(e) for e in exc.errors)) from None
-        log_findings(config, log)
-        new = {spec.name: spec for spec in config.services}
-        added = sorted(n for n in new if n not in self.services)
-        removed = [n for n in reversed(self.graph.order()) if n not in new]
-        changed = sorted(n for n in new if n in self.services
-                         and new[n] != (self.services[n].pending_spec or self.services[n].spec))
-        for name in removed:  # dependents first; nothing in the new graph requires them
-            service = self.services[name]
-            outcome = await service.stop()
-            if outcome.initiated:
-                say(f"Service {name} has been stopped.")
-        self.graph = config.graph
-        self.config = config
-        for name in removed:
-            service = self.services.pop(name)
-            if service.run_scope is not None:
-                service.run_scope.cancel()
-            say(f"Service {name} has been removed.")
-        assert self._nursery is not None
-        for name in added:
-            service = self._new_service(new[name])
-            self.services[name] = service
-            await self._nursery.start(self._run_actor, service)
-            say(f"Service {name} has been added.")
-        for name in changed:
-            outcome = await self.services[name].replace(new[name])
-            say(f"Service {name} has been updated." if outcome.initiated
-                else f"Service {name} will be replaced at its next restart.")
-        log.info("configuration reloaded", config=str(path), added=added, removed=removed, changed=changed)
-        failures: list[str] = []
-
-        async def start_new(name: str) -> None:
-            try:
-                await self.start(name, operator=False)
-            except ProtocolError as exc:
-                failures.append(exc.message)
-
-        async with trio.open_nursery() as nursery:
-            for name in added:
-                spec = new[name]
-                if spec.auto_start and spec.activation != "lazy":
-                    nursery.start_soon(start_new, name)
-        for message in failures:
-            say(message)
-        return {"config": str(path), "added": added, "removed": removed, "changed": changed,
-                "pending": sorted(n for n in changed if self.services[n].pending_spec is not None)}
-
-    def _load_config(self, path: Path, requester: int | None) -> Config:
-        """In a worker thread: read the file safely, then parse it.
-
-        Raises:
-            ProtocolError: see `read_config_file`.
-            ConfigErrors: the configuration is invalid.
-        """
-        return load_config(path, overrides=self.overrides, data=read_config_file(path, requester=requester))
 
     # -- events --------------------------------------------------------------------------
 
@@ -658,56 +517,6 @@ class Engine:
         if self.cgroups is not None:
             return {"mode": "cgroup", "cgroup": self.cgroups.rel, "mount": str(self.cgroups.mount)}
         return {"mode": "process-tree", "reason": self.no_cgroups_reason}
-
-
-async def _trigger(ctx: ActionContext, args: list[Any]) -> dict[str, Any]:
-    if args:
-        raise ProtocolError("bad-arguments", "trigger takes no arguments")
-    service = ctx.engine.lookup(ctx.service)
-    outcome = await service.trigger()
-    if not outcome.ok:
-        raise ProtocolError(outcome.code or "action-failed", outcome.message)
-    say(f"Timer {service.name} triggered (PID {service.child.pid if service.child else '?'}).")
-    return {"service": service.name, "pid": service.child.pid if service.child else None}
-
-
-#: Every timer's action (a service with a `schedule`), unless its type has its own `trigger`.
-TRIGGER = ActionSpec("trigger", "Run the timer's command now (not while a run is in progress).", _trigger)
-
-
-def _take_kept(service: Service, kept: Held) -> None:
-    """Crash recovery: the service's pipes and listening sockets, from the keeper.
-
-    Sockets are taken only when the keeper holds every one the service's
-    definition names (else they are all bound anew)."""
-    pipes = {stream: tuple(fds) for stream in ("stdout", "stderr")
-             if (item := kept.pop(pipe_key(service.name, stream), None)) is not None
-             and len(fds := item[1]) == 2}
-    if pipes:
-        service.output.take_over({"pipes": pipes})
-    wanted = [socket_key(service.name, _sockets.describe(spec)) for spec in service.spec.sockets]
-    if wanted and all(key in kept and len(kept[key][1]) == 1 for key in wanted):
-        service.take_over_listeners([kept.pop(key)[1][0] for key in wanted])
-
-
-def _reclaim_pipes(service: Service, child: _proc.Child, record: dict[str, Any]) -> None:
-    """Crash recovery with no keeper (it was killed too): take the pipes the
-    keeper did not hand back from the adopted service itself (`_guard`)."""
-    taken: dict[str, tuple[int, int]] = {}
-    failed: dict[str, str] = {}
-    guards = record.get("guards") if isinstance(record.get("guards"), dict) else {}
-    for stream in [s for s in _guard.STREAM_FDS if s not in service.output.pipes]:
-        try:
-            taken[stream] = _guard.reclaim(child.pidfd, stream, guards.get(stream))
-        except OSError as exc:
-            failed[stream] = exc.strerror or str(exc)
-    if failed:
-        log.warning("output pipes not recovered (keeper gone, guard closed): what the service writes there "
-                    "is lost, and it may die of SIGPIPE", service=service.name, pid=child.pid, errors=failed)
-    if taken:
-        log.info("took the output pipes back from the service itself", service=service.name, pid=child.pid,
-                 streams=sorted(taken))
-        service.output.take_over({"pipes": taken})
 
 
 def _actions_of(spec: Any) -> tuple[ActionSpec, ...]:

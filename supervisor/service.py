@@ -63,7 +63,7 @@ from ._probes import (
 )
 from ._state import StateStore
 from ._stopping import Strays, terminate
-from ._timers import TimerMixin, timer_details
+from .timer import Timer, timer_details
 from .spec import ServiceSpec
 
 __all__ = ["State", "Outcome", "Service", "respawn_policy"]
@@ -80,7 +80,7 @@ def respawn_policy(spec: ServiceSpec) -> respawn.Policy:
                           stay_down=dict(spec.stay_down_exits))
 
 
-class Service(TimerMixin):
+class Service:
     """The actor for one service.  Create, then run `run` in a nursery."""
 
     def __init__(self, spec: ServiceSpec, *, log_path: Path, hub: LogHub, publish: StatePublisher,
@@ -117,9 +117,7 @@ class Service(TimerMixin):
         self._stay_down: str | None = None  # the attempt ended with a stay-down exit
         self._watchdog_deadline = math.inf
         self._watchdog_scope: trio.CancelScope | None = None
-        self._timer_scope: trio.CancelScope | None = None
-        self.next_run: float | None = None  # timers: the next event (epoch)
-        self.last_run: dict[str, Any] | None = None  # timers: start, end, code, signal, error
+        self.timer = Timer(self)  # a service with a `schedule`: its events and runs
         self._publish = publish
         self._gen = 0
         self._start_waiters: list[_Reply] = []
@@ -307,7 +305,7 @@ class Service(TimerMixin):
                     self._apply_pending_spec()
                 reply.set(Outcome(True, initiated=self.pending_spec is None))
             case _Trigger(reply, scheduled):
-                self._on_trigger(reply, scheduled)
+                self.timer.trigger(reply, scheduled)
             case _Exited(child):
                 self._on_exited(child)
             case _Notify(pid, fields):
@@ -328,10 +326,9 @@ class Service(TimerMixin):
                 if self.state is State.RUNNING:
                     self._watchdog_fire(why)
             case _TimerArmed(next_run):
-                self.next_run = next_run if self.state is State.RUNNING else None
+                self.timer.armed(next_run)
             case _Overran(pid):
-                if self.last_run is not None and self.last_run.get("pid") == pid:
-                    self.last_run["overrun"] = True
+                self.timer.overran(pid)
             case _:
                 raise AssertionError(f"unexpected message {msg!r}")
 
@@ -341,10 +338,8 @@ class Service(TimerMixin):
         lifecycle.check(old, new)
         if new is State.STOPPED:
             self._apply_pending_spec()
-        if new is not State.RUNNING and self._timer_scope is not None:
-            self._timer_scope.cancel()
-            self._timer_scope = None
-            self.next_run = None
+        if new is not State.RUNNING:
+            self.timer.disarm()
         if new is not State.RUNNING and self._watchdog_scope is not None:
             self._watchdog_scope.cancel()
             self._watchdog_scope = None
@@ -648,8 +643,7 @@ class Service(TimerMixin):
         if self._nursery is None:
             return
         if self.spec.schedule is not None:
-            self._timer_scope = trio.CancelScope()
-            self._nursery.start_soon(self._timer_loop, self._timer_scope)
+            self.timer.arm(self._nursery)
         if self.spec.watchdog_sec:
             self._nursery.start_soon(self._watchdog)
 
@@ -765,7 +759,7 @@ class Service(TimerMixin):
             return  # a stale child (already replaced)
         assert child.status is not None
         if self.spec.schedule is not None and self.state is State.RUNNING:
-            self._on_run_finished(child)
+            self.timer.run_finished(child)
             return
         if not (self.state is State.STARTING and self.spec.ready.type == "pid-file"
                 and child.status.code == 0):  # a forking launcher's exit is no news
@@ -894,7 +888,7 @@ class Service(TimerMixin):
             "status-text": self.status_text,
             "last-exit": self.last_exit.to_json() if self.last_exit else None,
             "last-failure": self.last_failure,
-            "last-run": self.last_run,
+            "last-run": self.timer.last_run,
             "respawns": list(self.history.respawns),
             "startup-failures": list(self.history.startup_failures),
             "respawn-history": self.respawn_history.to_record(time.monotonic(), time.time()),
@@ -926,7 +920,7 @@ class Service(TimerMixin):
         self.disabled_reason = record.get("disabled-reason") if not self.enabled else None
         self.intent = record.get("intent")
         self.last_failure = record.get("last-failure")
-        self.last_run = record.get("last-run")
+        self.timer.last_run = record.get("last-run")
         self.status_text = record.get("status-text")
         self._stayed_down = record.get("stayed-down")
         self.history.respawns.extend(record.get("respawns", []))
@@ -987,14 +981,14 @@ class Service(TimerMixin):
             "log-file": str(self.output.path) if spec.command is not None else None,
             "actions": [a.name for a in spec.actions] + (["trigger"] if spec.schedule else []),
             "replacement-pending": self.pending_spec is not None,
-            "timer": self._timer_json() if spec.schedule is not None else None,
+            "timer": self.timer.to_json() if spec.schedule is not None else None,
             "documentation": spec.documentation,
         }
         if log_lines:
             out["recent-log"] = [line.to_json() for line in self.output.recent(log_lines)]
             out["processes"] = self._process_stats()
             if spec.schedule is not None:
-                out["details"] = timer_details(self._timer_json())
+                out["details"] = timer_details(self.timer.to_json())
             if spec.details_hook is not None:
                 try:
                     out["details"] = spec.details_hook(spec)
