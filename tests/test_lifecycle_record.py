@@ -4,7 +4,6 @@ serialized."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -13,23 +12,14 @@ from typing import Any
 from helpers import (
     PY,
     Supervisor,
+    count_resumed,
+    crash,
     find_pids,
+    reexec,
+    restart,
     sleeper,
     wait_until,
 )
-from test_lifecycle_recovery import crash, restart
-
-
-def count_resumed(sup: Supervisor) -> int:
-    text = sup.stderr_path.read_text(errors="replace")
-    return sum(1 for line in text.splitlines()
-               if line.startswith("{") and json.loads(line).get("event") == "resumed after re-exec")
-
-
-def reexec(sup: Supervisor) -> None:
-    n = count_resumed(sup)
-    sup.herd("reexec", "root", check=0)
-    wait_until(lambda: count_resumed(sup) == n + 1, 20, "the new image to resume")
 
 
 def snapshot(sup: Supervisor, name: str) -> dict[str, Any]:
