@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -332,6 +333,13 @@ def run_supervisor(*args: str, timeout: float = 30.0, cwd: Path | None = None) -
     )
 
 
+def check_config(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    """``supervisor --check`` on the configuration `text` (written to ``tmp_path/check.toml``)."""
+    conf = tmp_path / "check.toml"
+    conf.write_text(text)
+    return run_supervisor("--check", "-c", str(conf), timeout=60, cwd=REPO)
+
+
 def run_herd(
     socket_path: str | Path,
     *args: str,
@@ -504,6 +512,43 @@ class Client:
             self.sock.close()
         except OSError:
             pass
+
+
+class Collector:
+    """Reads a connection in a thread of its own, as a dashboard does, and
+    keeps every object it gets (`got`); `closed` once the daemon closed it,
+    `error` when reading failed."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.got: list[dict[str, Any]] = []
+        self.closed = False
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    obj = self.client.recv(0.2)
+                except TimeoutError:
+                    continue
+                if obj is None:
+                    self.closed = True
+                    return
+                self.got.append(obj)
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            self.error = exc
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        """The events of type `kind` so far."""
+        return [obj for obj in list(self.got) if obj.get("event") == kind]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 # --------------------------------------------------------------------------
@@ -838,3 +883,150 @@ class Supervisor:
         if tail:
             print(f"--- supervisor stderr (tail) ---\n{tail}")
         shutil.rmtree(self.sockdir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# The daemon's own log, its re-execs, crashes and restarts
+
+
+def daemon_events(sup: Supervisor) -> list[dict[str, Any]]:
+    """The current daemon's own log so far (JSON lines on its stderr), in order."""
+    try:
+        text = sup.stderr_path.read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:  # a line being written right now
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("event"), str):
+            out.append(obj)
+    return out
+
+
+def count_events(sup: Supervisor, name: str) -> int:
+    """How many times the daemon logged the event `name` so far."""
+    return sum(1 for ev in daemon_events(sup) if ev["event"] == name)
+
+
+def count_resumed(sup: Supervisor) -> int:
+    """How many re-execs the daemon came back from so far."""
+    return count_events(sup, "resumed after re-exec")
+
+
+def reexec(sup: Supervisor, timeout: float = 20.0) -> None:
+    """`herd reexec root`, and wait until the new image has resumed."""
+    n = count_resumed(sup)
+    sup.herd("reexec", "root", check=0)
+    wait_until(lambda: count_resumed(sup) == n + 1, timeout, "the new image to resume")
+
+
+def crash(sup: Supervisor) -> None:
+    """SIGKILL the daemon (its services live on, re-parented to init)."""
+    assert sup.proc is not None
+    sup.send_signal(signal.SIGKILL)  # also remembers its children for the teardown
+    sup.wait_exit(10)
+
+
+def restart(sup: Supervisor) -> None:
+    """Start a new daemon on the same sockets, state and log directories and
+    configuration, once the previous one is gone.  Its stderr is kept aside
+    as ``daemon.N.err``."""
+    assert sup.proc is not None and sup.proc.poll() is not None, "the previous daemon still runs"
+    n = 1
+    while (sup.tmp / f"daemon.{n}.err").exists():
+        n += 1
+    sup.stderr_path.rename(sup.tmp / f"daemon.{n}.err")
+    sup.proc = None
+    sup.notify_path.unlink(missing_ok=True)
+    sup.start(None)
+
+
+# --------------------------------------------------------------------------
+# Waiting for services
+
+
+def pids_of(sup: Supervisor) -> dict[str, int | None]:
+    return {name: svc["pid"] for name, svc in sup.rstatus().items()}
+
+
+def wait_running(sup: Supervisor, names: list[str], timeout: float = 15.0) -> dict[str, int]:
+    """Wait until every service in `names` runs; their PIDs."""
+    def up() -> dict[str, int] | None:
+        st = sup.rstatus()
+        # a service not there yet (a reload still to come) is not running yet
+        if all(n in st and st[n]["state"] == "running" and st[n]["pid"] for n in names):
+            return {n: st[n]["pid"] for n in names}
+        return None
+
+    return wait_until(up, timeout, f"services {names} to be running")
+
+
+def wait_respawned(sup: Supervisor, name: str, old_pid: int, timeout: float = 10.0) -> dict[str, Any]:
+    """Wait until `name` runs again with a PID other than `old_pid`; its SVC."""
+    def respawned() -> dict[str, Any] | None:
+        svc = sup.rstatus(name)
+        if svc["state"] == "running" and svc["pid"] not in (None, old_pid):
+            return svc
+        return None
+
+    return wait_until(respawned, timeout, f"{name} to be respawned")
+
+
+def wait_state(sup: Supervisor, name: str, state: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Wait until service `name` is in `state`; its SVC then.
+
+    Subscribes (on the status socket) before it asks for the status, so a
+    state reached before the subscription is seen in the status, and one
+    reached after it in a ``state`` event.  A connection kept across a
+    re-exec goes on; one that closes (a crash, a restart of the daemon) is
+    opened again and the status asked again.  Raises AssertionError (with
+    the last SVC seen) when `timeout` passes first.
+    """
+    deadline = Deadline(timeout)
+    last: Any = None
+    while not deadline.expired():
+        conn: Client | None = None
+        try:
+            try:
+                conn = Client(sup.status_socket, timeout=max(0.1, deadline.remaining()))
+            except (FileNotFoundError, ConnectionRefusedError):  # not listening (yet) again
+                time.sleep(0.05)
+                continue
+            rep = conn.call("subscribe", timeout=max(0.1, deadline.remaining()))
+            assert rep.get("ok") is True, rep
+            while True:
+                rep = conn.call("status", name, timeout=max(0.1, deadline.remaining()))
+                assert rep.get("ok") is True, rep
+                [last] = rep["result"]["services"]
+                if last["state"] == state:
+                    return last
+                # the next state event of this service, then the status again
+                while True:
+                    ev = conn.recv(max(0.01, deadline.remaining()))
+                    if ev is None:
+                        raise ConnectionClosed("the daemon closed the connection")
+                    if ev.get("event") == "state" and ev.get("service") == name:
+                        break
+        except (ConnectionClosed, ConnectionError, TimeoutError):
+            continue  # closed: open it again; timed out: the loop's condition ends it
+        finally:
+            if conn is not None:
+                conn.close()
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {name} to be {state} (last SVC: {last!r})")
+
+
+def assert_one_process_each(sup: Supervisor, pids: dict[str, int]) -> None:
+    """Exactly the expected process carries each service's marker."""
+    for name, pid in pids.items():
+        assert find_pids(sup.marker(name)) == {pid}, (
+            f"{name}: processes {find_pids(sup.marker(name))}, expected only {pid}")
+
+
+def assert_no_process(sup: Supervisor, *names: str) -> None:
+    for name in names:
+        assert find_pids(sup.marker(name)) == set(), f"{name} runs: {find_pids(sup.marker(name))}"

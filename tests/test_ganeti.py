@@ -6,9 +6,9 @@ mount, network, UTS and PID namespaces (``unshare``, as root): tmpfs over
 of the machine's own Ganeti is touched; ``/etc/ganeti`` stays, it holds
 Debian's version links, and the generated files go to a directory of the
 test's own), only the loopback interface, and everything killed with the
-namespace.  A driver script (written to ``tmp_path``) runs inside as the
-namespace's PID 1: it sets the namespace up, starts the supervisor, runs the
-steps the test asks for and prints the results as JSON.
+namespace.  The namespace driver (``namespaces.py``) runs inside as the
+namespace's PID 1: it sets the namespace up (`INSIDE`), starts the supervisor,
+runs the steps the test asks for and reports the results in JSON.
 
 ``tests/test_ganeti_cluster.py`` uses the same driver for a one-node cluster.
 """
@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tomli_w
-from helpers import PY, Supervisor, find_pids, wait_until
+from helpers import PY, Supervisor, check_config, find_pids, wait_until
+
+import namespaces
 
 from services import _ganeti_daemon_util as daemon_util
 from services import _ganeti_files as gfiles
@@ -37,8 +38,6 @@ from supervisor.schema import ConfigErrors
 
 ROOT = Path(__file__).resolve().parents[1]
 HINT = "/var/lib/ganeti/guix_wconfd_force_node_hint"
-UNSHARE = ["unshare", "--mount", "--propagation", "private", "--net", "--uts", "--pid", "--fork", "--kill-child",
-           "--mount-proc"]
 
 # -- the documented command lines (guix-reference.md §5.2, §5.3), plus -f after the program --------
 
@@ -186,13 +185,6 @@ def test_wconfd_wrapper_execs_the_daemon_with_or_without_force(tmp_path: Path, h
     assert out == [str(fake), "-f", *forced, *args]
 
 
-def check(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
-    conf = tmp_path / "check.toml"
-    conf.write_text(text)
-    return subprocess.run([PY, "-m", "supervisor", "--check", "-c", str(conf)], capture_output=True, text=True,
-                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60, check=False)
-
-
 @pytest.mark.parametrize(("toml", "line"), [
     ("[ganeti.noded]\nport = 0", "ganeti.noded.port: must be at least 1, got 0"),
     ('[ganeti.noded]\nssl = "no"', 'ganeti.noded.ssl: expected true or false, got "no"'),
@@ -215,7 +207,7 @@ def check(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
       'name = "v"\ncontent = ""'), 'ganeti.os[0].variants[1].name: variant "v" is listed twice'),
 ])
 def test_config_errors_name_the_key(tmp_path: Path, toml: str, line: str) -> None:
-    proc = check(tmp_path, toml + "\n")
+    proc = check_config(tmp_path, toml + "\n")
     assert proc.returncode == 1, proc
     assert any(out.startswith(line) for out in proc.stdout.splitlines()), proc.stdout
 
@@ -422,83 +414,38 @@ def test_timer_every_second_runs_never_overlap_and_slow_runs_are_killed(sup: Sup
 
 # -- the real daemons, without a cluster -------------------------------------------------------------------
 
-DRIVER = r'''
-import json, os, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.request, urllib.error
+INSIDE = r'''
+import urllib.error
+import urllib.request
 
-spec = json.load(open(sys.argv[1]))
-work = tempfile.mkdtemp(prefix="gt-", dir="/tmp")
-sock, ro, notify = f"{work}/rw.sock", f"{work}/ro.sock", f"{work}/test-notify.sock"
-env = dict(os.environ, PYTHONPATH=spec["root"], SUPERVISOR_SOCKET=sock)
-out = {"ready": False, "steps": {}, "setup": []}
+env["SUPERVISOR_SOCKET"] = sock
 
 
-def sh(*argv):
-    p = subprocess.run(list(argv), capture_output=True, text=True)
-    out["setup"].append({"argv": list(argv), "rc": p.returncode, "err": p.stderr})
-    if p.returncode != 0:
-        raise SystemExit(f"setup failed: {argv}: {p.stderr}")
+def setup():
+    sh("ip", "link", "set", "lo", "up")
+    if spec.get("veth"):
+        sh("ip", "link", "add", "gnt0", "type", "veth", "peer", "name", "gnt1")
+        sh("ip", "addr", "add", spec["veth"], "dev", "gnt0")
+        sh("ip", "link", "set", "gnt0", "up")
+        sh("ip", "link", "set", "gnt1", "up")
+    if spec.get("hostname"):
+        sh("hostname", spec["hostname"])
+    for d in ("/var/lib/ganeti", "/var/run/ganeti", "/var/log/ganeti"):
+        real = os.path.realpath(d)
+        os.makedirs(real, exist_ok=True)
+        sh("mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", real)
+    if spec.get("hosts"):
+        with open(f"{work}/hosts", "w") as f:
+            f.write(spec["hosts"])
+        sh("mount", "--bind", f"{work}/hosts", "/etc/hosts")
+    if spec.get("daemon_util"):
+        shutil.copy(spec["daemon_util"], f"{work}/daemon-util")
+        os.chmod(f"{work}/daemon-util", 0o755)
+        sh("mount", "--bind", f"{work}/daemon-util", os.path.realpath("/usr/lib/ganeti/daemon-util"))
 
 
-sh("ip", "link", "set", "lo", "up")
-if spec.get("veth"):
-    sh("ip", "link", "add", "gnt0", "type", "veth", "peer", "name", "gnt1")
-    sh("ip", "addr", "add", spec["veth"], "dev", "gnt0")
-    sh("ip", "link", "set", "gnt0", "up")
-    sh("ip", "link", "set", "gnt1", "up")
-if spec.get("hostname"):
-    sh("hostname", spec["hostname"])
-for d in ("/var/lib/ganeti", "/var/run/ganeti", "/var/log/ganeti"):
-    real = os.path.realpath(d)
-    os.makedirs(real, exist_ok=True)
-    sh("mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", real)
-if spec.get("hosts"):
-    with open(f"{work}/hosts", "w") as f:
-        f.write(spec["hosts"])
-    sh("mount", "--bind", f"{work}/hosts", "/etc/hosts")
-if spec.get("daemon_util"):
-    shutil.copy(spec["daemon_util"], f"{work}/daemon-util")
-    os.chmod(f"{work}/daemon-util", 0o755)
-    sh("mount", "--bind", f"{work}/daemon-util", os.path.realpath("/usr/lib/ganeti/daemon-util"))
-
-listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-listener.bind(notify)
-listener.settimeout(0.25)
-log = open(spec["log"], "wb")
-daemon = subprocess.Popen(
-    [spec["python"], "-m", "supervisor", "-c", spec["config"], "-s", sock, "--status-socket", ro,
-     "--state-dir", f"{work}/state", "--log-dir", spec["log_dir"], "--log-format", "json"],
-    env=dict(env, NOTIFY_SOCKET=notify), stdout=log, stderr=log, cwd=spec["root"])
-deadline = time.monotonic() + 30
-while time.monotonic() < deadline and daemon.poll() is None:
-    try:
-        if b"READY=1" in listener.recv(4096).split(b"\n"):
-            out["ready"] = True
-            break
-    except socket.timeout:
-        pass
-
-
-def request(action, service=None, args=None):
-    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    c.settimeout(60)
-    c.connect(ro if action == "status" else sock)
-    r = c.makefile("rb")
-    r.readline()
-    req = {"id": 1, "action": action, "args": args or []}
-    if service:
-        req["service"] = service
-    c.sendall(json.dumps(req).encode() + b"\n")
-    while True:
-        reply = json.loads(r.readline())
-        if reply.get("id") == 1:
-            c.close()
-            return reply
-
-
-def status(name=None):
-    reply = request("status", name)
-    services = reply["result"]["services"]
-    return services[0] if name else {s["name"]: s for s in services}
+def finish():
+    out["after-exit"] = procs()
 
 
 def dig(obj, path):
@@ -510,12 +457,6 @@ def dig(obj, path):
         else:
             return None
     return obj
-
-
-def run(argv, timeout=120):
-    t = time.monotonic()
-    p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
-    return {"rc": p.returncode, "out": p.stdout, "err": p.stderr, "took": time.monotonic() - t}
 
 
 def http(step):
@@ -563,48 +504,7 @@ def wait(step):
         time.sleep(0.1)
 
 
-try:
-    for step in spec["steps"] if out["ready"] else []:
-        kind = step["do"]
-        if kind == "herd":
-            res = run([spec["python"], "-m", "herd", "-s", sock, *step["arg"]])
-        elif kind == "run":
-            res = run(step["arg"], step.get("timeout", 120))
-        elif kind == "status":
-            res = status(step.get("service"))
-        elif kind == "wait":
-            res = wait(step)
-        elif kind == "sleep":
-            time.sleep(step["arg"])
-            res = {}
-        elif kind == "http":
-            res = http(step)
-        elif kind == "procs":
-            res = procs()
-        elif kind == "read":
-            try:
-                res = {"text": open(step["arg"]).read()}
-            except OSError as exc:
-                res = {"error": exc.strerror}
-        elif kind == "readlink":
-            res = {"target": os.readlink(step["arg"])} if os.path.islink(step["arg"]) else {}
-        elif kind == "exists":
-            res = {"exists": os.path.exists(step["arg"])}
-        elif kind == "ls":
-            res = {"entries": sorted(os.listdir(step["arg"])) if os.path.isdir(step["arg"]) else None}
-        out["steps"][step["id"]] = res
-finally:
-    if daemon.poll() is None:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
-    out["daemon-exit"] = daemon.returncode
-    out["after-exit"] = procs()
-    shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(out))
+KINDS.update(http=http, procs=lambda step: procs(), wait=wait)
 '''
 
 
@@ -621,48 +521,11 @@ def require_ganeti() -> None:
         pytest.fail("missing: " + "; ".join(missing) + " -- run `contrib/dev test` (as root it installs them)")
 
 
-class Run:
-    """The driver's results: `step(id)`, `ok(id)` for a command, `log` for the supervisor's own log."""
-
-    def __init__(self, out: dict[str, Any], log: str, log_dir: Path) -> None:
-        self.out, self.log, self.log_dir = out, log, log_dir
-
-    def service_log(self, name: str) -> str:
-        path = self.log_dir / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def step(self, step_id: str) -> Any:
-        assert step_id in self.out["steps"], f"step {step_id} did not run; supervisor log:\n{self.log[-5000:]}"
-        return self.out["steps"][step_id]
-
-    def ok(self, step_id: str) -> dict[str, Any]:
-        res = self.step(step_id)
-        assert res.get("rc") == 0, f"{step_id}: {res}\nsupervisor log:\n{self.log[-5000:]}"
-        return res
-
-    def waited(self, step_id: str) -> Any:
-        res = self.step(step_id)
-        assert res["ok"], f"{step_id}: {json.dumps(res, indent=1)[-6000:]}"
-        return res["value"]
-
-
 def drive(tmp_path: Path, table: dict[str, Any], steps: list[dict[str, Any]], *, timeout: float = 170,
-          **setup: Any) -> Run:
+          **setup: Any) -> namespaces.Run:
     """Run the supervisor with ``[ganeti] = table`` in fresh namespaces and do `steps`."""
-    config, log, spec_file, driver = (tmp_path / n for n in ("c.toml", "supervisor.log", "spec.json", "driver.py"))
-    log_dir = tmp_path / "logs"
-    config.write_text(tomli_w.dumps({"ganeti": table}))
-    driver.write_text(DRIVER)
-    spec_file.write_text(json.dumps({"root": str(ROOT), "python": PY, "config": str(config), "log": str(log),
-                                     "log_dir": str(log_dir), "steps": steps, **setup}))
-    proc = subprocess.run([*UNSHARE, PY, str(driver), str(spec_file)], capture_output=True, text=True,
-                          timeout=timeout, check=False)
-    daemon_log = log.read_text(errors="replace") if log.exists() else ""
-    assert proc.returncode == 0 and proc.stdout.strip(), (
-        f"driver failed (rc {proc.returncode}): {proc.stderr[-3000:]}\nsupervisor log:\n{daemon_log[-5000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["ready"], f"the supervisor never sent READY=1; its log:\n{daemon_log[-5000:]}"
-    return Run(out, daemon_log, log_dir)
+    return namespaces.drive(tmp_path, {"ganeti": table}, steps, inside=INSIDE,
+                            namespaces=namespaces.unshare("--net", "--uts"), timeout=timeout, **setup)
 
 
 def herd(step_id: str, *args: str) -> dict[str, Any]:

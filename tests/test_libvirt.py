@@ -13,10 +13,10 @@ own ``/run/libvirt``:
   ``qemu.conf``, and the machine's ``/etc`` stays as it was;
 * a network namespace with only ``lo`` (``--listen`` sockets stay private).
 
-A driver script (`DRIVER`, written to ``tmp_path``) sets that up, runs the
+The namespace driver (``namespaces.py``) sets that up (`INSIDE`), runs the
 supervisor on the test's configuration, waits for its ``READY=1``, runs the
 test's own Python steps (with helpers: ``herd``, ``status``, ``virsh``,
-``wait_for``, ``ping``), then stops the supervisor and prints a JSON report:
+``wait_for``, ``ping``), then stops the supervisor and reports in JSON:
 the test checks it.  The PID namespace ends every process (guests included)
 when the driver exits.
 
@@ -28,7 +28,6 @@ missing: failed.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import stat
@@ -40,86 +39,40 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tomli_w
 
+import namespaces
+from helpers import check_config
 from services import libvirt
 from supervisor import ConfigErrors, Table
 from supervisor.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-UNSHARE = ["unshare", "--mount", "--propagation", "private", "--net", "--pid", "--fork", "--kill-child",
-           "--mount-proc"]
 
-DRIVER = r'''
-import json, os, signal, socket, struct, subprocess, sys, time, traceback
-
-spec = json.load(open(sys.argv[1]))
-out = {"ready": False, "steps": {}}
+#: Inside the namespaces: the private world, and the helpers the test's steps use
+#: besides the driver's own (``herd``, ``herd_ok``, ``herd_json``, ``status``, ``run``,
+#: ``wait_for``, ``tail``).
+INSIDE = r'''
+import struct
 
 
-def sh(*argv, check=True, timeout=60, input=None):
-    p = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout, input=input)
-    if check and p.returncode:
-        raise RuntimeError(f"{argv}: exit {p.returncode}: {p.stderr.strip()}")
-    return p
-
-
-# -- the private world ------------------------------------------------------------------
-sh("mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", "/run")
-for d in ("/var/lib/libvirt", "/var/log/libvirt", "/var/cache/libvirt"):
-    os.makedirs(d, exist_ok=True)
-    sh("mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", d)
-os.makedirs("/run/etc-overlay/upper")
-os.makedirs("/run/etc-overlay/work")
-sh("mount", "-t", "overlay", "overlay", "-o",
-   "lowerdir=/etc,upperdir=/run/etc-overlay/upper,workdir=/run/etc-overlay/work", "/etc")
-sh("ip", "link", "set", "lo", "up")
-sh("mount", "-t", "sysfs", "sysfs", "/sys")  # this network namespace's devices only
-work = "/run/svt"
-os.makedirs(work)
-sock, ro, notify = f"{work}/rw.sock", f"{work}/ro.sock", f"{work}/test-notify.sock"
-env = dict(os.environ, PYTHONPATH=spec["root"])
-
-
-# -- helpers for the test's steps ---------------------------------------------------------
-def run(*argv, timeout=60):
-    p = subprocess.run([str(a) for a in argv], capture_output=True, text=True, env=env, timeout=timeout)
-    return {"rc": p.returncode, "out": p.stdout, "err": p.stderr}
-
-
-def herd(*args, ro_socket=False):
-    return run(spec["python"], "-m", "herd", "-s", ro if ro_socket else sock, *args)
-
-
-def herd_ok(*args):
-    r = herd(*args)
-    assert r["rc"] == 0, f"herd {' '.join(args)}: {r}"
-    return r["out"]
-
-
-def herd_json(*args):
-    return json.loads(herd_ok("--json", *args))
-
-
-def status(name):
-    [svc] = herd_json("status", name)["services"]
-    return svc
+def setup():
+    sh("mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", "/run")
+    for d in ("/var/lib/libvirt", "/var/log/libvirt", "/var/cache/libvirt"):
+        os.makedirs(d, exist_ok=True)
+        sh("mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", d)
+    os.makedirs("/run/etc-overlay/upper")
+    os.makedirs("/run/etc-overlay/work")
+    sh("mount", "-t", "overlay", "overlay", "-o",
+       "lowerdir=/etc,upperdir=/run/etc-overlay/upper,workdir=/run/etc-overlay/work", "/etc")
+    sh("ip", "link", "set", "lo", "up")
+    sh("mount", "-t", "sysfs", "sysfs", "/sys")  # this network namespace's devices only
+    for argv in spec["setup"]:
+        sh(*argv)
 
 
 def virsh(*args, uri="qemu:///system", timeout=60):
     return run("virsh", "-c", uri, *args, timeout=timeout)
-
-
-def wait_for(fn, timeout, what, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {value!r})")
-        time.sleep(interval)
 
 
 PING = struct.pack(">IIIiiIi", 28, 0x6B656570, 1, 1, 2, 0, 0)
@@ -150,53 +103,6 @@ def alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def tail(path, n=80):
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return ""
-
-
-daemon = None
-try:
-    for argv in spec["setup"]:
-        sh(*argv)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(notify)
-    listener.settimeout(0.25)
-    log = open(f"{work}/daemon.log", "wb")
-    daemon = subprocess.Popen(
-        [spec["python"], "-m", "supervisor", "-c", spec["config"], "-s", sock, "--status-socket", ro,
-         "--state-dir", f"{work}/state", "--log-dir", f"{work}/log", "--log-format", "json"],
-        env=dict(env, NOTIFY_SOCKET=notify), stdout=log, stderr=log, cwd="/")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and daemon.poll() is None:
-        try:
-            if b"READY=1" in listener.recv(4096).split(b"\n"):
-                out["ready"] = True
-                break
-        except socket.timeout:
-            pass
-    if out["ready"]:
-        exec(compile(spec["script"], "<test steps>", "exec"), dict(globals()))
-except BaseException:
-    out["error"] = traceback.format_exc()
-finally:
-    if daemon is not None and daemon.poll() is None:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
-    out["daemon-exit"] = daemon.returncode if daemon is not None else None
-    out["daemon-log"] = tail(f"{work}/daemon.log", 60)
-    out["service-logs"] = {n: tail(f"{work}/log/{n}") for n in sorted(os.listdir(f"{work}/log"))
-                           if n.endswith(".log")} if os.path.isdir(f"{work}/log") else {}
-    print(json.dumps(out))
 '''
 
 
@@ -232,42 +138,15 @@ def real() -> None:
     require_real_daemons()
 
 
-class Run:
-    """The driver's report: `out`, `run[KEY]` for what the steps recorded, `logs()` for messages."""
-
-    def __init__(self, out: dict[str, Any]) -> None:
-        self.out = out
-
-    def logs(self) -> str:
-        parts = [f"--- supervisor log ---\n{self.out.get('daemon-log', '')}"]
-        for name, text in self.out.get("service-logs", {}).items():
-            parts.append(f"--- {name} ---\n{text}")
-        return "\n".join(parts)
-
-    def __getitem__(self, key: str) -> Any:
-        assert key in self.out["steps"], f"the steps did not record {key!r}\n{self.logs()}"
-        return self.out["steps"][key]
-
-
 def drive(tmp_path: Path, config: dict[str, Any] | str, script: str, setup: list[list[str]] | None = None,
-          timeout: float = 150) -> Run:
+          timeout: float = 150) -> namespaces.Run:
     """Run the supervisor on `config` in the private namespaces and `script` there.
 
     `script` runs with the driver's helpers in scope and records what the test
     checks in ``out["steps"]``; an exception in it fails the test, with the logs.
     """
-    config_file, spec_file, driver = (tmp_path / n for n in ("c.toml", "spec.json", "driver.py"))
-    config_file.write_text(config if isinstance(config, str) else tomli_w.dumps(config))
-    driver.write_text(DRIVER)
-    spec_file.write_text(json.dumps({"root": str(ROOT), "python": PY, "config": str(config_file),
-                                     "setup": setup or [], "script": textwrap.dedent(script)}))
-    proc = subprocess.run([*UNSHARE, PY, str(driver), str(spec_file)], capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0 and proc.stdout.strip(), f"driver failed (exit {proc.returncode}): {proc.stderr}"
-    run = Run(json.loads(proc.stdout.strip().splitlines()[-1]))
-    assert run.out["ready"], f"the supervisor never sent READY=1\n{run.logs()}"
-    assert "error" not in run.out, f"{run.out['error']}\n{run.logs()}"
-    return run
+    return namespaces.drive(tmp_path, config, [{"do": "python", "code": textwrap.dedent(script)}], inside=INSIDE,
+                            namespaces=namespaces.unshare("--net"), cwd="/", timeout=timeout, setup=setup or [])
 
 
 def errors_of(text: str) -> list[str]:
@@ -278,14 +157,6 @@ def errors_of(text: str) -> list[str]:
     except ConfigErrors as exc:
         return [str(e) for e in exc.errors]
     return []
-
-
-def check(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
-    """``supervisor --check`` on `text`."""
-    conf = tmp_path / "check.toml"
-    conf.write_text(text)
-    return subprocess.run([PY, "-m", "supervisor", "--check", "-c", str(conf)], capture_output=True, text=True,
-                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
 
 
 #: What a test needs to run libvirtd here: no TLS (no certificates), and a
@@ -495,7 +366,7 @@ def test_bad_value_is_one_line_naming_the_key(toml: str, line: str) -> None:
 
 
 def test_check_prints_every_error_one_line_each(tmp_path: Path) -> None:
-    proc = check(tmp_path, '[virtlog]\nlog-level = 0\n[libvirt]\nlisten-tls = false\ntls-port = "0"\n'
+    proc = check_config(tmp_path, '[virtlog]\nlog-level = 0\n[libvirt]\nlisten-tls = false\ntls-port = "0"\n'
                            'log-outputs = "3:stdout"\nbogus = 1\n')
     assert proc.returncode == 1
     assert [line.split(":")[0] for line in proc.stdout.splitlines()] == [
@@ -518,7 +389,7 @@ def test_machine_id_source_needs_a_machine_id(tmp_path: Path, monkeypatch: pytes
 def test_tls_files_must_exist_when_tls_is_on(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_text("not checked beyond existing\n")
-    proc = check(tmp_path, "[virtlog]\n[libvirt]\nlisten-tls = true\n"
+    proc = check_config(tmp_path, "[virtlog]\n[libvirt]\nlisten-tls = true\n"
                            f'key-file = "{tmp_path}/nokey.pem"\ncert-file = "{tmp_path}/nocert.pem"\n'
                            f'ca-file = "{ca}"\ncrl-file = "{tmp_path}/crl.pem"\n')
     assert proc.returncode == 1
@@ -531,14 +402,14 @@ def test_tls_files_must_exist_when_tls_is_on(tmp_path: Path) -> None:
         "exist; create it, name another file, or set listen-tls = false",
     ]
     # off: not needed (libvirtd does not read them)
-    proc = check(tmp_path, f'[virtlog]\n[libvirt]\nlisten-tls = false\nkey-file = "{tmp_path}/nokey.pem"\n')
+    proc = check_config(tmp_path, f'[virtlog]\n[libvirt]\nlisten-tls = false\nkey-file = "{tmp_path}/nokey.pem"\n')
     assert proc.returncode == 0, proc
 
 
 def test_defaults_name_libvirtds_own_tls_files(tmp_path: Path) -> None:
     if all(os.path.exists(p) for p in libvirt.TLS_DEFAULTS.values()):
         pytest.skip("this machine has libvirt's TLS files")
-    proc = check(tmp_path, "[virtlog]\n[libvirt]\n")
+    proc = check_config(tmp_path, "[virtlog]\n[libvirt]\n")
     assert proc.returncode == 1
     missing = [k for k, p in libvirt.TLS_DEFAULTS.items() if not os.path.exists(p)]
     assert [line.split(":")[0] for line in proc.stdout.splitlines()] == [f"libvirt.{k}" for k in missing]
@@ -547,14 +418,14 @@ def test_defaults_name_libvirtds_own_tls_files(tmp_path: Path) -> None:
 
 
 def test_check_lists_the_services_and_libvirtd_requires_virtlogd(tmp_path: Path) -> None:
-    proc = check(tmp_path, f"[virtlog]\n[libvirt]\n{OK}requirement = [\"helper\"]\n"
+    proc = check_config(tmp_path, f"[virtlog]\n[libvirt]\n{OK}requirement = [\"helper\"]\n"
                            f'[services.helper]\ncommand = ["/bin/true"]\n')
     assert proc.returncode == 0, proc
     listed = [line.strip() for line in proc.stdout.splitlines()[1:] if not line.strip().startswith("runs:")]
     assert listed == ["helper  requires: -", "libvirtd  requires: virtlogd, helper", "virtlogd  requires: -"]
     assert "runs: /usr/sbin/libvirtd -f " in proc.stdout  # where the rendered file goes
     # without [virtlog] the requirement is unmet
-    proc = check(tmp_path, f"[libvirt]\n{OK}")
+    proc = check_config(tmp_path, f"[libvirt]\n{OK}")
     assert proc.returncode == 1
     assert proc.stdout.splitlines() == ["libvirt.requires: 'virtlogd' is provided by no service"]
 
@@ -708,8 +579,9 @@ def test_sigkill_respawns_libvirtd_and_stopping_virtlogd_stops_libvirtd_first(tm
         herd_ok("start", "libvirtd")
         first = status("libvirtd")
         os.kill(first["pid"], signal.SIGKILL)
-        again = wait_for(lambda: (s := status("libvirtd"))["state"] == "running" and s["pid"] != first["pid"] and s,
-                         20, "libvirtd respawned")
+        # no PID yet: the exit is seen but not yet handled (still "running")
+        again = wait_for(lambda: (s := status("libvirtd"))["state"] == "running"
+                         and s["pid"] not in (None, first["pid"]) and s, 20, "libvirtd respawned")
         S["first"], S["again"] = first, again
         uri = "qemu+unix:///system?socket=/run/lvtest/libvirt-sock"
         S["serving"] = wait_for(lambda: virsh("uri", uri=uri)["rc"] == 0, 20, "the respawned libvirtd serving")

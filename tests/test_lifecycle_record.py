@@ -7,29 +7,24 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 from typing import Any
 
 from helpers import (
     PY,
+    Collector,
     Supervisor,
+    base_env,
+    count_resumed,
+    crash,
     find_pids,
+    reexec,
+    restart,
     sleeper,
+    wait_state,
     wait_until,
 )
-from test_lifecycle_recovery import crash, restart
-
-
-def count_resumed(sup: Supervisor) -> int:
-    text = sup.stderr_path.read_text(errors="replace")
-    return sum(1 for line in text.splitlines()
-               if line.startswith("{") and json.loads(line).get("event") == "resumed after re-exec")
-
-
-def reexec(sup: Supervisor) -> None:
-    n = count_resumed(sup)
-    sup.herd("reexec", "root", check=0)
-    wait_until(lambda: count_resumed(sup) == n + 1, 20, "the new image to resume")
 
 
 def snapshot(sup: Supervisor, name: str) -> dict[str, Any]:
@@ -170,43 +165,98 @@ def test_event_numbers_go_on_across_reexecs(sup: Supervisor) -> None:
 
 COUNTER = "import sys, time\ni = 0\nwhile True:\n    print(i, flush=True)\n    i += 1\n    time.sleep(0.01)"
 
+#: Connections subscribed before the re-execs (the issue's acceptance: 20).
+SUBSCRIBERS = 20
+#: Re-execs, each after a restart of a service.  The issue's acceptance asks
+#: for 50 (``SVTEST_REEXECS=50``); each re-exec starts Python twice with the
+#: whole supervisor imported (the preflight check, then the new image), about
+#: 1 s on an idle 2-core machine and several under load, so the default
+#: keeps this test, which runs twice (cgroups and the fallback), within a
+#: minute a run.
+REEXECS = int(os.environ.get("SVTEST_REEXECS", "12"))
+
+
+def numbers(events: list[dict[str, Any]]) -> list[int]:
+    """The counter's numbers in `events` (log events or LOGLINEs), in order."""
+    return [int(e["line"]) for e in events if e.get("stream") == "stdout" and e.get("service") == "counter"]
+
+
+def assert_every_number_once(what: str, seen: list[int], start: int, last: int) -> None:
+    """`seen` holds start..last, each once, in order (and may go on after `last`)."""
+    seen = seen[: seen.index(last) + 1] if last in seen else seen
+    assert seen == sorted(set(seen)), f"{what}: a line was doubled or out of order"
+    lost = set(range(start, last + 1)) - set(seen)
+    assert not lost, f"{what}: lines lost: {sorted(lost)[:50]} ({len(lost)} in all)"
+
 
 def test_connections_are_kept_across_reexecs(sup: Supervisor) -> None:
-    """Subscribers and log followers connected before several re-execs keep
-    their connection, and miss and double nothing; a plain connection is
-    still answered."""
+    """Subscribers and log followers connected before many re-execs, with a
+    service restarted before each, keep their connection and miss and double
+    nothing; a plain connection is still answered."""
     sup.start({"services": {"a": sleeper(sup.marker("a")),
                             "counter": {"command": [PY, "-c", COUNTER, sup.marker("counter")]}}})
-    wait_until(lambda: sup.rstatus("a")["state"] == "running", 10, "a running")
-    subs = [sup.subscribe(ro=bool(i % 2)) for i in range(6)]
+    wait_state(sup, "a", "running")
+    wait_state(sup, "counter", "running")
+    subs = [sup.subscribe(ro=bool(i % 2)) for i in range(SUBSCRIBERS)]
     follower = sup.connect(ro=True)
     first = follower.call("log", "counter", args=[1, "follow"])
     assert first["ok"], first
-    plain = sup.connect()
-    restarts = 4
-    for _ in range(restarts):
-        sup.herd("restart", "a", check=0)
-        reexec(sup)
-        assert plain.call("ping")["ok"] is True
-    sup.herd("restart", "a", check=0)  # one more after the last re-exec
-    for sub in subs:
-        got = sub.events(lambda evs: sum(1 for e in evs if e.get("service") == "a" and e.get("to") == "running")
-                         >= restarts + 1, 30)
-        seqs = [e["seq"] for e in got if e.get("event") == "state"]
-        assert seqs[0] == sub.subscribed_at[1] + 1 and seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
-        assert {e["epoch"] for e in got if e.get("event") == "state"} == {sub.subscribed_at[0]}
-    # the follower saw every line the counter printed, once, in order
-    logged = sup.request({"id": 9, "action": "log", "service": "counter", "args": [20]})["result"]["lines"]
-    last = int([e["line"] for e in logged if e["stream"] == "stdout"][-1])
-    got = follower.events(lambda evs: any(e.get("event") == "log" and e["line"] == str(last) for e in evs), 30)
-    numbers = [int(e["line"]) for e in got if e.get("event") == "log" and e["stream"] == "stdout"]
-    before = [int(e["line"]) for e in first["result"]["lines"] if e["stream"] == "stdout"]
-    start = before[-1] + 1 if before else numbers[0]
-    seen = numbers[: numbers.index(last) + 1]
-    assert seen == sorted(set(seen)), "a line was doubled or out of order"
-    lost = set(range(start, last + 1)) - set(seen)
-    assert not lost, f"lines lost by the follower: {sorted(lost)}"
-    assert not any(e.get("event") == "overflow" for e in got)
+    readers = [Collector(c) for c in (*subs, follower)]  # read as they come, as a dashboard does
+    herd_out, herd_err = sup.tmp / "follow.out", sup.tmp / "follow.err"
+    with open(herd_out, "wb") as out, open(herd_err, "wb") as err:
+        herd_follow = subprocess.Popen([PY, "-m", "herd", "-s", str(sup.socket), "--json", "log", "counter",
+                                        "-n", "1", "-f"], env=base_env(), stdin=subprocess.DEVNULL, stdout=out,
+                                       stderr=err)
+    try:
+        wait_until(lambda: herd_out.read_bytes().count(b"\n") >= 2, 20, "`herd log -f` following")
+        plain = sup.connect()  # asks for the restarts
+        for _ in range(REEXECS):
+            assert plain.call("restart", "a", timeout=30)["ok"] is True
+            reexec(sup)
+            assert plain.call("ping")["ok"] is True
+        assert plain.call("restart", "a", timeout=30)["ok"] is True  # one more after the last re-exec
+        restarts = REEXECS + 1
+
+        for k, (sub, reader) in enumerate(zip(subs, readers)):
+            def restarted(reader: Collector = reader) -> bool:
+                return sum(1 for e in reader.events("state") if e["service"] == "a" and e["to"] == "running") \
+                    >= restarts
+            wait_until(restarted, 30, f"subscriber {k} to see {restarts} restarts of a")
+            got = reader.events("state")
+            seqs = [e["seq"] for e in got]
+            assert seqs == list(range(sub.subscribed_at[1] + 1, sub.subscribed_at[1] + 1 + len(seqs))), (k, seqs)
+            assert {e["epoch"] for e in got} == {sub.subscribed_at[0]}, k
+            # every change once: a's four steps per restart, nothing else, nothing twice
+            assert [(e["service"], e["from"], e["to"]) for e in got] == \
+                [("a", "running", "stopping"), ("a", "stopping", "stopped"), ("a", "stopped", "starting"),
+                 ("a", "starting", "running")] * restarts, k
+            assert not reader.events("overflow") and not reader.closed and reader.error is None, k
+
+        # both followers saw every line the counter printed, once, in order
+        logged = sup.request({"id": 9, "action": "log", "service": "counter", "args": [20]})["result"]["lines"]
+        last = numbers(logged)[-1]
+        raw = readers[-1]
+        wait_until(lambda: last in numbers(raw.events("log")), 30, f"the follower to get line {last}")
+        before = numbers(first["result"]["lines"])
+        seen = numbers(raw.events("log"))
+        assert_every_number_once("the follower", seen, before[-1] + 1 if before else seen[0], last)
+        assert not raw.events("overflow") and not raw.closed and raw.error is None
+
+        def herd_lines() -> list[dict[str, Any]]:
+            return [json.loads(line) for line in herd_out.read_text().splitlines()[:-1]]  # the last may be partial
+
+        wait_until(lambda: last in numbers(herd_lines()), 30, f"`herd log -f` to print line {last}")
+        reply, *events = herd_lines()
+        before = numbers(reply["lines"])
+        seen = numbers(events)
+        assert_every_number_once("`herd log -f`", seen, before[-1] + 1 if before else seen[0], last)
+        assert herd_follow.poll() is None, "`herd log -f` ended"
+        assert herd_err.read_text() == "", herd_err.read_text()
+    finally:
+        for reader in readers:
+            reader.stop()
+        herd_follow.kill()
+        herd_follow.wait(10)
 
 
 def test_every_request_is_answered_once_across_reexecs(sup: Supervisor) -> None:

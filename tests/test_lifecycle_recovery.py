@@ -17,105 +17,33 @@ them by the token in their environment.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import tomllib
-from typing import Any
 
 import psutil
 import pytest
 import tomli_w
 
-from helpers import (
+from helpers import (  # crash, restart and wait_running: test_lifecycle_crash imports them from here
     MARKER_ENV,
     SLEEP,
     TOKEN_ENV,
     Supervisor,
+    assert_no_process,
+    assert_one_process_each,
+    crash,
+    daemon_events,
     find_pids,
     pid_alive,
+    restart,
     sleeper,
+    wait_respawned,
+    wait_running,
+    wait_state,
     wait_until,
 )
-
-# --------------------------------------------------------------------------
-# Helpers of this file
-
-
-def restart(sup: Supervisor) -> None:
-    """Start a new daemon on the same sockets, state and log directories and
-    configuration, once the previous one is gone.  Its stderr is kept aside
-    as ``daemon.N.err``."""
-    assert sup.proc is not None and sup.proc.poll() is not None, "the previous daemon still runs"
-    n = 1
-    while (sup.tmp / f"daemon.{n}.err").exists():
-        n += 1
-    sup.stderr_path.rename(sup.tmp / f"daemon.{n}.err")
-    sup.proc = None
-    sup.notify_path.unlink(missing_ok=True)
-    sup.start(None)
-
-
-def crash(sup: Supervisor) -> None:
-    """SIGKILL the daemon (its services live on, re-parented to init)."""
-    assert sup.proc is not None
-    sup.send_signal(signal.SIGKILL)  # also remembers its children for the teardown
-    sup.wait_exit(10)
-
-
-def daemon_events(sup: Supervisor) -> list[dict[str, Any]]:
-    """The current daemon's own log so far (JSON lines on its stderr), in order."""
-    out: list[dict[str, Any]] = []
-    try:
-        text = sup.stderr_path.read_text(errors="replace")
-    except FileNotFoundError:
-        return out
-    for line in text.splitlines():
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict) and isinstance(obj.get("event"), str):
-            out.append(obj)
-    return out
-
-
-def wait_running(sup: Supervisor, names: list[str], timeout: float = 15.0) -> dict[str, int]:
-    def up() -> dict[str, int] | None:
-        st = sup.rstatus()
-        if all(st[n]["state"] == "running" and st[n]["pid"] for n in names):
-            return {n: st[n]["pid"] for n in names}
-        return None
-
-    return wait_until(up, timeout, f"services {names} to be running")
-
-
-def wait_state(sup: Supervisor, name: str, state: str, timeout: float = 10.0) -> dict[str, Any]:
-    return wait_until(lambda: (s := sup.rstatus(name))["state"] == state and s, timeout,
-                      f"{name} to be {state}")
-
-
-def assert_one_process_each(sup: Supervisor, pids: dict[str, int]) -> None:
-    for name, pid in pids.items():
-        assert find_pids(sup.marker(name)) == {pid}, (
-            f"{name}: processes {find_pids(sup.marker(name))}, expected only {pid}")
-
-
-def assert_no_process(sup: Supervisor, *names: str) -> None:
-    for name in names:
-        assert find_pids(sup.marker(name)) == set(), f"{name} runs: {find_pids(sup.marker(name))}"
-
-
-def wait_respawned(sup: Supervisor, name: str, old_pid: int, timeout: float = 10.0) -> dict[str, Any]:
-    def respawned() -> dict[str, Any] | None:
-        svc = sup.rstatus(name)
-        if svc["state"] == "running" and svc["pid"] not in (None, old_pid):
-            return svc
-        return None
-
-    return wait_until(respawned, timeout, f"{name} to be respawned")
-
 
 # --------------------------------------------------------------------------
 # Crash recovery

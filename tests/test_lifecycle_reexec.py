@@ -41,9 +41,14 @@ from helpers import (
     Client,
     ConnectionClosed,
     Supervisor,
+    assert_one_process_each,
+    daemon_events,
     find_pids,
+    pids_of,
     py_service,
     sleeper,
+    wait_respawned,
+    wait_running,
     wait_until,
 )
 
@@ -66,25 +71,6 @@ while True:
     i += 1
     time.sleep(0.001)
 """
-
-
-def daemon_events(sup: Supervisor) -> list[dict[str, Any]]:
-    """The daemon's own log so far (JSON lines on its stderr), in order."""
-    try:
-        text = sup.stderr_path.read_text(errors="replace")
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in text.splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:  # a line being written right now
-            continue
-        if isinstance(obj, dict) and isinstance(obj.get("event"), str):
-            out.append(obj)
-    return out
 
 
 def event_time(ev: dict[str, Any]) -> float:
@@ -286,42 +272,10 @@ def wait_closed(client: Client, timeout: float) -> None:
             return
 
 
-def pids_of(sup: Supervisor) -> dict[str, int | None]:
-    return {name: svc["pid"] for name, svc in sup.rstatus().items()}
-
-
-def wait_running(sup: Supervisor, names: list[str], timeout: float = 15.0) -> dict[str, int]:
-    def up() -> dict[str, int] | None:
-        st = sup.rstatus()
-        # a service not there yet (a reload still to come) is not running yet
-        if all(n in st and st[n]["state"] == "running" and st[n]["pid"] for n in names):
-            return {n: st[n]["pid"] for n in names}
-        return None
-
-    return wait_until(up, timeout, f"services {names} to be running")
-
-
-def assert_one_process_each(sup: Supervisor, pids: dict[str, int]) -> None:
-    """Exactly the expected process carries each service's marker."""
-    for name, pid in pids.items():
-        assert find_pids(sup.marker(name)) == {pid}, (
-            f"{name}: processes {find_pids(sup.marker(name))}, expected only {pid}")
-
-
 def ping_pid(sup: Supervisor) -> int:
     rep = sup.request({"action": "ping"}, ro=True)
     assert rep.get("ok") is True, rep
     return rep["result"]["pid"]
-
-
-def wait_respawned(sup: Supervisor, name: str, old_pid: int, timeout: float = 10.0) -> dict[str, Any]:
-    def respawned() -> dict[str, Any] | None:
-        svc = sup.rstatus(name)
-        if svc["state"] == "running" and svc["pid"] not in (None, old_pid):
-            return svc
-        return None
-
-    return wait_until(respawned, timeout, f"{name} to be respawned")
 
 
 # --------------------------------------------------------------------------

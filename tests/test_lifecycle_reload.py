@@ -20,51 +20,21 @@ from typing import Any
 
 import psutil
 
-from helpers import SLEEP, Supervisor, find_pids, sleeper, wait_until
+from helpers import (
+    SLEEP,
+    Supervisor,
+    assert_one_process_each,
+    count_events,
+    daemon_events,
+    find_pids,
+    pids_of,
+    sleeper,
+    wait_running,
+    wait_until,
+)
 
 # --------------------------------------------------------------------------
 # Helpers of this file
-
-
-def daemon_events(sup: Supervisor) -> list[dict[str, Any]]:
-    """The daemon's own log so far (JSON lines on its stderr), in order."""
-    try:
-        text = sup.stderr_path.read_text(errors="replace")
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in text.splitlines():
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict) and isinstance(obj.get("event"), str):
-            out.append(obj)
-    return out
-
-
-def count_events(sup: Supervisor, name: str) -> int:
-    return sum(1 for ev in daemon_events(sup) if ev["event"] == name)
-
-
-def wait_running(sup: Supervisor, names: list[str], timeout: float = 15.0) -> dict[str, int]:
-    def up() -> dict[str, int] | None:
-        st = sup.rstatus()
-        if all(n in st and st[n]["state"] == "running" and st[n]["pid"] for n in names):
-            return {n: st[n]["pid"] for n in names}
-        return None
-
-    return wait_until(up, timeout, f"services {names} to be running")
-
-
-def pids_of(sup: Supervisor) -> dict[str, int | None]:
-    return {name: svc["pid"] for name, svc in sup.rstatus().items()}
-
-
-def assert_one_process_each(sup: Supervisor, pids: dict[str, int]) -> None:
-    for name, pid in pids.items():
-        assert find_pids(sup.marker(name)) == {pid}, (
-            f"{name}: processes {find_pids(sup.marker(name))}, expected only {pid}")
 
 
 def sleep_for(sup: Supervisor, name: str, seconds: str = "1000000", **keys: Any) -> dict[str, Any]:

@@ -3,10 +3,10 @@
 The end-to-end tests run the real daemon and herd inside a private user, mount
 and PID namespace (``unshare --user --map-root-user --mount --pid``), where
 the kernel (6.7+) gives binfmt_misc a private instance: nothing is registered
-on the machine itself.  A small driver script (written to ``tmp_path``) runs
-inside the namespace: it starts the supervisor, waits for its ``READY=1``,
-runs the steps the test asks for (herd commands, the arm64 busybox, reads of
-binfmt_misc) and prints the results as JSON for the test to check.
+on the machine itself.  The namespace driver (``namespaces.py``) runs inside
+the namespace: it starts the supervisor, waits for its ``READY=1``, runs the steps the test asks for (herd commands, the arm64
+busybox, reads of binfmt_misc) and reports the results in JSON for the test
+to check.
 
 They need Debian's ``qemu-user-static`` and an arm64 ``busybox-static``,
 which ``contrib/dev test`` provides (as root).  Without them the tests skip
@@ -15,7 +15,6 @@ when not root and fail as root (CI runs as root).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -24,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tomli_w
 
 import binfmt_table as guix
+import namespaces
+from helpers import check_config
 from services import qemu_binfmt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,42 +34,10 @@ PY = sys.executable
 QEMU_AARCH64 = "/usr/bin/qemu-aarch64-static"
 BINFMT = "/proc/sys/fs/binfmt_misc"
 ENOEXEC = 8
-UNSHARE = ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private",
-           "--pid", "--fork", "--kill-child", "--mount-proc"]
+UNSHARE = namespaces.unshare("--user", "--map-root-user")
 
-DRIVER = r'''
-import json, os, shutil, signal, socket, subprocess, sys, tempfile, time
-
-spec = json.load(open(sys.argv[1]))
-work = tempfile.mkdtemp(prefix="qb-", dir="/tmp")  # short: unix socket paths are limited
-sock, ro, notify = f"{work}/rw.sock", f"{work}/ro.sock", f"{work}/test-notify.sock"
-env = dict(os.environ, PYTHONPATH=spec["root"])
-listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-listener.bind(notify)
-listener.settimeout(0.25)
-log = open(spec["log"], "wb")
-daemon = subprocess.Popen(
-    [spec["python"], "-m", "supervisor", "-c", spec["config"], "-s", sock, "--status-socket", ro,
-     "--state-dir", f"{work}/state", "--log-dir", f"{work}/log", "--log-format", "json"],
-    env=dict(env, NOTIFY_SOCKET=notify), stdout=log, stderr=log, cwd=spec["root"])
-out = {"ready": False, "steps": {}}
-deadline = time.monotonic() + 30
-while time.monotonic() < deadline and daemon.poll() is None:
-    try:
-        if b"READY=1" in listener.recv(4096).split(b"\n"):
-            out["ready"] = True
-            break
-    except socket.timeout:
-        pass
-
-
-def attempt(fn):
-    try:
-        return fn()
-    except OSError as exc:
-        return {"errno": exc.errno, "error": exc.strerror}
-
-
+#: Inside the namespace: the step kinds of these tests besides the driver's own.
+INSIDE = r'''
 def write(path, data):
     fd = os.open(path, os.O_WRONLY)
     try:
@@ -79,38 +47,11 @@ def write(path, data):
     return {"ok": True}
 
 
-def run(argv):
-    p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
-    return {"rc": p.returncode, "out": p.stdout, "err": p.stderr}
+def mounts(step):
+    return {"binfmt_misc": [l.split()[1] for l in open("/proc/self/mounts") if l.split()[2] == "binfmt_misc"]}
 
 
-try:
-    for step in spec["steps"] if out["ready"] else []:
-        kind, arg = step["do"], step.get("arg")
-        if kind == "herd":
-            res = run([spec["python"], "-m", "herd", "-s", ro if step.get("ro") else sock, *arg])
-        elif kind == "run":
-            res = attempt(lambda: run(arg))
-        elif kind == "write":
-            res = attempt(lambda: write(arg, step["data"]))
-        elif kind == "read":
-            res = attempt(lambda: {"text": open(arg).read()})
-        elif kind == "ls":
-            res = attempt(lambda: {"entries": sorted(os.listdir(arg))})
-        elif kind == "mounts":
-            res = {"binfmt_misc": [l.split()[1] for l in open("/proc/self/mounts") if l.split()[2] == "binfmt_misc"]}
-        out["steps"][step["id"]] = res
-finally:
-    if daemon.poll() is None:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
-    out["daemon-exit"] = daemon.returncode
-    shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(out))
+KINDS.update(write=lambda step: attempt(lambda: write(step["arg"], step["data"])), mounts=mounts)
 '''
 
 
@@ -158,40 +99,11 @@ def real() -> Path:
 # -- the driver ----------------------------------------------------------------------------
 
 
-class Run:
-    """The driver's results: `step(id)` for one step, `log` for the daemon's own log."""
-
-    def __init__(self, out: dict[str, Any], log: str) -> None:
-        self.out, self.log = out, log
-
-    def step(self, step_id: str) -> dict[str, Any]:
-        assert step_id in self.out["steps"], f"step {step_id} did not run; daemon log:\n{self.log}"
-        return self.out["steps"][step_id]
-
-    def ok(self, step_id: str) -> dict[str, Any]:
-        res = self.step(step_id)
-        assert res.get("rc") == 0, f"{step_id}: {res}\ndaemon log:\n{self.log}"
-        return res
-
-    def json(self, step_id: str) -> Any:
-        return json.loads(self.ok(step_id)["out"])
-
-
-def drive(tmp_path: Path, table: dict[str, Any], steps: list[dict[str, Any]], *, namespace: bool = True) -> Run:
+def drive(tmp_path: Path, table: dict[str, Any], steps: list[dict[str, Any]], *,
+          namespace: bool = True) -> namespaces.Run:
     """Run the daemon with ``[qemu-binfmt] = table`` and do `steps` (in the namespace)."""
-    config, log, spec_file, driver = (tmp_path / n for n in ("c.toml", "daemon.log", "spec.json", "driver.py"))
-    config.write_text(tomli_w.dumps({"qemu-binfmt": table}))
-    driver.write_text(DRIVER)
-    spec_file.write_text(json.dumps({"root": str(ROOT), "python": PY, "config": str(config), "log": str(log),
-                                     "steps": steps}))
-    argv = [*(UNSHARE if namespace else []), PY, str(driver), str(spec_file)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=180)
-    daemon_log = log.read_text(errors="replace") if log.exists() else ""
-    assert proc.returncode == 0 and proc.stdout.strip(), (
-        f"driver failed (rc {proc.returncode}): {proc.stderr}\ndaemon log:\n{daemon_log}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["ready"], f"the daemon never sent READY=1; its log:\n{daemon_log}"
-    return Run(out, daemon_log)
+    return namespaces.drive(tmp_path, {"qemu-binfmt": table}, steps, inside=INSIDE,
+                            namespaces=UNSHARE if namespace else None)
 
 
 def herd(step_id: str, *args: str, ro: bool = False) -> dict[str, Any]:
@@ -248,13 +160,6 @@ def test_registration_examples_from_guix_and_debian() -> None:
 # -- configuration -------------------------------------------------------------------------
 
 
-def check(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
-    conf = tmp_path / "check.toml"
-    conf.write_text(text)
-    return subprocess.run([PY, "-m", "supervisor", "--check", "-c", str(conf)], capture_output=True, text=True,
-                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
-
-
 KNOWN_LIST = ", ".join(guix.QEMU_PLATFORMS)
 
 
@@ -278,20 +183,20 @@ KNOWN_LIST = ", ".join(guix.QEMU_PLATFORMS)
                        "guix-support, interpreter-directory, interpreter-suffix, platforms)")),
 ])
 def test_config_errors_name_the_key(tmp_path: Path, toml: str, line: str) -> None:
-    proc = check(tmp_path, f"[qemu-binfmt]\n{toml}\n")
+    proc = check_config(tmp_path, f"[qemu-binfmt]\n{toml}\n")
     assert proc.returncode == 1, proc
     assert proc.stdout.splitlines() == [line]
 
 
 def test_config_reports_every_error(tmp_path: Path) -> None:
-    proc = check(tmp_path, '[qemu-binfmt]\nplatforms = ["x"]\nguix-support = 1\nbogus = true\n')
+    proc = check_config(tmp_path, '[qemu-binfmt]\nplatforms = ["x"]\nguix-support = 1\nbogus = true\n')
     assert proc.returncode == 1
     assert [line.split(":")[0] for line in proc.stdout.splitlines()] == [
         "qemu-binfmt.platforms[0]", "qemu-binfmt.guix-support", "qemu-binfmt.bogus"]
 
 
 def test_valid_config_has_the_mount_service_as_requirement(tmp_path: Path) -> None:
-    proc = check(tmp_path, '[qemu-binfmt]\nplatforms = ["arm", "aarch64"]\nguix-support = true\n')
+    proc = check_config(tmp_path, '[qemu-binfmt]\nplatforms = ["arm", "aarch64"]\nguix-support = true\n')
     assert proc.returncode == 0, proc
     lines = [line.strip() for line in proc.stdout.splitlines()[1:]]
     assert lines == ["file-system-binfmt_misc  provides: file-system-/proc/sys/fs/binfmt_misc  requires: -",

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_libvirt import check, drive, errors_of, require_real_daemons
+from helpers import check_config
+from test_libvirt import drive, errors_of, require_real_daemons
 
 from services import virtlog
 from supervisor import Table
@@ -75,7 +76,7 @@ def test_bad_value_is_one_line_naming_the_key(toml: str, line: str) -> None:
 
 
 def test_check_names_the_key(tmp_path: Path) -> None:
-    proc = check(tmp_path, "[virtlog]\nmax-size = -1\n")
+    proc = check_config(tmp_path, "[virtlog]\nmax-size = -1\n")
     assert proc.returncode == 1
     assert proc.stdout.splitlines() == ["virtlog.max-size: must be at least 0, got -1"]
 
