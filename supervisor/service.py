@@ -969,7 +969,9 @@ class Service:
             "one-shot": spec.one_shot,
             "respawn": spec.respawn,
             "auto-start": spec.auto_start,
-            "pid": self.child.pid if self.child is not None and self.child.alive else None,
+            # the actor's own view: a death its monitor noticed but the actor
+            # has not handled yet still shows, with the state, until it is
+            "pid": self.child.pid if self.child is not None else None,
             "since": self.since,
             "command": list(spec.command) if spec.command is not None else None,
             "ready": spec.ready.to_json(),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +29,24 @@ def test_sigkill_ten_times_respawns_each_time(sup: Supervisor) -> None:
     }})
     first = wait_until(lambda: sup.rstatus("victim")["pid"], 10, "victim (auto-start) to run")
     seen = [first]
+    # A dashboard polls all along: status is the actor's own view, so it
+    # never says "running" without a PID (a death noticed, not yet handled).
+    torn: list[dict[str, Any]] = []
+    polling = threading.Event()
+    polling.set()
+
+    def poll() -> None:
+        conn = sup.connect(ro=True)
+        try:
+            while polling.is_set():
+                svc = conn.call("status", "victim")["result"]["services"][0]
+                if svc["state"] == "running" and svc["pid"] is None:
+                    torn.append(svc)
+        finally:
+            conn.close()
+
+    poller = threading.Thread(target=poll)
+    poller.start()
     for i in range(10):
         old = seen[-1]
         assert find_pids(marker) == {old}, f"round {i}: expected only pid {old}"
@@ -39,6 +59,9 @@ def test_sigkill_ten_times_respawns_each_time(sup: Supervisor) -> None:
         new = wait_until(respawned, 5, f"a new pid after SIGKILL #{i + 1} of pid {old}")
         assert pid_alive(new)
         seen.append(new)
+    polling.clear()
+    poller.join(30)
+    assert not torn, f"status said running with no PID {len(torn)} time(s): {torn[0]}"
     assert len(set(seen)) == 11, f"pids were reused or repeated: {seen}"
     assert find_pids(marker) == {seen[-1]}, "exactly one process after ten respawns"
 
