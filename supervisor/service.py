@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 import trio
 
-from . import _guard, _proc, _sockets, lifecycle, respawn
+from . import _proc, _sockets, lifecycle, respawn
 from ._containment import Containment
 from ._actor import (
     Outcome,
@@ -63,6 +63,7 @@ from ._probes import (
 )
 from ._state import StateStore
 from ._stopping import Strays, terminate
+from .spawn import spawn_process
 from .timer import Timer, timer_details
 from .spec import ServiceSpec
 
@@ -454,7 +455,7 @@ class Service:
                     # start must not find its port taken
                     await self.containment.sweep(spec.stop_signal, spec.stop_timeout, self.output.note)
                 before = self.containment.pids()
-                child = self._spawn(spec, out, err)
+                child, self.guards = spawn_process(self, spec, out, err)
                 mine.append(child)
                 self._post(_Spawned(gen, child))
                 log.debug("spawned", pid=child.pid, command=list(spec.command))
@@ -487,28 +488,6 @@ class Service:
             await self.containment.sweep(signal.SIGKILL, 0, self.output.note, only=only)
         return verdict
 
-    def _spawn(self, spec: ServiceSpec, out: int, err: int) -> _proc.Child:
-        """Start the command in the service's cgroup.
-
-        Raises:
-            _proc.SpawnError: it could not be started.
-        """
-        try:
-            cgroup_fd = self.containment.open_for_spawn()
-        except OSError as exc:
-            raise _proc.SpawnError(f"cannot use the cgroup of {self.name}: {exc.strerror or exc}") from None
-        listen_fds = [(sock.fileno(), s.name) for sock, s in zip(self.listeners, spec.sockets)]
-        readers = {stream: r for stream, (r, _w) in self.output.pipes.items()}  # its guards
-        try:
-            child = _proc.spawn(spec, stdout=out, stderr=err, extra_env=self._extra_env(),
-                                listen_fds=listen_fds, cgroup_fd=cgroup_fd, guard_fds=[*readers.values()])
-        finally:
-            if cgroup_fd is not None:
-                os.close(cgroup_fd)
-        numbers = _proc.guard_numbers([*readers.values()], len(listen_fds))
-        self.guards = {stream: _guard.record(r, n) for (stream, r), n in zip(readers.items(), numbers)}
-        return child
-
     def _on_main_process(self, gen: int, child: _proc.Child) -> None:
         """The start worker spawned (or found, through a pid file) the main process."""
         assert self._nursery is not None
@@ -522,14 +501,6 @@ class Service:
     async def _discard(self, child: _proc.Child) -> None:
         with trio.CancelScope(shield=True):
             await terminate(child, self.spec, self.output.note, self.containment)
-
-    def _extra_env(self) -> dict[str, str]:
-        env: dict[str, str] = {}
-        if self.spec.ready.type == "notify" and self.notify_socket is not None:
-            env["NOTIFY_SOCKET"] = str(self.notify_socket)
-            if self.spec.watchdog_sec:
-                env["WATCHDOG_USEC"] = str(int(self.spec.watchdog_sec * 1_000_000))
-        return env
 
     async def _monitor(self, child: _proc.Child) -> None:
         with trio.CancelScope(shield=True):
