@@ -21,13 +21,14 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import structlog
 import trio
 
-from . import _proc, _sockets, lifecycle, respawn
+from . import _proc, _service_record, _sockets, lifecycle, respawn
 from ._containment import Containment
 from ._actor import (
     Outcome,
@@ -64,7 +65,7 @@ from ._probes import (
 from ._state import StateStore
 from ._stopping import Strays, terminate
 from .spawn import spawn_process
-from .timer import Timer, timer_details
+from .timer import Timer
 from .spec import ServiceSpec
 
 __all__ = ["State", "Outcome", "Service", "respawn_policy"]
@@ -836,35 +837,7 @@ class Service:
         if self.child is not None:
             self.child.signal(signal.SIGABRT)
 
-    # -- persistence ------------------------------------------------------------------
-
-    def record(self) -> dict[str, Any]:
-        """Everything this service knows at run time, TOML-able: what a
-        re-exec hands over and what crash recovery reads back."""
-        child = self.child if self.child is not None and self.child.alive else None
-        type_state = self.spec.type_state.to_record() if self.spec.type_state is not None else None
-        return {
-            "name": self.name,
-            "state": self.state.value,
-            "since": self.since,
-            "enabled": self.enabled,
-            "disabled-reason": None if self.enabled else self.disabled_reason,
-            "intent": self.intent,
-            "pid": child.pid if child else None,
-            "pid-start": child.start_time_ticks if child else None,
-            "cgroup": self.containment.cgroup.rel if self.containment.cgroup is not None else None,
-            "guards": self.guards if child else None,
-            "one-shot-done": self.one_shot_done,
-            "stayed-down": self._stayed_down,
-            "status-text": self.status_text,
-            "last-exit": self.last_exit.to_json() if self.last_exit else None,
-            "last-failure": self.last_failure,
-            "last-run": self.timer.last_run,
-            "respawns": list(self.history.respawns),
-            "startup-failures": list(self.history.startup_failures),
-            "respawn-history": self.respawn_history.to_record(time.monotonic(), time.time()),
-            "type-state": type_state or None,
-        }
+    # -- persistence (the record is built in _service_record.py) --------------------
 
     def save(self) -> None:
         """The record changed: have the store write it, soon and off this path;
@@ -874,110 +847,9 @@ class Service:
         pid = self.child.pid if self.child is not None and self.child.alive else None
         if pid != self._saved_pid:
             self._saved_pid = pid
-            self.store.write_now(self.name, self.record())
+            self.store.write_now(self.name, _service_record.record(self))
         else:
-            self.store.mark(self.name, self.record)
-
-    def restore(self, record: dict[str, Any], child: _proc.Child | None) -> None:
-        """Take over a previous supervisor's record (before `run`).
-
-        `child` is the still-running main process, already verified (same pid,
-        start time and cgroup) and opened by pidfd; None when it is gone.  A
-        service without a process (hooks, a timer) that was running is
-        running again, without running its start hook again.
-        """
-        self.restored = True
-        self.enabled = bool(record.get("enabled", True))
-        self.disabled_reason = record.get("disabled-reason") if not self.enabled else None
-        self.intent = record.get("intent")
-        self.last_failure = record.get("last-failure")
-        self.timer.last_run = record.get("last-run")
-        self.status_text = record.get("status-text")
-        self._stayed_down = record.get("stayed-down")
-        self.history.respawns.extend(record.get("respawns", []))
-        self.history.startup_failures.extend(record.get("startup-failures", []))
-        self.respawn_history = respawn.History.from_record(record.get("respawn-history"),
-                                                           time.monotonic(), time.time())
-        if self.spec.type_state is not None and isinstance(record.get("type-state"), dict):
-            try:
-                self.spec.type_state.from_record(record["type-state"])
-            except Exception:  # a record from another version: start from scratch
-                log.warning("could not restore the service type's state", exc_info=True)
-        exit_ = record.get("last-exit")
-        if isinstance(exit_, dict):
-            sig = exit_.get("signal")
-            signum = getattr(signal.Signals, sig, None) if isinstance(sig, str) else None
-            self.last_exit = _proc.ExitStatus(exit_.get("code"), int(signum) if signum else None,
-                                              float(exit_.get("time", 0)))
-        since = record.get("since")
-        if isinstance(since, (int, float)):
-            self.since = float(since)
-        processless = self.spec.command is None or self.spec.schedule is not None
-        if child is not None:
-            self.child = child
-            self.state = State.RUNNING
-            if isinstance(record.get("guards"), dict):
-                self.guards = record["guards"]
-        elif processless and record.get("state") == State.RUNNING.value and self.enabled:
-            self.state = State.RUNNING
-            self._hook_ran = self.spec.command is None
-        elif self.spec.one_shot and record.get("one-shot-done"):
-            self.one_shot_done = True
-        if self.state is State.STOPPED and record.get("state") != State.STOPPED.value:
-            self.since = time.time()  # it was up, and is not any more
-
-    # -- snapshot ----------------------------------------------------------------------
-
-    def snapshot(self, *, log_lines: int = 0) -> dict[str, Any]:
-        spec = self.spec
-        out: dict[str, Any] = {
-            "name": spec.name,
-            "provides": list(spec.names),
-            "requires": list(spec.requires),
-            "state": self.state.value,
-            "enabled": self.enabled,
-            "disabled-reason": None if self.enabled else self.disabled_reason,
-            "one-shot": spec.one_shot,
-            "respawn": spec.respawn,
-            "auto-start": spec.auto_start,
-            # the actor's own view: a death its monitor noticed but the actor
-            # has not handled yet still shows, with the state, until it is
-            "pid": self.child.pid if self.child is not None else None,
-            "since": self.since,
-            "command": list(spec.command) if spec.command is not None else None,
-            "ready": spec.ready.to_json(),
-            "status-text": self.status_text,
-            "last-exit": self.last_exit.to_json() if self.last_exit else None,
-            "respawns": list(self.history.respawns),
-            "startup-failures": list(self.history.startup_failures),
-            "last-failure": self.last_failure,
-            "log-file": str(self.output.path) if spec.command is not None else None,
-            "actions": [a.name for a in spec.actions] + (["trigger"] if spec.schedule else []),
-            "replacement-pending": self.pending_spec is not None,
-            "timer": self.timer.to_json() if spec.schedule is not None else None,
-            "documentation": spec.documentation,
-        }
-        if log_lines:
-            out["recent-log"] = [line.to_json() for line in self.output.recent(log_lines)]
-            out["processes"] = self._process_stats()
-            if spec.schedule is not None:
-                out["details"] = timer_details(self.timer.to_json())
-            if spec.details_hook is not None:
-                try:
-                    out["details"] = spec.details_hook(spec)
-                except Exception as exc:  # a details hook must never break status
-                    out["details"] = {"error": f"{type(exc).__name__}: {exc}"}
-        return out
-
-    def _process_stats(self) -> dict[str, Any]:
-        """Live figures of the service's processes (cgroup), for one-service status."""
-        stats: dict[str, Any] = {"containment": self.containment.mode}
-        if self.containment.cgroup is not None:
-            stats["cgroup"] = self.containment.cgroup.rel
-            stats.update(self.containment.stats() or {})
-            if self.state is State.STOPPED and stats.get("processes"):
-                stats["left-over"] = stats["processes"]  # kill-mode "process" left them running
-        return stats
+            self.store.mark(self.name, partial(_service_record.record, self))
 
     def recent_log(self, n: int) -> list[LogLine]:
         return self.output.recent(n)
