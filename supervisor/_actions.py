@@ -25,7 +25,7 @@ from ._backlog import Backlog
 from ._messages import say
 
 if TYPE_CHECKING:
-    from .control import _Connection
+    from ._connection import _Connection
 
 __all__ = ["Action", "ACTIONS", "find_action", "STREAMED"]
 

@@ -31,6 +31,7 @@ from ._keeper_link import KeeperLink
 from ._output import LogHub, ServiceOutput
 from . import _sockets, reload
 from ._pacer import Pacer
+from ._service_record import snapshot
 from ._cgroup import Hierarchy, Watcher
 from ._containment import Containment
 from ._state import StateStore
@@ -485,11 +486,11 @@ class Engine:
 
     def status(self, name: str | None = None, *, log_lines: int = 10) -> dict[str, Any]:
         if name is not None:
-            return {"services": [self.lookup(name).snapshot(log_lines=log_lines)]}
-        return {"services": [self.services[n].snapshot() for n in sorted(self.services)]}
+            return {"services": [snapshot(self.lookup(name), log_lines=log_lines)]}
+        return {"services": [snapshot(self.services[n]) for n in sorted(self.services)]}
 
     def detailed_status(self, log_lines: int = 10) -> dict[str, Any]:
-        return {"services": [self.services[n].snapshot(log_lines=log_lines) for n in sorted(self.services)]}
+        return {"services": [snapshot(self.services[n], log_lines=log_lines) for n in sorted(self.services)]}
 
     def doc(self, name: str, args: list[Any]) -> dict[str, Any]:
         service = self.lookup(name)

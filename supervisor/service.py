@@ -21,13 +21,14 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import structlog
 import trio
 
-from . import _guard, _proc, _sockets, lifecycle, respawn
+from . import _proc, _service_record, _sockets, lifecycle, respawn
 from ._containment import Containment
 from ._actor import (
     Outcome,
@@ -63,7 +64,8 @@ from ._probes import (
 )
 from ._state import StateStore
 from ._stopping import Strays, terminate
-from .timer import Timer, timer_details
+from .spawn import spawn_process
+from .timer import Timer
 from .spec import ServiceSpec
 
 __all__ = ["State", "Outcome", "Service", "respawn_policy"]
@@ -454,7 +456,7 @@ class Service:
                     # start must not find its port taken
                     await self.containment.sweep(spec.stop_signal, spec.stop_timeout, self.output.note)
                 before = self.containment.pids()
-                child = self._spawn(spec, out, err)
+                child, self.guards = spawn_process(self, spec, out, err)
                 mine.append(child)
                 self._post(_Spawned(gen, child))
                 log.debug("spawned", pid=child.pid, command=list(spec.command))
@@ -487,28 +489,6 @@ class Service:
             await self.containment.sweep(signal.SIGKILL, 0, self.output.note, only=only)
         return verdict
 
-    def _spawn(self, spec: ServiceSpec, out: int, err: int) -> _proc.Child:
-        """Start the command in the service's cgroup.
-
-        Raises:
-            _proc.SpawnError: it could not be started.
-        """
-        try:
-            cgroup_fd = self.containment.open_for_spawn()
-        except OSError as exc:
-            raise _proc.SpawnError(f"cannot use the cgroup of {self.name}: {exc.strerror or exc}") from None
-        listen_fds = [(sock.fileno(), s.name) for sock, s in zip(self.listeners, spec.sockets)]
-        readers = {stream: r for stream, (r, _w) in self.output.pipes.items()}  # its guards
-        try:
-            child = _proc.spawn(spec, stdout=out, stderr=err, extra_env=self._extra_env(),
-                                listen_fds=listen_fds, cgroup_fd=cgroup_fd, guard_fds=[*readers.values()])
-        finally:
-            if cgroup_fd is not None:
-                os.close(cgroup_fd)
-        numbers = _proc.guard_numbers([*readers.values()], len(listen_fds))
-        self.guards = {stream: _guard.record(r, n) for (stream, r), n in zip(readers.items(), numbers)}
-        return child
-
     def _on_main_process(self, gen: int, child: _proc.Child) -> None:
         """The start worker spawned (or found, through a pid file) the main process."""
         assert self._nursery is not None
@@ -522,14 +502,6 @@ class Service:
     async def _discard(self, child: _proc.Child) -> None:
         with trio.CancelScope(shield=True):
             await terminate(child, self.spec, self.output.note, self.containment)
-
-    def _extra_env(self) -> dict[str, str]:
-        env: dict[str, str] = {}
-        if self.spec.ready.type == "notify" and self.notify_socket is not None:
-            env["NOTIFY_SOCKET"] = str(self.notify_socket)
-            if self.spec.watchdog_sec:
-                env["WATCHDOG_USEC"] = str(int(self.spec.watchdog_sec * 1_000_000))
-        return env
 
     async def _monitor(self, child: _proc.Child) -> None:
         with trio.CancelScope(shield=True):
@@ -865,35 +837,7 @@ class Service:
         if self.child is not None:
             self.child.signal(signal.SIGABRT)
 
-    # -- persistence ------------------------------------------------------------------
-
-    def record(self) -> dict[str, Any]:
-        """Everything this service knows at run time, TOML-able: what a
-        re-exec hands over and what crash recovery reads back."""
-        child = self.child if self.child is not None and self.child.alive else None
-        type_state = self.spec.type_state.to_record() if self.spec.type_state is not None else None
-        return {
-            "name": self.name,
-            "state": self.state.value,
-            "since": self.since,
-            "enabled": self.enabled,
-            "disabled-reason": None if self.enabled else self.disabled_reason,
-            "intent": self.intent,
-            "pid": child.pid if child else None,
-            "pid-start": child.start_time_ticks if child else None,
-            "cgroup": self.containment.cgroup.rel if self.containment.cgroup is not None else None,
-            "guards": self.guards if child else None,
-            "one-shot-done": self.one_shot_done,
-            "stayed-down": self._stayed_down,
-            "status-text": self.status_text,
-            "last-exit": self.last_exit.to_json() if self.last_exit else None,
-            "last-failure": self.last_failure,
-            "last-run": self.timer.last_run,
-            "respawns": list(self.history.respawns),
-            "startup-failures": list(self.history.startup_failures),
-            "respawn-history": self.respawn_history.to_record(time.monotonic(), time.time()),
-            "type-state": type_state or None,
-        }
+    # -- persistence (the record is built in _service_record.py) --------------------
 
     def save(self) -> None:
         """The record changed: have the store write it, soon and off this path;
@@ -903,110 +847,9 @@ class Service:
         pid = self.child.pid if self.child is not None and self.child.alive else None
         if pid != self._saved_pid:
             self._saved_pid = pid
-            self.store.write_now(self.name, self.record())
+            self.store.write_now(self.name, _service_record.record(self))
         else:
-            self.store.mark(self.name, self.record)
-
-    def restore(self, record: dict[str, Any], child: _proc.Child | None) -> None:
-        """Take over a previous supervisor's record (before `run`).
-
-        `child` is the still-running main process, already verified (same pid,
-        start time and cgroup) and opened by pidfd; None when it is gone.  A
-        service without a process (hooks, a timer) that was running is
-        running again, without running its start hook again.
-        """
-        self.restored = True
-        self.enabled = bool(record.get("enabled", True))
-        self.disabled_reason = record.get("disabled-reason") if not self.enabled else None
-        self.intent = record.get("intent")
-        self.last_failure = record.get("last-failure")
-        self.timer.last_run = record.get("last-run")
-        self.status_text = record.get("status-text")
-        self._stayed_down = record.get("stayed-down")
-        self.history.respawns.extend(record.get("respawns", []))
-        self.history.startup_failures.extend(record.get("startup-failures", []))
-        self.respawn_history = respawn.History.from_record(record.get("respawn-history"),
-                                                           time.monotonic(), time.time())
-        if self.spec.type_state is not None and isinstance(record.get("type-state"), dict):
-            try:
-                self.spec.type_state.from_record(record["type-state"])
-            except Exception:  # a record from another version: start from scratch
-                log.warning("could not restore the service type's state", exc_info=True)
-        exit_ = record.get("last-exit")
-        if isinstance(exit_, dict):
-            sig = exit_.get("signal")
-            signum = getattr(signal.Signals, sig, None) if isinstance(sig, str) else None
-            self.last_exit = _proc.ExitStatus(exit_.get("code"), int(signum) if signum else None,
-                                              float(exit_.get("time", 0)))
-        since = record.get("since")
-        if isinstance(since, (int, float)):
-            self.since = float(since)
-        processless = self.spec.command is None or self.spec.schedule is not None
-        if child is not None:
-            self.child = child
-            self.state = State.RUNNING
-            if isinstance(record.get("guards"), dict):
-                self.guards = record["guards"]
-        elif processless and record.get("state") == State.RUNNING.value and self.enabled:
-            self.state = State.RUNNING
-            self._hook_ran = self.spec.command is None
-        elif self.spec.one_shot and record.get("one-shot-done"):
-            self.one_shot_done = True
-        if self.state is State.STOPPED and record.get("state") != State.STOPPED.value:
-            self.since = time.time()  # it was up, and is not any more
-
-    # -- snapshot ----------------------------------------------------------------------
-
-    def snapshot(self, *, log_lines: int = 0) -> dict[str, Any]:
-        spec = self.spec
-        out: dict[str, Any] = {
-            "name": spec.name,
-            "provides": list(spec.names),
-            "requires": list(spec.requires),
-            "state": self.state.value,
-            "enabled": self.enabled,
-            "disabled-reason": None if self.enabled else self.disabled_reason,
-            "one-shot": spec.one_shot,
-            "respawn": spec.respawn,
-            "auto-start": spec.auto_start,
-            # the actor's own view: a death its monitor noticed but the actor
-            # has not handled yet still shows, with the state, until it is
-            "pid": self.child.pid if self.child is not None else None,
-            "since": self.since,
-            "command": list(spec.command) if spec.command is not None else None,
-            "ready": spec.ready.to_json(),
-            "status-text": self.status_text,
-            "last-exit": self.last_exit.to_json() if self.last_exit else None,
-            "respawns": list(self.history.respawns),
-            "startup-failures": list(self.history.startup_failures),
-            "last-failure": self.last_failure,
-            "log-file": str(self.output.path) if spec.command is not None else None,
-            "actions": [a.name for a in spec.actions] + (["trigger"] if spec.schedule else []),
-            "replacement-pending": self.pending_spec is not None,
-            "timer": self.timer.to_json() if spec.schedule is not None else None,
-            "documentation": spec.documentation,
-        }
-        if log_lines:
-            out["recent-log"] = [line.to_json() for line in self.output.recent(log_lines)]
-            out["processes"] = self._process_stats()
-            if spec.schedule is not None:
-                out["details"] = timer_details(self.timer.to_json())
-            if spec.details_hook is not None:
-                try:
-                    out["details"] = spec.details_hook(spec)
-                except Exception as exc:  # a details hook must never break status
-                    out["details"] = {"error": f"{type(exc).__name__}: {exc}"}
-        return out
-
-    def _process_stats(self) -> dict[str, Any]:
-        """Live figures of the service's processes (cgroup), for one-service status."""
-        stats: dict[str, Any] = {"containment": self.containment.mode}
-        if self.containment.cgroup is not None:
-            stats["cgroup"] = self.containment.cgroup.rel
-            stats.update(self.containment.stats() or {})
-            if self.state is State.STOPPED and stats.get("processes"):
-                stats["left-over"] = stats["processes"]  # kill-mode "process" left them running
-        return stats
+            self.store.mark(self.name, partial(_service_record.record, self))
 
     def recent_log(self, n: int) -> list[LogLine]:
         return self.output.recent(n)

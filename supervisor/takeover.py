@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from . import _guard, _proc, _sockets
+from . import _guard, _proc, _service_record, _sockets
 from ._keeper_link import Held, close_held, pipe_key, socket_key
 from ._state import StateStore, same_process
 
@@ -75,7 +75,7 @@ def restore(engine: Engine, store: StateStore, handover: dict[str, Any] | None =
         if passed is None and child is not None and record is not None:
             _reclaim_pipes(service, child, record)
         if record is not None or child is not None:
-            service.restore(record or {}, child)
+            _service_record.restore(service, record or {}, child)
             service.output.reload_history()
     close_held(kept)  # duplicates of what a re-exec handed over, or of what nothing uses
     for name, passed in handed.items():

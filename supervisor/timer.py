@@ -25,6 +25,7 @@ from . import _proc
 from ._actor import Outcome, State, _Overran, _Reply, _TimerArmed, _Trigger
 from ._messages import say
 from ._stopping import terminate
+from .spawn import spawn_process
 from .spec import ActionContext, ActionSpec
 
 if TYPE_CHECKING:
@@ -108,7 +109,7 @@ class Timer:
         started = time.time()
         try:
             out, err = svc.output.writers(svc._nursery)
-            child = svc._spawn(svc.spec, out, err)
+            child, svc.guards = spawn_process(svc, svc.spec, out, err)
         except _proc.SpawnError as exc:
             self.last_run = {"start": started, "end": started, "error": str(exc)}
             svc.output.note(f"Run of {svc.name} failed to start: {exc}")
