@@ -110,6 +110,7 @@ class _StopDone:  # private: the stop worker is finished
 class _Spawned:  # private: the start worker spawned the main process
     gen: int
     child: _proc.Child
+    guards: dict[str, dict[str, int]]  # its guard descriptors (`_guard.record`)
 
 
 @dataclass(slots=True)

@@ -318,7 +318,12 @@ class Service:
             case _StopDone(gen):
                 if gen == self._gen and self.state is State.STOPPING:
                     self._on_stop_done()
-            case _Spawned(gen, child) | _Adopted(gen, child):
+            case _Spawned(gen, child, guards):
+                self._on_main_process(gen, child)
+                if self.child is child:
+                    self.guards = guards
+                self.save()
+            case _Adopted(gen, child):
                 self._on_main_process(gen, child)
                 self.save()
             case _HookStarted(gen):
@@ -456,9 +461,9 @@ class Service:
                     # start must not find its port taken
                     await self.containment.sweep(spec.stop_signal, spec.stop_timeout, self.output.note)
                 before = self.containment.pids()
-                child, self.guards = spawn_process(self, spec, out, err)
+                child, guards = spawn_process(self, spec, out, err)
                 mine.append(child)
-                self._post(_Spawned(gen, child))
+                self._post(_Spawned(gen, child, guards))
                 log.debug("spawned", pid=child.pid, command=list(spec.command))
                 if spec.one_shot:
                     await child.exited.wait()
