@@ -40,9 +40,9 @@ from typing import Any
 import psutil
 import pytest
 import trio
-from helpers import Deadline, Supervisor, need, python_for_other_users, run_supervisor, wait_until
+from helpers import (Deadline, Supervisor, count_resumed, crash, need, python_for_other_users, restart,
+                     run_supervisor, wait_running, wait_until)
 from test_lifecycle_crash import log_files
-from test_lifecycle_recovery import crash, restart, wait_running
 
 from services import _secret_service as ss
 from services import hurd_vm
@@ -941,11 +941,6 @@ def test_guest_reboot_respawns(sup: Supervisor, guest: Path, tmp_path: Path) -> 
     wait_until(lambda: (q := qemu_procs(sup)) and q[0].pid != first.pid, 30, "a new QEMU")
     wait_until(lambda: sup.rstatus("hurd-vm")["state"] == "running", 60, "running again")
     assert read_report(10022)
-
-
-def count_resumed(sup: Supervisor) -> int:
-    return sum(1 for line in sup.stderr_path.read_text(errors="replace").splitlines()
-               if line.startswith("{") and json.loads(line).get("event") == "resumed after re-exec")
 
 
 def test_reexec_then_stop_still_powers_the_guest_down(sup: Supervisor, guest: Path, tmp_path: Path) -> None:
