@@ -219,15 +219,14 @@ msgs = [b"READY=1", b"MAINPID=1", b"STOPPING=1", b"STATUS=" + b"x" * 4000, b"WAT
         b"\xff\xfe garbage", b"", b"READY=1\nMAINPID=%d" % os.getppid(), b"FDSTORE=1"]
 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 s.setblocking(False)
-s.connect(path)
 n = 0
 while time.monotonic() < end and n < 200000:
-    try:
-        s.send(msgs[n % len(msgs)])
+    try:  # sendto, not connect: the daemon may be down (a crash) and come back
+        s.sendto(msgs[n % len(msgs)], path)
         n += 1
     except BlockingIOError:
         time.sleep(0.001)  # the daemon reads at its own pace: the kernel makes us wait
-    except OSError:
+    except OSError:  # ECONNREFUSED/ENOENT while the daemon is down
         time.sleep(0.01)
 print(n, flush=True)
 """
