@@ -74,7 +74,7 @@ while True:
 
 
 def event_time(ev: dict[str, Any]) -> float:
-    """An event's timestamp (local ISO time, as the daemon writes it) as epoch seconds."""
+    """An event's timestamp (ISO 8601 UTC with its zone, as the daemon writes it) as epoch seconds."""
     return datetime.fromisoformat(ev["timestamp"]).timestamp()
 
 
