@@ -10,6 +10,9 @@
   command line, else ``SUPERVISOR_SOCKET`` or the default socket).
 * ``man/supervisor.8`` from the daemon's argument parser (``supervisor.cli``).
 * ``man/supervisor.toml.5`` from ``docs/configuration.md``.
+* ``contrib/init/supervisor.service`` (systemd) and ``contrib/init/supervisor``
+  (sysvinit, LSB), for hosts where another init runs the supervisor, from
+  `INIT`: the facts both (and supervisor(8)) state.
 
 tests/test_ecosystem.py checks that the committed files are these, runs the
 completions in bash, zsh and fish, and renders the pages with ``man -l``.
@@ -404,9 +407,10 @@ def supervisor_man() -> str:
             helptext = "print the version and exit"
         out += [".TP", flags + value, inline(helptext)]
     out += [".SH SIGNALS",
-            ".TP", ".B SIGTERM, SIGINT", "Stop every service in reverse dependency order, then exit 0.",
-            ".TP", ".B SIGHUP", "Reload the configuration (applied as a diff; a bad file changes nothing).",
-            ".TP", ".B SIGUSR1", "Re\\-execute the supervisor in place, keeping every service and connection.",
+            ".TP", f".B SIG{INIT['stop']}, SIGINT", "Stop every service in reverse dependency order, then exit 0.",
+            ".TP", f".B SIG{INIT['reload']}", "Reload the configuration (applied as a diff; a bad file changes nothing).",
+            ".TP", f".B SIG{INIT['reexec']}",
+            "Re\\-execute the supervisor in place, keeping every service and connection.",
             ".SH FILES",
             ".TP", ".I /etc/supervisor/init.toml",
             inline("The configuration (root); `$XDG_CONFIG_HOME/supervisor/init.toml` for other users."),
@@ -417,6 +421,10 @@ def supervisor_man() -> str:
             ".SH ENVIRONMENT", ".TP", ".B NO_COLOR",
             inline("When set and not empty, the console log has no colour."),
             ".TP", ".B NOTIFY_SOCKET", inline("When set, `READY=1` is sent there once the sockets are up."),
+            ".SH UNDER ANOTHER INIT",
+            inline("`contrib/init/supervisor.service` (systemd, `Type=notify`) and `contrib/init/supervisor` "
+                   "(sysvinit, `start-stop-daemon --notify-await`) run it in the foreground and wait for its "
+                   "`READY=1`."),
             ".SH SEE ALSO", "\\fBherd\\fR(1), \\fBsupervisor.toml\\fR(5)"]
     return "\n".join(out) + "\n"
 
@@ -428,6 +436,136 @@ def config_man() -> str:
             + ".SH NAME\nsupervisor.toml \\- the configuration file of supervisor (init.toml)\n"
             + ".SH DESCRIPTION\n" + markdown_to_roff(body)
             + ".SH SEE ALSO\n\\fBsupervisor\\fR(8), \\fBherd\\fR(1)\n")
+
+
+# -- under another init -----------------------------------------------------------------------
+
+#: What an init needs to know to run the supervisor: the program, that it runs in the
+#: foreground and says READY=1 on $NOTIFY_SOCKET, and its signals.
+INIT = {
+    "description": "Process supervisor for a VM host (libvirt, QEMU, Ganeti)",
+    "program": "/usr/bin/supervisor",
+    "stop": "TERM",  # every service stopped in reverse dependency order, then exit 0
+    "reload": "HUP",  # the configuration applied as a diff
+    "reexec": "USR1",  # the supervisor's own code replaced in place
+    # Stopping guests takes time (hurd-vm: QMP power-down, 30 s, then SIGTERM, 30 s).
+    "stop_timeout": 300,
+}
+
+
+def systemd_unit() -> str:
+    return f"""# {GENERATED}
+# The supervisor under systemd: cp contrib/init/supervisor.service /etc/systemd/system/
+# (adjust ExecStart= to where the supervisor is installed), then
+# systemctl daemon-reload && systemctl enable --now supervisor
+[Unit]
+Description={INIT["description"]}
+Documentation=man:supervisor(8) man:herd(1) man:supervisor.toml(5)
+After=network.target local-fs.target
+
+[Service]
+# It runs in the foreground and sends READY=1 once its sockets answer.
+Type=notify
+NotifyAccess=main
+ExecStartPre={INIT["program"]} --check
+ExecStart={INIT["program"]}
+ExecReload=/bin/kill -{INIT["reload"]} $MAINPID
+# SIGTERM: the supervisor stops every service in reverse dependency order, then exits 0.
+KillSignal=SIG{INIT["stop"]}
+TimeoutStopSec={INIT["stop_timeout"]}
+# The services are the supervisor's to stop, as libvirtd's guests are libvirtd's:
+# systemd signals the supervisor only; what a crash leaves is re-adopted at the next start.
+KillMode=process
+# Each service runs in a cgroup of its own, under the supervisor's.
+Delegate=yes
+Restart=on-failure
+# herd reexec root (or: systemctl kill -s SIG{INIT["reexec"]} supervisor) replaces its code in place.
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def sysv_script() -> str:
+    return f"""#!/bin/sh
+# {GENERATED}
+# The supervisor under sysvinit: cp contrib/init/supervisor /etc/init.d/ && update-rc.d supervisor defaults
+### BEGIN INIT INFO
+# Provides:          supervisor
+# Required-Start:    $local_fs $remote_fs $network $syslog
+# Required-Stop:     $local_fs $remote_fs $network $syslog
+# Default-Start:     2 3 4 5
+# Default-Stop:      0 1 6
+# Short-Description: {INIT["description"]}
+# Description:       Runs supervisor in the foreground (start-stop-daemon detaches it and
+#                    waits for its READY=1); herd talks to it.
+### END INIT INFO
+
+# /etc/default/supervisor may set DAEMON, DAEMON_ARGS, PIDFILE, LOGFILE (also taken
+# from the environment).
+[ -r /etc/default/supervisor ] && . /etc/default/supervisor
+DAEMON=${{DAEMON:-{INIT["program"]}}}
+DAEMON_ARGS=${{DAEMON_ARGS:-}}
+PIDFILE=${{PIDFILE:-/run/supervisor.pid}}
+LOGFILE=${{LOGFILE:-/var/log/supervisor.log}}
+NAME=supervisor
+
+[ -x "$DAEMON" ] || {{ echo "$NAME: $DAEMON is not executable" >&2; exit 5; }}
+if [ -r /lib/lsb/init-functions ]; then
+    . /lib/lsb/init-functions
+else
+    log_daemon_msg() {{ printf '%s: %s' "$1" "$2"; }}
+    log_end_msg() {{ [ "$1" = 0 ] && echo . || echo " failed"; return "$1"; }}
+fi
+
+running() {{
+    start-stop-daemon --status --pidfile "$PIDFILE"
+}}
+
+case "$1" in
+    start)
+        log_daemon_msg "Starting {INIT["description"]}" "$NAME"
+        # shellcheck disable=SC2086 # DAEMON_ARGS are words
+        start-stop-daemon --start --quiet --pidfile "$PIDFILE" --make-pidfile --background \
+            --output "$LOGFILE" --notify-await --notify-timeout 60 --startas "$DAEMON" -- $DAEMON_ARGS
+        log_end_msg $?
+        ;;
+    stop)
+        log_daemon_msg "Stopping {INIT["description"]}" "$NAME"
+        start-stop-daemon --stop --quiet --pidfile "$PIDFILE" --remove-pidfile \
+            --retry {INIT["stop"]}/{INIT["stop_timeout"]}/KILL/5
+        rc=$?
+        [ $rc = 1 ] && rc=0  # was not running
+        log_end_msg $rc
+        ;;
+    reload|force-reload)
+        log_daemon_msg "Reloading {INIT["description"]}" "$NAME"
+        start-stop-daemon --stop --quiet --signal {INIT["reload"]} --pidfile "$PIDFILE"
+        log_end_msg $?
+        ;;
+    reexec)
+        log_daemon_msg "Re-executing {INIT["description"]}" "$NAME"
+        start-stop-daemon --stop --quiet --signal {INIT["reexec"]} --pidfile "$PIDFILE"
+        log_end_msg $?
+        ;;
+    restart)
+        "$0" stop && "$0" start
+        ;;
+    status)
+        running
+        rc=$?
+        case $rc in
+            0) echo "$NAME is running" ;;
+            *) echo "$NAME is not running" ;;
+        esac
+        exit $rc
+        ;;
+    *)
+        echo "usage: $0 start|stop|restart|reload|force-reload|reexec|status" >&2
+        exit 3
+        ;;
+esac
+"""
 
 
 # -- the files ---------------------------------------------------------------------------------
@@ -442,6 +580,8 @@ def generated() -> dict[str, str]:
         "man/herd.1": herd_man(),
         "man/supervisor.8": supervisor_man(),
         "man/supervisor.toml.5": config_man(),
+        "contrib/init/supervisor.service": systemd_unit(),
+        "contrib/init/supervisor": sysv_script(),
     }
 
 
@@ -455,6 +595,8 @@ def main(argv: list[str]) -> int:
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+        if text.startswith("#!"):
+            path.chmod(0o755)
     for rel in stale:
         print(f"{rel} is stale: run contrib/ecosystem.py", file=sys.stderr)
     return 1 if stale else 0

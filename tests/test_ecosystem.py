@@ -221,3 +221,65 @@ def test_the_configuration_page_renders_with_every_key_of_the_schema() -> None:
             *schema["properties"]["services"]["additionalProperties"]["properties"]]
     missing = [key for key in keys if key not in text]
     assert missing == [], f"keys of the configuration not in docs/configuration.md: {missing}"
+
+
+# -- under another init ---------------------------------------------------------------------------
+
+
+def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        need("systemd-analyze (Debian package systemd)")
+    unit = tmp_path / "supervisor.service"
+    # Where the program is on this machine (the unit names /usr/bin/supervisor).
+    program = Path(sys.executable).parent / "supervisor"
+    unit.write_text((ROOT / "contrib" / "init" / "supervisor.service").read_text().replace(
+        eco.INIT["program"], str(program)))
+    p = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0 and p.stderr.strip() == "", p.stderr
+    text = unit.read_text()
+    for line in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "KillSignal=SIGTERM", "Delegate=yes"):
+        assert line in text.splitlines(), line
+
+
+def test_the_sysvinit_script_starts_reloads_and_stops_the_supervisor(sup: Supervisor, tmp_path: Path) -> None:
+    """The LSB script, run for real with start-stop-daemon: start returns once the daemon
+    is ready (READY=1), status, reload (SIGHUP), stop (every service stopped, exit 0)."""
+    if shutil.which("start-stop-daemon") is None:
+        need("start-stop-daemon (Debian package dpkg)")
+    sup.write_config({"services": {"web": sleeper(sup.marker("web"))}})
+    wrapper = tmp_path / "supervisor"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} -m supervisor \"$@\"\n")
+    wrapper.chmod(0o755)
+    env = dict(base_env(), DAEMON=str(wrapper), DAEMON_ARGS=" ".join(sup.daemon_args()),
+               PIDFILE=str(tmp_path / "supervisor.pid"), LOGFILE=str(tmp_path / "supervisor.log"))
+    script = str(ROOT / "contrib" / "init" / "supervisor")
+
+    def init(action: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([script, action], env=env, capture_output=True, text=True, timeout=120)
+
+    started = init("start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        # Ready when start returned: the service is up, no polling needed.
+        assert sup.status("web")["state"] == "running"
+        assert init("status").returncode == 0
+        assert init("reload").returncode == 0
+        pid = int((tmp_path / "supervisor.pid").read_text())
+    finally:
+        stopped = init("stop")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert not Path(f"/proc/{pid}").exists()
+    assert sup.marker("web") not in " ".join(p for p in _cmdlines())
+    assert init("status").returncode != 0
+    log = (tmp_path / "supervisor.log").read_text()
+    assert "reload" in log and "all services stopped" in log, log
+
+
+def _cmdlines() -> list[str]:
+    import psutil
+    out = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info["status"] != psutil.STATUS_ZOMBIE:
+            out.append(" ".join(p.info["cmdline"] or []))
+    return out
