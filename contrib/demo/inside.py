@@ -59,8 +59,12 @@ def private_world(spec: dict[str, object]) -> None:
 
 
 def forward(signum: int, _frame: object) -> None:
-    if supervisor is not None and supervisor.poll() is None:
-        supervisor.send_signal(signal.SIGTERM)
+    # os.kill, not Popen.send_signal: that one may reap the supervisor, which main() waits for.
+    if supervisor is not None:
+        try:
+            os.kill(supervisor.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 def main() -> int:
@@ -77,8 +81,8 @@ def main() -> int:
         except ChildProcessError:
             return 1
         if pid == supervisor.pid:
-            supervisor.returncode = os.waitstatus_to_exitcode(status)
-            return supervisor.returncode
+            code = os.waitstatus_to_exitcode(status)
+            return code if code >= 0 else 128 - code  # killed by a signal: 128 + its number, as a shell says
 
 
 if __name__ == "__main__":
