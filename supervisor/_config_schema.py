@@ -10,7 +10,8 @@ of a choice (``ready.type``) is tried, so that keys read only for one
 choice are found too, and a key the reader only tests for (``Table.has``)
 is given, as an array of tables.  A table is closed (``additionalProperties: false``)
 when the reader reports a probe key as unknown, open otherwise (tables of
-names, like ``resource-limits``).  So a key added to a reader appears in the
+names, like ``resource-limits``); the probe key's value is itself a probe
+table, so that the entries of an open table of tables get a schema too.  So a key added to a reader appears in the
 schema with no other change; `python -m supervisor._config_schema` writes
 ``docs/supervisor.schema.json``, and a test checks that it is current.
 
@@ -31,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .config import discover_service_types, parse_config
+from .config import ServiceType, discover_service_types, parse_config
 from .schema import MISSING, ConfigErrors, Table
 
 __all__ = ["build_schema", "render", "SCHEMA_FILE"]
@@ -72,14 +73,15 @@ def _recording(records: dict[tuple[str, str], Record]) -> Iterator[None]:
             setattr(Table, name, fn)
 
 
-def _probe(document: dict[str, Any]) -> tuple[dict[tuple[str, str], Record], set[str]]:
+def _probe(document: dict[str, Any], types: dict[str, ServiceType]) -> tuple[dict[tuple[str, str], Record], set[str]]:
     """Parse `document` with the accessors recorded: the records, and the
     paths of the tables that report `PROBE` as an unknown key (closed tables)."""
     records: dict[tuple[str, str], Record] = {}
     errors: list[Any] = []
     with _recording(records):
         try:
-            parse_config(copy.deepcopy(document), host_checks=False, overrides={"state_dir": Path("/var/lib/x")})
+            parse_config(copy.deepcopy(document), service_types=types, host_checks=False,
+                         overrides={"state_dir": Path("/var/lib/x")})
         except ConfigErrors as exc:
             errors = exc.errors
     closed = {e.path[: -len(PROBE) - 1] for e in errors
@@ -98,6 +100,12 @@ def _locate(document: dict[str, Any], path: str) -> Any:
     return node
 
 
+def _probe_table() -> dict[str, Any]:
+    """A table in a probe document: its one key is `PROBE`, reported as unknown by a
+    closed table, and read by an open one as an entry (a table: its keys are recorded)."""
+    return {PROBE: {PROBE: 0}}
+
+
 def _grow(document: dict[str, Any], records: dict[tuple[str, str], Record]) -> bool:
     """Add the sub-tables and arrays of tables that were read but absent; whether any was."""
     grew = False
@@ -108,12 +116,12 @@ def _grow(document: dict[str, Any], records: dict[tuple[str, str], Record]) -> b
         if isinstance(table, dict) and key not in table:
             # asked whether it is there: given as an array of tables, the one kind
             # a reader may test for first (`[[ganeti.os]]`); its accessor then says what it is
-            table[key] = {PROBE: 0} if rec["kind"] == "table" else [{PROBE: 0}]
+            table[key] = _probe_table() if rec["kind"] == "table" else [_probe_table()]
             grew = True
     return grew
 
 
-def _collect(base: dict[str, Any]) -> tuple[dict[tuple[str, str], Record], set[str]]:
+def _collect(base: dict[str, Any], types: dict[str, ServiceType]) -> tuple[dict[tuple[str, str], Record], set[str]]:
     """Probe from `base` until nothing new is read, trying each choice's values."""
     records: dict[tuple[str, str], Record] = {}
     closed: set[str] = set()
@@ -122,7 +130,7 @@ def _collect(base: dict[str, Any]) -> tuple[dict[tuple[str, str], Record], set[s
     while documents:
         document = documents.pop()
         for _ in range(10):
-            found, shut = _probe(document)
+            found, shut = _probe(document, types)
             for slot, rec in found.items():
                 if slot not in records or records[slot]["kind"] in ("raw", "has"):
                     records[slot] = rec
@@ -205,18 +213,23 @@ def _table_schema(path: str, records: dict[tuple[str, str], Record], closed: set
     if description:
         out["description"] = description
     out["properties"] = properties
+    entry = f"{path}.{PROBE}" if path else PROBE
     if path in closed:
         out["additionalProperties"] = False
+    elif any(p == entry for p, _ in records):  # a table of names whose entries are tables
+        out["additionalProperties"] = _table_schema(entry, records, closed)
     return out
 
 
-def build_schema() -> dict[str, Any]:
-    """The JSON Schema (draft 2020-12) of the configuration file, from the readers."""
-    types = discover_service_types()
-    base: dict[str, Any] = {"supervisor": {PROBE: 0}, "services": {SERVICE: {"command": ["/bin/true"], PROBE: 0}}}
+def build_schema(service_types: dict[str, ServiceType] | None = None) -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of the configuration file, from the readers
+    (of `service_types`, by default those of the ``services`` package)."""
+    types = discover_service_types() if service_types is None else service_types
+    base: dict[str, Any] = {"supervisor": _probe_table(),
+                            "services": {SERVICE: {"command": ["/bin/true"], **_probe_table()}}}
     for name, stype in types.items():
-        base[name] = [{PROBE: 0}] if stype.array else {PROBE: 0}
-    records, closed = _collect(base)
+        base[name] = [_probe_table()] if stype.array else _probe_table()
+    records, closed = _collect(base, types)
     service = _table_schema(f"services.{SERVICE}", records, closed, "A generic service (docs/configuration.md).")
     service["required"] = ["command"]
     properties: dict[str, Any] = {

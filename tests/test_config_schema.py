@@ -86,3 +86,45 @@ def test_a_wrong_configuration_is_rejected_by_both(text: str, where: str) -> Non
     errors = schema_errors(doc)
     assert errors, f"the schema accepts {text!r}"
     assert any(e.split(":")[0].startswith(where) for e in errors), errors
+
+
+def test_a_key_added_to_a_reader_is_in_the_schema() -> None:
+    """The schema follows the readers: a service type's new keys appear with no other
+    change, including keys read for one value of a choice, keys only tested for, and
+    the entries of a table of names (like ``[services.NAME.actions.ACTION]``)."""
+    from supervisor import ServiceType, Table
+    from supervisor._config_schema import build_schema
+
+    def build(t: Table, context: Any) -> list[Any]:
+        t.int("size", 3, min=1)
+        check = t.table("check")
+        if check is not None and check.ok:
+            if check.choice("type", ("tcp", "exec"), "tcp") == "exec":
+                check.str_list("command", required=True)
+            check.finish()
+        actions = t.table("actions")
+        if actions is not None and actions.ok:
+            for name in actions.data:
+                actions.seen.add(name)
+                action = Table(actions.data[name], actions.key_path(name), actions.errors)
+                action.str("documentation", "")
+                action.bool("read-only", False)
+                action.finish()
+        if t.has("extra"):
+            t.str_list("extra")
+        t.finish()
+        return []
+
+    schema = build_schema({"probe-type": ServiceType("probe-type", build, documentation="A probe type.")})
+    table = schema["properties"]["probe-type"]
+    assert table["description"] == "A probe type." and table["additionalProperties"] is False
+    props = table["properties"]
+    assert props["size"] == {"type": "integer", "minimum": 1, "default": 3}
+    assert set(props["check"]["properties"]) == {"type", "command"}
+    assert props["check"]["properties"]["type"] == {"enum": ["tcp", "exec"], "default": "tcp"}
+    assert props["actions"]["additionalProperties"]["properties"] == {
+        "documentation": {"type": "string", "default": ""}, "read-only": {"type": "boolean", "default": False}}
+    assert props["extra"]["type"] == "array"
+    validator = jsonschema.Draft202012Validator(schema)
+    assert not list(validator.iter_errors({"probe-type": {"actions": {"backup": {"read-only": True}}}}))
+    assert list(validator.iter_errors({"probe-type": {"actions": {"backup": {"readonly": True}}}}))
