@@ -127,6 +127,12 @@ async def check_once(service: Service, health: HealthSpec, run: int) -> tuple[bo
         return False, _os_error(exc)
 
 
+def _refused_us(exc: BaseException) -> bool:
+    """A TLS alert from the server (it is there, and refuses an anonymous client)."""
+    cause = exc.__cause__
+    return isinstance(cause, ssl.SSLError) and "ALERT" in str(cause.reason or "")
+
+
 def _os_error(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror[0].lower() + exc.strerror[1:]
@@ -152,7 +158,12 @@ async def _stream_check(health: HealthSpec) -> tuple[bool, str]:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
             stream = trio.SSLStream(stream, context)
-            await stream.do_handshake()
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                if _refused_us(exc):  # it answered: a server that wants a client certificate (Ganeti's noded)
+                    return True, "TLS handshake answered (the server wants a client certificate)"
+                raise
         if health.send:
             await stream.send_all(health.send)
         if health.expect is None and not health.send:

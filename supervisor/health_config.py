@@ -13,7 +13,7 @@ from typing import Any
 from .schema import MISSING, Table, describe
 from .spec import Backoff, HealthSpec
 
-__all__ = ["read_backoff", "read_health", "valid_address"]
+__all__ = ["read_backoff", "read_health", "read_timing", "valid_address"]
 
 HEALTH_TYPES = ("tcp", "unix", "udp", "exec")
 
@@ -90,12 +90,17 @@ def read_health(t: Table, key: str = "health", *, default: HealthSpec | None = N
             sub.error("send", 'missing; a "udp" check needs a query to send (and may "expect" a reply)')
     if kind == "tcp":
         fields["tls"] = sub.bool("tls", False)
-    d = HealthSpec(type="exec")
-    fields["interval"] = sub.number("interval", d.interval, min=0, exclusive_min=True)
-    fields["timeout"] = sub.number("timeout", d.timeout, min=0, exclusive_min=True)
-    fields["failures"] = sub.int("failures", d.failures, min=1, max=1000)
-    fields["start_period"] = sub.number("start-period", d.start_period, min=0)
+    fields.update(read_timing(sub, HealthSpec(type="exec")))
     sub.finish()
     if kind is None:
         return default
     return HealthSpec(type=kind, **fields)
+
+
+def read_timing(sub: Table, d: HealthSpec) -> dict[str, Any]:
+    """`interval`, `timeout`, `failures` and `start-period` of a ``health``
+    table (`d`'s where absent), as `HealthSpec` fields."""
+    return {"interval": sub.number("interval", d.interval, min=0, exclusive_min=True),
+            "timeout": sub.number("timeout", d.timeout, min=0, exclusive_min=True),
+            "failures": sub.int("failures", d.failures, min=1, max=1000),
+            "start_period": sub.number("start-period", d.start_period, min=0)}

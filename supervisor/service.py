@@ -898,7 +898,8 @@ class Service:
         self._publish(self, self.state, self.state,
                       f"health check failed ({h.failures} of {spec.failures}): {detail}")
         if h.failures >= spec.failures:
-            reason = f"health check failed {h.failures} time{'s' if h.failures > 1 else ''} in a row: {detail}"
+            times = f"{h.failures} time{'s' if h.failures > 1 else ''}"
+            reason = f"health check failed {times} in a row: {detail}"
             self.last_failure = reason
             self._health_restart = reason
             self.output.note(f"Restarting {self.name}: {reason}.")
