@@ -228,3 +228,86 @@ health = true
                  'services.d.health.type: expected one of "tcp", "unix", "udp", "exec"',
                  "services.e.health: this service has no default check"):
         assert text in out, text
+
+
+#: Echoes each datagram on 127.0.0.1:argv[1] until DIR/mute (argv[2]) appears:
+#: then removes it and keeps running, answering nothing.
+PY_UDP_ECHO = r"""
+import os, socket, sys, time
+port, mute = int(sys.argv[1]), sys.argv[2] + "/mute"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", port)); s.settimeout(0.05)
+while not os.path.exists(mute):
+    try:
+        data, peer = s.recvfrom(1000)
+    except socket.timeout:
+        continue
+    s.sendto(b"echo:" + data, peer)
+os.unlink(mute)
+time.sleep(1e6)
+"""
+
+#: Accepts on 127.0.0.1:argv[1] and sends an endless stream of "x" to each client.
+PY_FLOOD = r"""
+import socket, sys, threading
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(sys.argv[1]))); srv.listen(16)
+def flood(c):
+    try:
+        while True:
+            c.sendall(b"x" * 65536)
+    except OSError:
+        c.close()
+while True:
+    threading.Thread(target=flood, args=(srv.accept()[0],), daemon=True).start()
+"""
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_udp_check_needs_an_answer(sup: Supervisor, tmp_path: Path) -> None:
+    port = free_udp_port()
+    sup.start({"services": {"echo": py_service(PY_UDP_ECHO, str(port), str(tmp_path), health={
+        "type": "udp", "address": f"127.0.0.1:{port}", "send": "ping", "expect": "echo:ping",
+        "interval": 0.3, "timeout": 1, "failures": 2})}})
+    pid = wait_running(sup, ["echo"])["echo"]
+    wait_until(lambda: health_of(sup, "echo")["last-result"] == "passed", 15, "a passing UDP check")
+    (tmp_path / "mute").write_text("")
+    svc = wait_until(lambda: (s := sup.rstatus("echo"))["pid"] not in (None, pid) and s, 30,
+                     "the restart of the silent UDP server")
+    assert "health check failed 2 times in a row: no answer within 1 s" in svc["last-failure"]
+    wait_until(lambda: health_of(sup, "echo")["last-result"] == "passed", 15, "a passing check again")
+
+
+def test_an_endless_answer_without_the_expected_text_fails_the_check_in_time(sup: Supervisor) -> None:
+    port = free_port()
+    sup.start({"services": {"flood": py_service(PY_FLOOD, str(port), health={
+        "type": "tcp", "address": f"127.0.0.1:{port}", "expect": "never sent",
+        "interval": 0.3, "timeout": 30, "failures": 1000})}})
+    wait_running(sup, ["flood"])
+    start = time.time()
+    health = wait_until(lambda: (h := health_of(sup, "flood"))["last-result"] and h, 30, "a first check")
+    # read up to a bound (64 KiB), not until the timeout, and not forever
+    assert time.time() - start < 25
+    assert health["last-result"] == "failed" and "answer without the expected b'never sent'" in health["last-detail"]
+    assert sup.rstatus("flood")["state"] == "running"
+
+
+def test_a_health_restart_goes_through_the_backoff(sup: Supervisor) -> None:
+    """A failed health check counts as a crash for the respawn policy: with
+    respawn-backoff, the service then waits out a delay, stopped."""
+    sup.start({"services": {"svc": py_service(PY_SLEEP, **{
+        "respawn-backoff": {"initial": 30, "max": 60},
+        "health": {"type": "unix", "path": "/nonexistent/svc.sock", "interval": 0.3, "timeout": 1,
+                   "failures": 1}})}})
+    pid = wait_running(sup, ["svc"])["svc"]
+    svc = wait_until(lambda: (s := sup.rstatus("svc"))["next-respawn"] is not None and s, 20,
+                     "a backoff delay after the failed check")
+    assert svc["state"] == "stopped" and svc["respawn-delay"] == 30 and svc["enabled"] is True
+    assert "health check failed 1 time in a row" in svc["last-failure"]
+    assert not pid_alive(pid)
+    human = sup.herd("status", "svc", check=0).stdout
+    assert "respawning at" in human and "Last failure: health check failed 1 time in a row" in human
