@@ -24,6 +24,7 @@ import ssl
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+import structlog
 import trio
 
 from . import _proc
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from .service import Service
 
 __all__ = ["HealthState", "run_checks", "check_once", "kill_check"]
+
+log = structlog.get_logger("supervisor.service")
 
 #: How much a socket check reads at most while it looks for `expect`.
 MAX_READ = 64 * 1024
@@ -113,10 +116,11 @@ async def run_checks(service: Service, run: int) -> None:
 
 
 async def check_once(service: Service, health: HealthSpec, run: int) -> tuple[bool, str]:
-    """One check, bounded by its timeout: (passed, what happened)."""
-    if health.type == "exec":
-        return await _exec_check(service, health, run)
+    """One check, bounded by its timeout: (passed, what happened).  Never
+    raises (but trio.Cancelled): whatever goes wrong is the check's failure."""
     try:
+        if health.type == "exec":
+            return await _exec_check(service, health, run)
         with trio.fail_after(health.timeout):
             if health.type == "udp":
                 return await _udp_check(health)
@@ -125,6 +129,9 @@ async def check_once(service: Service, health: HealthSpec, run: int) -> tuple[bo
         return False, f"no answer within {health.timeout:g} s"
     except (OSError, ssl.SSLError, trio.BrokenResourceError) as exc:
         return False, _os_error(exc)
+    except Exception as exc:  # a bug of ours must not take the service's actor down
+        log.exception("health check failed unexpectedly")
+        return False, f"{type(exc).__name__}: {exc}"
 
 
 def _refused_us(exc: BaseException) -> bool:

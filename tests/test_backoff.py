@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import re
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from helpers import Collector, Supervisor, check_config, crash, py_service, reexec, restart, wait_until
 
@@ -164,3 +167,27 @@ respawn-backoff = { initial = 5, max = 1 }
                  "services.b.respawn-backoff.max: must be at least initial (5)",
                  "services.b.respawn-backoff: has no effect with respawn = false"):
         assert text in cp.stderr + cp.stdout, text
+
+
+def test_a_respawn_due_while_the_supervisor_was_down_comes_at_its_start(sup: Supervisor, tmp_path: Path) -> None:
+    sup.start({"services": {"loop": crasher(tmp_path / "flags", {"initial": 2, "max": 100})}})
+    before = pending(sup, "loop")
+    crash(sup)
+    # what is tested is this: the attempt's time passes while no supervisor runs
+    wait_until(lambda: time.time() > before["next-respawn"] + 0.5, 10, "the attempt's time to pass")
+    restart(sup)
+    wait_until(lambda: sup.rstatus("loop")["respawn-delay"] == 4, 15, "the overdue attempt, made at the start")
+
+
+def test_a_garbled_pending_respawn_in_the_record_is_ignored(sup: Supervisor, tmp_path: Path) -> None:
+    sup.start({"services": {"loop": crasher(tmp_path / "flags", {"initial": 60, "max": 100})}})
+    pending(sup, "loop")
+    crash(sup)
+    path = sup.state_dir / "services" / "loop.toml"
+    record = tomllib.loads(path.read_text())
+    record["respawn-at"], record["respawn-wait"] = "soon", [1]
+    path.write_text(tomli_w.dumps(record))
+    restart(sup)
+    # no pending attempt to honour: autostart starts it (it crashes at once, and waits again)
+    svc = wait_until(lambda: (s := sup.rstatus("loop"))["next-respawn"] is not None and s, 15, "a fresh attempt")
+    assert svc["respawn-delay"] in (60, 100)

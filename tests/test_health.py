@@ -17,6 +17,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from helpers import (
     PY,
     PY_SLEEP,
@@ -311,3 +313,26 @@ def test_a_health_restart_goes_through_the_backoff(sup: Supervisor) -> None:
     assert not pid_alive(pid)
     human = sup.herd("status", "svc", check=0).stdout
     assert "respawning at" in human and "Last failure: health check failed 1 time in a row" in human
+
+
+def test_a_recorded_check_pid_that_names_another_process_is_not_killed(sup: Supervisor) -> None:
+    """The record names the running check by PID and start time: a PID
+    reused by another process (or a record someone edited) kills nothing."""
+    import subprocess
+
+    pid, check, _ = with_hung_check(sup, timeout=60, failures=1)
+    wait_until(lambda: recorded_check(sup, "svc") in check, 10, "the check's PID in the record")
+    crash(sup)
+    bystander = subprocess.Popen(["sleep", "1000"])
+    try:
+        path = sup.state_dir / "services" / "svc.toml"
+        record = tomllib.loads(path.read_text())
+        record["health"]["check-pid"] = bystander.pid  # the start time stays the check's
+        path.write_text(tomli_w.dumps(record))
+        restart(sup)
+        wait_running(sup, ["svc"])
+        wait_until(lambda: find_pids(sup.marker("hung-check")) - check, 10, "the checks to go on")
+        assert bystander.poll() is None, "a process that is not the check was killed"
+    finally:
+        bystander.kill()
+        bystander.wait()
