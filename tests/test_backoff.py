@@ -191,3 +191,20 @@ def test_a_garbled_pending_respawn_in_the_record_is_ignored(sup: Supervisor, tmp
     # no pending attempt to honour: autostart starts it (it crashes at once, and waits again)
     svc = wait_until(lambda: (s := sup.rstatus("loop"))["next-respawn"] is not None and s, 15, "a fresh attempt")
     assert svc["respawn-delay"] in (60, 100)
+
+
+def test_stopping_a_requirement_cancels_a_dependents_pending_respawn(sup: Supervisor, tmp_path: Path) -> None:
+    """Else the respawn would start the requirement again behind the stop."""
+    sup.start({"services": {
+        "base": py_service("import time; time.sleep(1e6)"),
+        "loop": crasher(tmp_path / "flags", {"initial": 3, "max": 100}, requires=["base"]),
+    }})
+    before = pending(sup, "loop")
+    cp = sup.herd("stop", "base", check=None)
+    assert cp.returncode == 0, cp.stderr
+    after = sup.rstatus()
+    assert after["loop"]["next-respawn"] is None and after["base"]["state"] == "stopped"
+    # past the cancelled attempt's time: nothing came back up
+    wait_until(lambda: time.time() > before["next-respawn"] + 1, 10, "the cancelled attempt's time to pass")
+    after = sup.rstatus()
+    assert (after["loop"]["state"], after["base"]["state"]) == ("stopped", "stopped"), after
