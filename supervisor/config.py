@@ -361,8 +361,9 @@ def read_service_table(t: Table, name: str, settings: Settings) -> ServiceSpec:
                 t.error(key, "does not apply to a timer (a service with \"schedule\")")
     elif spec.max_duration is not None:
         t.error("max-duration", 'applies to timers only (needs "schedule")')
-    if spec.health is not None and (spec.one_shot or spec.schedule is not None):
-        t.error("health", "applies to long-running services only (not one-shot services or timers)")
+    for key, value in (("health", spec.health), ("respawn-backoff", spec.respawn_backoff)):
+        if value is not None and (spec.one_shot or spec.schedule is not None):
+            t.error(key, "applies to long-running services only (not one-shot services or timers)")
     if spec.activation == "lazy" and not spec.sockets:
         t.error("activation", '"lazy" needs at least one entry in "sockets"')
     if spec.watchdog_sec is not None and spec.ready.type != "notify":

@@ -157,6 +157,10 @@ respawn-limit = { count = 3, seconds = 10 }
 command = ["/bin/true"]
 respawn = false
 respawn-backoff = { initial = 5, max = 1 }
+[services.c]
+command = ["/bin/true"]
+one-shot = true
+respawn-backoff = { initial = 1 }
 """)
     assert cp.returncode != 0
     for text in ("services.a.respawn-backoff.initial: must be greater than 0",
@@ -165,7 +169,8 @@ respawn-backoff = { initial = 5, max = 1 }
                  "services.a.respawn-backoff.typo: unknown key",
                  'services.a.respawn-limit: does not apply with "respawn-backoff"',
                  "services.b.respawn-backoff.max: must be at least initial (5)",
-                 "services.b.respawn-backoff: has no effect with respawn = false"):
+                 "services.b.respawn-backoff: has no effect with respawn = false",
+                 "services.c.respawn-backoff: applies to long-running services only"):
         assert text in cp.stderr + cp.stdout, text
 
 
