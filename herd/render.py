@@ -202,7 +202,8 @@ def render_service(svc: SVC, *, now: float | None = None, color: bool = False) -
     elif state == "stopped":
         stopped = style.warn("stopped")
         if svc.get("next-respawn") is not None:
-            lines.append(f"  It is {stopped}; respawning at {when(svc['next-respawn'])} "
+            left = max(0.0, float(svc["next-respawn"]) - now)
+            lines.append(f"  It is {stopped}; respawning in {left:.0f} s "
                          f"(backoff delay {float(svc.get('respawn-delay') or 0):g} s).")
         elif svc.get("one-shot"):
             lines.append(f"  It is {stopped} (one-shot).")
@@ -277,7 +278,8 @@ def render_health(health: Mapping[str, Any], when: Callable[[Any], str]) -> list
         at = f" at {when(health['last-check'])}" if health.get("last-check") else ""
         lines.append(f"Last check {health['last-result']}{at}: {_sentence(str(health.get('last-detail') or ''))}")
     if health.get("consecutive-failures"):
-        lines.append(f"Failed {health['consecutive-failures']} time(s) in a row.")
+        n = health["consecutive-failures"]
+        lines.append(f"Failed {n} time{'' if n == 1 else 's'} in a row.")
     if health.get("last-success"):
         lines.append(f"Last success: {when(health['last-success'])}.")
     return lines

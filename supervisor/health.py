@@ -141,6 +141,10 @@ def _refused_us(exc: BaseException) -> bool:
 
 
 def _os_error(exc: BaseException) -> str:
+    cause = exc.__cause__
+    if isinstance(exc, OSError) and not exc.strerror and isinstance(cause, BaseExceptionGroup) \
+            and len(cause.exceptions) == 1 and isinstance(cause.exceptions[0], OSError):
+        exc = cause.exceptions[0]  # trio's "all attempts to connect … failed": the one attempt's error
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror[0].lower() + exc.strerror[1:]
     return str(exc) or type(exc).__name__

@@ -312,7 +312,7 @@ def test_a_health_restart_goes_through_the_backoff(sup: Supervisor) -> None:
     assert "health check failed 1 time in a row" in svc["last-failure"]
     assert not pid_alive(pid)
     human = sup.herd("status", "svc", check=0).stdout
-    assert "respawning at" in human and "Last failure: health check failed 1 time in a row" in human
+    assert "respawning in " in human and "Last failure: health check failed 1 time in a row" in human
 
 
 def test_a_recorded_check_pid_that_names_another_process_is_not_killed(sup: Supervisor) -> None:
