@@ -336,3 +336,15 @@ def test_a_recorded_check_pid_that_names_another_process_is_not_killed(sup: Supe
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_health_restarts_count_towards_the_respawn_limit(sup: Supervisor) -> None:
+    sup.start({"services": {"svc": py_service(PY_SLEEP, **{
+        "respawn-limit": {"count": 1, "seconds": 600},
+        "health": {"type": "unix", "path": "/nonexistent/svc.sock", "interval": 0.3, "timeout": 1,
+                   "failures": 1}})}})
+    svc = wait_until(lambda: (s := sup.rstatus("svc"))["enabled"] is False and s, 30,
+                     "the respawn limit to disable the service")
+    assert svc["state"] == "stopped" and len(svc["respawns"]) == 1
+    assert svc["disabled-reason"].startswith("Respawning too fast: more than 1 respawns within 600 s; "
+                                             "last health check failed 1 time in a row")
