@@ -879,6 +879,8 @@ class Service:
     def _on_health(self, ok: bool, detail: str) -> None:
         h, spec = self.health, self.spec.health
         assert spec is not None
+        # the record is rewritten when something but the times changed (not at each passed check)
+        news = h.check_pid is not None or h.failures > 0 or h.last_result != ("passed" if ok else "failed")
         h.check_pid = h.check_start = None
         h.last_check, h.last_detail = time.time(), detail
         h.last_result = "passed" if ok else "failed"
@@ -887,7 +889,8 @@ class Service:
                 self.output.note(f"Health check of {self.name} passes again: {detail}.")
                 self._publish(self, self.state, self.state, f"health check passed: {detail}")
             h.failures, h.last_success = 0, h.last_check
-            self.save()
+            if news:
+                self.save()
             return
         if h.last_check - self.since < spec.start_period:
             self.output.note(f"Health check of {self.name} failed (forgiven: start period): {detail}.")
