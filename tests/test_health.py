@@ -348,3 +348,29 @@ def test_health_restarts_count_towards_the_respawn_limit(sup: Supervisor) -> Non
     assert svc["state"] == "stopped" and len(svc["respawns"]) == 1
     assert svc["disabled-reason"].startswith("Respawning too fast: more than 1 respawns within 600 s; "
                                              "last health check failed 1 time in a row")
+
+
+def test_checks_never_overlap(sup: Supervisor, tmp_path: Path) -> None:
+    """Each check takes longer than the interval: the next one still starts
+    only after it ended."""
+    trace = tmp_path / "trace"
+    code = ("import sys, time; f = open(sys.argv[1], 'a'); f.write(f'start {time.time()}\\n'); f.flush(); "
+            "time.sleep(0.4); f.write(f'end {time.time()}\\n')")
+    sup.start({"services": {"svc": py_service(PY_SLEEP, health={
+        "type": "exec", "command": [PY, "-c", code, str(trace)], "interval": 0.05, "timeout": 5})}})
+    wait_running(sup, ["svc"])
+    wait_until(lambda: trace.exists() and trace.read_text().count("end") >= 4, 30, "four checks")
+    events = [line.split() for line in trace.read_text().splitlines()]
+    kinds = [kind for kind, _ in events]
+    assert kinds[:8] == ["start", "end"] * 4, kinds
+    times = [float(t) for _, t in events[:8]]
+    assert times == sorted(times)
+
+
+def test_a_stop_kills_the_running_check_at_once(sup: Supervisor) -> None:
+    _, check, _ = with_hung_check(sup, timeout=600, failures=1)
+    cp = sup.herd("stop", "svc", check=None)
+    assert cp.returncode == 0, cp.stderr
+    # not at its 600 s timeout: with the service
+    wait_until(lambda: not any(pid_alive(p) for p in check), 10, "the check to go with the service")
+    assert sup.rstatus("svc")["state"] == "stopped"
