@@ -11,7 +11,9 @@ supervisor that re-executed or was killed is killed by the next one.
 from __future__ import annotations
 
 import pwd
+import shutil
 import socket
+import subprocess
 import time
 import tomllib
 from pathlib import Path
@@ -28,6 +30,7 @@ from helpers import (
     check_config,
     crash,
     find_pids,
+    need,
     nobody_python,
     pid_alive,
     py_service,
@@ -318,8 +321,6 @@ def test_a_health_restart_goes_through_the_backoff(sup: Supervisor) -> None:
 def test_a_recorded_check_pid_that_names_another_process_is_not_killed(sup: Supervisor) -> None:
     """The record names the running check by PID and start time: a PID
     reused by another process (or a record someone edited) kills nothing."""
-    import subprocess
-
     pid, check, _ = with_hung_check(sup, timeout=60, failures=1)
     wait_until(lambda: recorded_check(sup, "svc") in check, 10, "the check's PID in the record")
     crash(sup)
@@ -374,3 +375,48 @@ def test_a_stop_kills_the_running_check_at_once(sup: Supervisor) -> None:
     # not at its 600 s timeout: with the service
     wait_until(lambda: not any(pid_alive(p) for p in check), 10, "the check to go with the service")
     assert sup.rstatus("svc")["state"] == "stopped"
+
+
+#: A TLS server on 127.0.0.1:argv[1] (certificate argv[2], key argv[3]) that
+#: answers "pong" to "ping"; with argv[4] == "client-cert", it wants a client
+#: certificate (as Ganeti's noded does) and so refuses anonymous clients.
+PY_TLS_PONG = r"""
+import socket, ssl, sys, threading
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+if sys.argv[4] == "client-cert":
+    ctx.verify_mode = ssl.CERT_REQUIRED; ctx.load_verify_locations(sys.argv[2])
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(sys.argv[1]))); srv.listen(16)
+def serve(c):
+    try:
+        with ctx.wrap_socket(c, server_side=True) as t:
+            if t.recv(100).startswith(b"ping"):
+                t.sendall(b"pong\n")
+    except (OSError, ssl.SSLError):
+        pass
+while True:
+    threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
+"""
+
+
+def test_tls_checks_speak_through_tls_and_count_a_refusal_for_want_of_a_certificate_as_an_answer(
+        sup: Supervisor, tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        need("openssl (Debian package openssl)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost"],
+                   check=True, capture_output=True)
+    plain, picky = free_port(), free_port()
+    check = {"type": "tcp", "tls": True, "interval": 0.3, "timeout": 5, "failures": 1000}
+    sup.start({"services": {
+        "plain": py_service(PY_TLS_PONG, str(plain), str(cert), str(key), "-",
+                            health={**check, "address": f"127.0.0.1:{plain}", "send": "ping", "expect": "pong"}),
+        "picky": py_service(PY_TLS_PONG, str(picky), str(cert), str(key), "client-cert",
+                            health={**check, "address": f"127.0.0.1:{picky}"}),
+    }})
+    wait_running(sup, ["plain", "picky"])
+    ok = wait_until(lambda: (h := health_of(sup, "plain"))["last-result"] and h, 20, "a check of plain")
+    assert (ok["last-result"], ok["last-detail"]) == ("passed", "answered as expected"), ok
+    ok = wait_until(lambda: (h := health_of(sup, "picky"))["last-result"] and h, 20, "a check of picky")
+    assert ok["last-result"] == "passed", ok
