@@ -678,11 +678,13 @@ def test_a_sigstopped_libvirtd_is_restarted_by_its_health_check_and_keeps_the_gu
     xml.write_text(DOMAIN)
     libvirt = {**LOCAL, "unix-sock-dir": "/var/run/libvirt",
                "health": {"interval": 1, "timeout": 2, "failures": 2}}
-    r = drive(tmp_path, {"virtlog": {}, "libvirt": libvirt}, f"""
+    r = drive(tmp_path, {"virtlog": {"health": {"interval": 1}}, "libvirt": libvirt}, f"""
         S = out["steps"]
         herd_ok("start", "libvirtd")
         S["passing"] = wait_for(lambda: (s := status("libvirtd"))["health"]["last-result"] == "passed" and s,
                                 30, "a passing health check")
+        S["virtlogd-passing"] = wait_for(lambda: (s := status("virtlogd"))["health"]["last-result"] == "passed"
+                                         and s, 30, "virtlogd's passing health check")
         S["create"] = virsh("create", "{xml}", timeout=120)
         assert S["create"]["rc"] == 0, S["create"]
         qemu = int(open("/run/libvirt/qemu/svtest-tiny.pid").read())
@@ -710,7 +712,8 @@ def test_a_sigstopped_libvirtd_is_restarted_by_its_health_check_and_keeps_the_gu
     assert r["qemu-alive"] is True and r["qemu-start-after"] == r["qemu-start"]
     rows = [line.split() for line in r["list"]["out"].splitlines()[2:] if line.strip()]
     assert [row[1:] for row in rows] == [["svtest-tiny", "running"]]
-    assert r["virtlogd"]["state"] == "running" and r["virtlogd"]["health"]["last-result"] in (None, "passed")
+    assert r["virtlogd-passing"]["health"]["path"] == "/run/libvirt/virtlogd-sock"
+    assert r["virtlogd"]["state"] == "running" and r["virtlogd"]["pid"] == r["virtlogd-passing"]["pid"]
     assert r["destroy"]["rc"] == 0
 
 
