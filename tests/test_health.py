@@ -83,7 +83,7 @@ def with_hung_check(sup: Supervisor, *, timeout: float, failures: int) -> tuple[
         "type": "exec", "command": [PY, "-c", "import time; time.sleep(1e6)", marker],
         "interval": 0.2, "timeout": timeout, "failures": failures})}})
     pid = wait_running(sup, ["svc"])["svc"]
-    return pid, wait_until(lambda: find_pids(marker), 10, "the check to run"), marker
+    return pid, wait_until(lambda: find_pids(marker), 20, "the check to run"), marker
 
 
 def recorded_check(sup: Supervisor, name: str) -> int | None:
