@@ -108,7 +108,8 @@ def _failures(svc: SVC) -> list[float]:
 
 
 def _stopped(svc: SVC) -> bool:
-    return bool(svc.get("state", "stopped") == "stopped")
+    """Stopped, and not waiting to be respawned (that is its own section)."""
+    return bool(svc.get("state", "stopped") == "stopped") and svc.get("next-respawn") is None
 
 
 #: (header, bullet, membership test, header style) in Shepherd's order.
@@ -117,6 +118,7 @@ _SECTIONS: tuple[tuple[str, str, Callable[[SVC], bool], str], ...] = (
     ("Starting:", "^", lambda s: s.get("state") == "starting", "bold"),
     ("Stopped:", "-", lambda s: _stopped(s) and not s.get("one-shot") and not _failures(s), "bold"),
     ("Stopping:", "v", lambda s: s.get("state") == "stopping", "bold"),
+    ("Respawning:", "~", lambda s: s.get("next-respawn") is not None, "warn"),
     ("One-shot:", "*", lambda s: _stopped(s) and bool(s.get("one-shot")), "bold"),
     ("Failed to start:", "!", lambda s: _stopped(s) and bool(_failures(s)), "error"),
 )
@@ -199,7 +201,11 @@ def render_service(svc: SVC, *, now: float | None = None, color: bool = False) -
         lines.append("  It is being stopped.")
     elif state == "stopped":
         stopped = style.warn("stopped")
-        if svc.get("one-shot"):
+        if svc.get("next-respawn") is not None:
+            left = max(0.0, float(svc["next-respawn"]) - now)
+            lines.append(f"  It is {stopped}; respawning in {left:.0f} s "
+                         f"(backoff delay {float(svc.get('respawn-delay') or 0):g} s).")
+        elif svc.get("one-shot"):
             lines.append(f"  It is {stopped} (one-shot).")
         elif failures:
             lines.append(f"  It is {stopped} ({style.error('failing')}).")
@@ -243,6 +249,8 @@ def render_service(svc: SVC, *, now: float | None = None, color: bool = False) -
         lines.append(f"  Failed to start at {when(failures[-1])}.")
     if svc.get("last-failure"):
         lines.append(f"  Last failure: {_sentence(tame(svc['last-failure']))}")
+    if isinstance(svc.get("health"), Mapping):
+        lines.extend("  " + tame(line) for line in render_health(svc["health"], when))
     lines.extend("  " + line for line in render_processes(svc.get("processes")))
     if svc.get("log-file"):
         lines.append(f"  Log file: {tame(svc['log-file'])}")
@@ -259,6 +267,22 @@ def render_service(svc: SVC, *, now: float | None = None, color: bool = False) -
         lines.append("  Recent messages (use '-n' to view more or less):")
         lines.extend("    " + tame(render_logline(entry, with_service=False)) for entry in recent)
     return "\n".join(lines)
+
+
+def render_health(health: Mapping[str, Any], when: Callable[[Any], str]) -> list[str]:
+    """The health check's lines of ``herd status SERVICE``."""
+    kind = health.get("type", "?")
+    lines = [f"Health check: {kind}, every {health.get('interval', '?'):g} s."
+             if isinstance(health.get("interval"), (int, float)) else f"Health check: {kind}."]
+    if health.get("last-result"):
+        at = f" at {when(health['last-check'])}" if health.get("last-check") else ""
+        lines.append(f"Last check {health['last-result']}{at}: {_sentence(str(health.get('last-detail') or ''))}")
+    if health.get("consecutive-failures"):
+        n = health["consecutive-failures"]
+        lines.append(f"Failed {n} time{'' if n == 1 else 's'} in a row.")
+    if health.get("last-success"):
+        lines.append(f"Last success: {when(health['last-success'])}.")
+    return lines
 
 
 def _size(n: float) -> str:

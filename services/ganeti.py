@@ -31,8 +31,10 @@ from supervisor import (
     ServiceType,
     Table,
 )
+from supervisor.spec import HealthSpec
 
 from . import _ganeti_files as gfiles
+from . import _health
 from ._ganeti_settings import DAEMON_NAMES, Noded, Rapi, Settings, Wconfd, read_settings
 
 __all__ = ["DAEMONS", "FORCE_NODE_HINT", "SERVICE_TYPES", "TIMERS", "Settings", "daemon_argv", "read_settings"]
@@ -189,6 +191,19 @@ def ready_spec(settings: Settings, name: str) -> ReadySpec:
     return ReadySpec("started")
 
 
+def health_spec(settings: Settings, name: str) -> HealthSpec | None:
+    """The default health checks: noded's HTTPS port answers a TLS handshake;
+    confd answers a signed ping (docs/service-ganeti.md)."""
+    c = settings.daemon(name)
+    if name == "noded":  # with an interface, the address is the interface's: not known here
+        if c.interface is not None:
+            return None
+        address = _probe(c.address, c.port)
+        return _health.tls_port(address) if c.ssl else _health.http_port(address)
+    host, _, port = _probe(c.address, c.port).rpartition(":")
+    return _health.confd_ping(f"{DATA_DIR}/hmac.key", host.strip("[]"), int(port))
+
+
 def stay_down(name: str) -> tuple[tuple[int, str], ...]:
     exits = [(EXIT_NOT_MASTER, f"not master: ganeti-{name} runs on the master node only (exit code 11)"),
              (EXIT_NODESETUP, ("cluster configuration incomplete: this node is not (fully) part of a "
@@ -297,6 +312,7 @@ def build(t: Table, ctx: BuildContext) -> list[ServiceSpec]:
     """``[ganeti]`` → eight daemons and three timers; never raises, never writes."""
     if not t.ok:
         return []
+    health = _health.choices(t, ("noded", "confd"))  # (before read_settings finishes the table)
     s = read_settings(t)
     impl = Ganeti(s)
     socket_env = ("SUPERVISOR_SOCKET", str(ctx.settings.socket))
@@ -322,6 +338,7 @@ def build(t: Table, ctx: BuildContext) -> list[ServiceSpec]:
             environment=tuple(sorted(env)),
             clear_environment=clean,
             ready=ready_spec(s, name),
+            health=health[name](health_spec(s, name)) if name in health else None,
             actions=actions,
             prepare_hook=functools.partial(impl.prepare, name),
             details_hook=functools.partial(impl.details, name),

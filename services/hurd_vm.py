@@ -38,6 +38,7 @@ import trio
 
 from supervisor import BuildContext, Creates, ServiceSpec, ServiceType, SocketSpec, Table, chown_file, note, run_in_thread
 
+from . import _health
 from . import _secret_service as secrets
 from . import _socket_owner as owner
 
@@ -546,8 +547,10 @@ def build(tables: list[Table], ctx: BuildContext) -> list[ServiceSpec]:
     """``[[hurd-vm]]`` → one service per instance; never raises, never writes."""
     state_dir = str(ctx.settings.state_dir)
     parsed: list[tuple[Table, Settings]] = []
+    checks: dict[str, _health.Choice] = {}
     for t in tables:
         if t.ok:
+            checks[t.path] = _health.choice(t)  # (before read_settings finishes the table)
             parsed.append((t, read_settings(t, host_checks=ctx.host_checks)))
     by_id: dict[int | None, Table] = {}
     ports: dict[int, tuple[Table, str]] = {}
@@ -606,6 +609,9 @@ def build(tables: list[Table], ctx: BuildContext) -> list[ServiceSpec]:
             stop_hook=impl.stop,
             details_hook=impl.details,
             type_state=impl,
+            # the guest's SSH server, on its forward (none with net-options of one's own)
+            health=checks[t.path](_health.ssh_banner(f"127.0.0.1:{s.ssh_port}") if s.net_options is None
+                                  else None),
             parameters=(s, kvm, state_dir),
             source=t.path,
         ))

@@ -36,6 +36,7 @@ from supervisor import (
     Table,
 )
 
+from . import _health
 from . import _libvirt_conf as conf
 from ._libvirt_conf import INT_MAX, UINT_MAX, Field
 
@@ -383,6 +384,7 @@ def build(t: Table, ctx: BuildContext) -> list[ServiceSpec]:
     """``[libvirt]`` → ``libvirtd``; never raises, never writes."""
     if not t.ok:
         return []
+    health = _health.choice(t)  # (before read_settings finishes the table)
     s = read_settings(t, ctx.settings.state_dir, host_checks=ctx.host_checks)
     impl = Libvirtd(s)
     path = ":".join(dict.fromkeys([f"{s.prefix.rstrip('/')}/sbin", f"{s.prefix.rstrip('/')}/bin",
@@ -397,6 +399,7 @@ def build(t: Table, ctx: BuildContext) -> list[ServiceSpec]:
         clear_environment=True,
         kill_mode="process",
         ready=ReadySpec("notify"),
+        health=health(_health.libvirt_rpc(s.socket("-sock-ro"), _health.LIBVIRTD)),
         actions=(ActionSpec("reload", "Once libvirtd's drivers are initialized, send it SIGHUP (they reload "
                                       "guests, networks and pools; libvirtd.conf is read at start only).",
                             impl.reload),),

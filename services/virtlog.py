@@ -31,6 +31,7 @@ from supervisor import (
     Table,
 )
 
+from . import _health
 from . import _libvirt_conf as conf
 from ._libvirt_conf import UINT_MAX, Field
 
@@ -202,6 +203,7 @@ def build(t: Table, ctx: BuildContext) -> list[ServiceSpec]:
     """``[virtlog]`` → ``virtlogd``; never raises, never writes."""
     if not t.ok:
         return []
+    health = _health.choice(t)  # (before read_settings finishes the table)
     s = read_settings(t, ctx.settings.state_dir)
     impl = Virtlogd(s)
     doc = ("Make virtlogd re-execute its binary in place (SIGUSR1), keeping its clients and open logs, "
@@ -212,6 +214,7 @@ def build(t: Table, ctx: BuildContext) -> list[ServiceSpec]:
         documentation=_documentation(s),
         auto_start=s.auto_start,
         ready=ReadySpec("notify"),
+        health=health(_health.libvirt_rpc(s.socket, _health.VIRTLOGD)),
         actions=(ActionSpec("reexec", doc, impl.reexec),
                  ActionSpec("reload", "The same as reexec (virtlogd has no other way to reload).", impl.reexec)),
         prepare_hook=impl.prepare,

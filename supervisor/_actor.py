@@ -139,6 +139,25 @@ class _Overran:  # private: a timer's run exceeded max-duration
     pid: int
 
 
+@dataclass(slots=True)
+class _RespawnDue:  # private: a backoff delay is over
+    token: int
+
+
+@dataclass(slots=True)
+class _HealthResult:  # private: one health check's outcome
+    run: int  # the check loop it comes from (a loop of an earlier run is stale)
+    ok: bool
+    detail: str
+
+
+@dataclass(slots=True)
+class _HealthCheckRunning:  # private: an exec check was spawned (recorded: killed after a crash of ours)
+    run: int
+    pid: int
+    start: int | None
+
+
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from . import _proc, respawn
+from . import _proc, health, respawn
 from ._actor import State
 from .timer import timer_details
 
@@ -54,6 +54,9 @@ def record(service: Service) -> dict[str, Any]:
         "startup-failures": list(service.history.startup_failures),
         "respawn-history": service.respawn_history.to_record(time.monotonic(), time.time()),
         "type-state": type_state or None,
+        "respawn-at": service.respawn_at,
+        "respawn-wait": service.respawn_wait,
+        "health": service.health.to_record() if service.spec.health is not None else None,
     }
 
 
@@ -78,6 +81,7 @@ def restore(service: Service, record: dict[str, Any], child: _proc.Child | None)
     service.history.startup_failures.extend(record.get("startup-failures", []))
     service.respawn_history = respawn.History.from_record(record.get("respawn-history"),
                                                        time.monotonic(), time.time())
+    _restore_health(service, record)
     if service.spec.type_state is not None and isinstance(record.get("type-state"), dict):
         try:
             service.spec.type_state.from_record(record["type-state"])
@@ -105,6 +109,26 @@ def restore(service: Service, record: dict[str, Any], child: _proc.Child | None)
         service.one_shot_done = True
     if service.state is State.STOPPED and record.get("state") != State.STOPPED.value:
         service.since = time.time()  # it was up, and is not any more
+    at, wait = record.get("respawn-at"), record.get("respawn-wait")
+    if (service.state is State.STOPPED and service.enabled and service.spec.respawn_backoff is not None
+            and _number(at) and _number(wait)):
+        service.respawn_at, service.respawn_wait = float(at), float(wait)  # the actor waits out the rest
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _restore_health(service: Service, record: dict[str, Any]) -> None:
+    """The checks' results go on; an exec check the previous supervisor left
+    running (it was killed, or re-executed, mid-check) is killed."""
+    state = health.HealthState.from_record(record.get("health"))
+    if state.check_pid is not None:
+        if health.kill_check(state.check_pid, state.check_start):
+            log.info("killed a health check left running", pid=state.check_pid)
+        state.check_pid = state.check_start = None
+    if service.spec.health is not None:
+        service.health = state
 
 
 
@@ -136,6 +160,9 @@ def snapshot(service: Service, *, log_lines: int = 0) -> dict[str, Any]:
         "replacement-pending": service.pending_spec is not None,
         "timer": service.timer.to_json() if spec.schedule is not None else None,
         "documentation": spec.documentation,
+        "next-respawn": service.respawn_at,
+        "respawn-delay": service.respawn_wait,
+        "health": service.health.to_json(spec.health) if spec.health is not None else None,
     }
     if log_lines:
         out["recent-log"] = [line.to_json() for line in service.output.recent(log_lines)]

@@ -25,6 +25,7 @@ from typing import Any
 from herd.protocol import default_paths
 
 from .graph import Graph
+from .health_config import read_backoff, read_health
 from .schema import ConfigError, ConfigErrors, Table, unusable_values
 from .spec import RLIMIT_NAMES, ReadySpec, RespawnLimit, ServiceSpec, SocketSpec
 
@@ -326,6 +327,8 @@ def read_service_table(t: Table, name: str, settings: Settings) -> ServiceSpec:
         respawn=t.bool("respawn", True),
         respawn_limit=limit,
         respawn_delay=t.number("respawn-delay", 0.1, min=0),
+        respawn_backoff=read_backoff(t),
+        health=read_health(t),
         stay_down_exits=_read_stay_down(t, "stay-down-exit-codes"),
         one_shot=t.bool("one-shot", False),
         user=t.str_or_int("user"),
@@ -358,6 +361,9 @@ def read_service_table(t: Table, name: str, settings: Settings) -> ServiceSpec:
                 t.error(key, "does not apply to a timer (a service with \"schedule\")")
     elif spec.max_duration is not None:
         t.error("max-duration", 'applies to timers only (needs "schedule")')
+    for key, value in (("health", spec.health), ("respawn-backoff", spec.respawn_backoff)):
+        if value is not None and (spec.one_shot or spec.schedule is not None):
+            t.error(key, "applies to long-running services only (not one-shot services or timers)")
     if spec.activation == "lazy" and not spec.sockets:
         t.error("activation", '"lazy" needs at least one entry in "sockets"')
     if spec.watchdog_sec is not None and spec.ready.type != "notify":

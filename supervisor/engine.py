@@ -344,7 +344,8 @@ class Engine:
 
     async def _stop(self, service: Service, stopped: list[str], *, operator: bool = False) -> None:
         dependents = [self.services[d] for d in self.graph.dependents(service.name)]
-        active = [d for d in dependents if d.state is not State.STOPPED or d.one_shot_done]
+        active = [d for d in dependents if d.state is not State.STOPPED or d.one_shot_done
+                  or d.respawn_at is not None]  # a pending respawn would start this one again
         if active:
             async with trio.open_nursery() as nursery:
                 for dep in active:
@@ -441,12 +442,12 @@ class Engine:
         """Taken over in a state autostart must not change: after a re-exec,
         every service with a record is exactly as it was; after a crash, a
         completed one-shot is not run again, nor a service that exited with
-        'not needed here'."""
+        'not needed here', nor one waiting out a backoff delay (its actor respawns it)."""
         if not svc.restored:
             return False
         if self.resumed_by_reexec:
             return True
-        return svc.is_up or svc.stayed_down is not None
+        return svc.is_up or svc.stayed_down is not None or svc.respawn_at is not None
 
     def _held_down(self) -> set[str]:
         """Services stopped by an operator, and everything that requires them."""
@@ -466,7 +467,7 @@ class Engine:
                     nursery.start_soon(self._stop, svc, stopped)
         # Anything left (not reachable from a root, e.g. inside a cycle): stop directly.
         for svc in self.services.values():
-            if svc.state is not State.STOPPED:
+            if svc.state is not State.STOPPED or svc.respawn_at is not None:
                 await self._stop(svc, stopped)
         if self.cgroups is not None:
             self.cgroups.remove()

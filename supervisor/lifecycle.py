@@ -32,18 +32,21 @@ S, ST, R, SP = State.STOPPED, State.STARTING, State.RUNNING, State.STOPPING
 #: Every transition a service may make, and what causes it.
 EDGES: tuple[Edge, ...] = (
     Edge(S, ST, "`herd start`, a dependent's start, a connection on a lazy socket, autostart, "
-                "or the respawn policy after a crash"),
+                "or the respawn policy after a crash; with `respawn-backoff`, the end of the delay"),
     Edge(ST, R, "ready: the process started, READY=1, the pid file, the probe, or the ready hook"),
     Edge(ST, S, "a one-shot completed; a start failed with nothing left to stop; a stay-down exit; "
                 "a stop before the process was spawned"),
     Edge(ST, SP, "a start failed with processes left, or `herd stop` while starting"),
-    Edge(R, SP, "`herd stop` (or a dependency's stop, a reload's removal, shutdown); or the main "
-                "process exited and left others in its cgroup, which are stopped first"),
+    Edge(R, SP, "`herd stop` (or a dependency's stop, a reload's removal, shutdown); the main "
+                "process exited and left others in its cgroup, which are stopped first; or the "
+                "health check failed `failures` times in a row"),
     Edge(R, ST, "the main process exited and the respawn policy respawns it"),
-    Edge(R, S, "the main process exited: respawn off, a stay-down exit, or the respawn limit "
-               "disabled the service"),
-    Edge(SP, S, "every process of the service is gone (its cgroup is empty)"),
-    Edge(SP, ST, "what a crashed process left is gone, and the respawn policy respawns it"),
+    Edge(R, S, "the main process exited: respawn off, a stay-down exit, the respawn limit "
+               "disabled the service, or `respawn-backoff` waits out its delay (stopped)"),
+    Edge(SP, S, "every process of the service is gone (its cgroup is empty); after a crash or a "
+                "failed health check, also when `respawn-backoff` waits out its delay"),
+    Edge(SP, ST, "what a crashed process left is gone, or the service stopped for its failed health "
+                 "check, and the respawn policy respawns it"),
 )
 
 _ALLOWED = frozenset((e.source, e.target) for e in EDGES)

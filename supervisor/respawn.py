@@ -7,9 +7,10 @@ says.  Shepherd's rule is the default: respawn after `delay`, but more than
 operator enables it again.  Exits listed in `stay_down` mean "not needed
 here" (s6's permanent failure) and are never respawned.
 
-A capped exponential backoff (the delay grows per quick crash and resets
-after a long enough run) fits here as another way to compute the delay from
-the same history; see `Policy.backoff`.
+With `Policy.backoff` (the ``respawn-backoff`` key) the delay grows
+instead: `initial` × `factor` per quick crash in a row, capped at `max`,
+back to `initial` once a run lasted `reset_after`; and the limit never
+disables the service.
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ class Exit:
     time: float
     code: int | None
     signal: int | None
+    cause: str | None = None  # not an exit of its own: why the supervisor stopped it (health)
 
     def describe(self) -> str:
+        if self.cause is not None:
+            return self.cause
         if self.signal is not None:
             import signal as _signal
 
@@ -58,7 +62,7 @@ class Exit:
 
 @dataclass(frozen=True, slots=True)
 class Backoff:
-    """Capped exponential backoff (room for the health-and-backoff work)."""
+    """Capped exponential backoff: the ``respawn-backoff`` key (seconds)."""
 
     initial: float = 0.1
     factor: float = 2.0
@@ -95,7 +99,8 @@ class History:
             return wall - (now - t)
 
         return {"exits": [{"time": epoch(e.time), "code": e.code, "signal": e.signal} for e in self.exits],
-                "respawns": [epoch(t) for t in self.respawns]}
+                "respawns": [epoch(t) for t in self.respawns],
+                "started": epoch(self.started) if self.started is not None else None}
 
     @classmethod
     def from_record(cls, data: Any, now: float, wall: float) -> History:
@@ -109,6 +114,8 @@ class History:
         for t in data.get("respawns", []) or []:
             if isinstance(t, (int, float)):
                 history.respawns.append(now - (wall - float(t)))
+        if isinstance(data.get("started"), (int, float)) and not isinstance(data["started"], bool):
+            history.started = now - (wall - float(data["started"]))
         return history
 
 
@@ -123,9 +130,10 @@ def decide(policy: Policy, history: History, exit_: Exit, *, enabled: bool) -> D
         return Decision(Verdict.STOP, what)
     now = exit_.time
     if policy.backoff is not None:
-        delay = _backoff_delay(policy.backoff, history, now)
+        delay, reset = _backoff_delay(policy.backoff, history, now)
         history.respawns.append(now)
-        return Decision(Verdict.RESPAWN, f"{what}; respawning in {delay:g} s", delay)
+        again = f" (up {reset:g} s: backoff reset)" if reset is not None else ""
+        return Decision(Verdict.RESPAWN, f"{what}; respawning in {delay:g} s{again}", delay)
     n, window = policy.limit_count, policy.limit_seconds
     recent = history.respawns
     if n == 0 or (len(recent) >= n and now - recent[-n] <= window):
@@ -134,10 +142,18 @@ def decide(policy: Policy, history: History, exit_: Exit, *, enabled: bool) -> D
     return Decision(Verdict.RESPAWN, f"{what}; respawning", policy.delay)
 
 
-def _backoff_delay(b: Backoff, history: History, now: float) -> float:
+def _backoff_delay(b: Backoff, history: History, now: float) -> tuple[float, float | None]:
     """initial × factor^k, k = quick crashes in a row, capped at `max`; a run
-    that lasted `reset_after` resets k."""
+    that lasted `reset_after` resets k.  Also how long that run lasted, when
+    it reset k (None otherwise)."""
+    reset = None
     if history.started is not None and now - history.started >= b.reset_after:
+        if history.respawns:
+            reset = round(now - history.started, 1)
         history.respawns.clear()
     k = len(history.respawns)
-    return min(b.max, b.initial * (b.factor ** k))
+    try:
+        delay = b.initial * (b.factor ** k)
+    except OverflowError:
+        delay = b.max
+    return min(b.max, delay), reset

@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 import trio
 
-from . import _proc, _service_record, _sockets, lifecycle, respawn
+from . import _proc, _service_record, _sockets, health, lifecycle, respawn
 from ._containment import Containment
 from ._actor import (
     Outcome,
@@ -50,6 +50,9 @@ from ._actor import (
     _WatchdogExpired,
     _TimerArmed,
     _Overran,
+    _RespawnDue,
+    _HealthResult,
+    _HealthCheckRunning,
 )
 from ._output import CURRENT as output_token
 from ._output import LogHub, LogLine, ServiceOutput
@@ -79,7 +82,7 @@ def respawn_policy(spec: ServiceSpec) -> respawn.Policy:
     """The respawn policy a spec configures."""
     return respawn.Policy(respawn=spec.respawn, limit_count=spec.respawn_limit.count,
                           limit_seconds=spec.respawn_limit.seconds, delay=spec.respawn_delay,
-                          stay_down=dict(spec.stay_down_exits))
+                          stay_down=dict(spec.stay_down_exits), backoff=spec.respawn_backoff)
 
 
 class Service:
@@ -136,6 +139,16 @@ class Service:
         self._saved_pid: int | None = None  # the main PID in the record last written
         #: stream → where the service holds its pipe's read end (`_guard.record`)
         self.guards: dict[str, dict[str, int]] = {}
+        #: a backoff delay being waited out (stopped): when the next attempt
+        #: comes (epoch) and how long the delay is; kept in the record
+        self.respawn_at: float | None = None
+        self.respawn_wait: float | None = None
+        self._respawn_token = 0
+        self._respawn_scope: trio.CancelScope | None = None
+        self.health = health.HealthState()  # the checks' results (the actor writes them)
+        self._health_run = 0  # numbers the check loops: a result from an old one is stale
+        self._health_scope: trio.CancelScope | None = None
+        self._health_restart: str | None = None  # stopping because the checks failed: why
         self._nursery: trio.Nursery | None = None
         self._inbox_send, self._inbox = trio.open_memory_channel[Any](math.inf)
 
@@ -202,6 +215,8 @@ class Service:
                     nursery.start_soon(self._monitor, self.child)
                 if self.state is State.RUNNING:  # restored: re-arm its timer or watchdog
                     self._arm()
+                if self.respawn_at is not None:  # restored: a backoff delay still to wait out
+                    self._wait_respawn(self.respawn_at - time.time())
                 # pipes handed over by a re-exec are read again, running or not
                 self.output.resume(nursery)
                 task_status.started()
@@ -298,6 +313,7 @@ class Service:
                     self.respawn_history.clear()
                 else:
                     self.disabled_reason = "disabled by the operator"
+                    self._cancel_respawn("the service was disabled")
                 self.save()
                 self._publish(self, self.state, self.state, "enabled" if enabled else "disabled")
                 reply.set(Outcome(True, initiated=True))
@@ -336,6 +352,16 @@ class Service:
                 self.timer.armed(next_run)
             case _Overran(pid):
                 self.timer.overran(pid)
+            case _RespawnDue(token):
+                if token == self._respawn_token:
+                    self._on_respawn_due()
+            case _HealthResult(run, ok, detail):
+                if run == self._health_run and self.state is State.RUNNING:
+                    self._on_health(ok, detail)
+            case _HealthCheckRunning(run, pid, start):
+                if run == self._health_run and self.state is State.RUNNING:
+                    self.health.check_pid, self.health.check_start = pid, start
+                    self.save()
             case _:
                 raise AssertionError(f"unexpected message {msg!r}")
 
@@ -350,6 +376,13 @@ class Service:
         if new is not State.RUNNING and self._watchdog_scope is not None:
             self._watchdog_scope.cancel()
             self._watchdog_scope = None
+        if new is not State.RUNNING and self._health_scope is not None:
+            self._health_scope.cancel()
+            self._health_scope = None
+            self._health_run += 1
+            self.health.check_pid = self.health.check_start = None
+        if new is not State.STOPPED:
+            self._cancel_respawn(None)
         self.state = new
         self._changed.set()
         self._changed = trio.Event()
@@ -375,7 +408,9 @@ class Service:
             reply.set(Outcome(True))
         else:  # STOPPED  -> STARTING
             self._start_waiters.append(reply)
-            self._begin_start(reply, delay=0.0, reason="start requested")
+            pending = self.respawn_at is not None
+            self._begin_start(reply, delay=0.0, reason="start requested" + (
+                " (the pending respawn, at once)" if pending else ""))
 
     def _apply_pending_spec(self) -> None:
         """Switch to a reload's definition (only between runs: no process is up)."""
@@ -589,6 +624,7 @@ class Service:
                 pid = self.child.pid if self.child else None
                 self.output.note(f"Service {self.name} started" + (f" (PID {pid})." if pid else "."))
                 self.respawn_history.started = time.monotonic()
+                self.health.failures = 0
                 self._set_state(State.RUNNING, "started")
                 self._arm()
             self._reply_starts(Outcome(True))
@@ -623,6 +659,14 @@ class Service:
             self.timer.arm(self._nursery)
         if self.spec.watchdog_sec:
             self._nursery.start_soon(self._watchdog)
+        if self.spec.health is not None and self.spec.command is not None:
+            self._health_run += 1
+            self._health_scope = trio.CancelScope()
+            self._nursery.start_soon(self._health_checks, self._health_run, self._health_scope)
+
+    async def _health_checks(self, run: int, scope: trio.CancelScope) -> None:
+        with scope:
+            await health.run_checks(self, run)
 
     def _reply_starts(self, outcome: Outcome) -> None:
         waiters, self._start_waiters = self._start_waiters, []
@@ -640,7 +684,7 @@ class Service:
             self._pending_start = False
         if self.state is State.STOPPED:
             self.one_shot_done = False
-            reply.set(Outcome(True))
+            reply.set(Outcome(True, initiated=self._cancel_respawn("stop requested")))
             return
         if self.state is State.STOPPING:
             self._stop_waiters.append(reply)
@@ -700,6 +744,14 @@ class Service:
     def _on_stop_done(self) -> None:
         self._hook_ran = False
         crashed, self._crashed = self._crashed, None
+        unhealthy, self._health_restart = self._health_restart, None
+        if unhealthy is not None and not self._stop_waiters and not self._failing:
+            self._on_crash(None, cause=unhealthy)  # stopped for its health: respawn or not
+            if self.state is State.STARTING:
+                self._pending_start = False
+            else:
+                self._resume_pending_start()
+            return
         if crashed is not None and not self._stop_waiters and not self._failing:
             self._on_crash(crashed)  # what the crashed process left is gone: respawn or not
             if self.state is State.STARTING:
@@ -753,13 +805,16 @@ class Service:
             self._on_crash(child.status)
         # STARTING: the start worker sees it; STOPPING: the stop worker waits for it.
 
-    def _on_crash(self, status: _proc.ExitStatus) -> None:
-        """The main process exited while the service ran: ask the respawn policy."""
-        what = status.describe()
-        self.output.note(f"Service {self.name} {what}.")
-        log.info("process exited", status=what)
-        decision = respawn.decide(respawn_policy(self.spec), self.respawn_history,
-                                  respawn.Exit(time.monotonic(), status.code, status.signal), enabled=self.enabled)
+    def _on_crash(self, status: _proc.ExitStatus | None, *, cause: str | None = None) -> None:
+        """The main process exited while the service ran (or was stopped for
+        its health, `cause`): ask the respawn policy."""
+        exit_ = respawn.Exit(time.monotonic(), status.code if status else None,
+                             status.signal if status else None, cause)
+        what = exit_.describe()
+        if cause is None:
+            self.output.note(f"Service {self.name} {what}.")
+            log.info("process exited", status=what)
+        decision = respawn.decide(respawn_policy(self.spec), self.respawn_history, exit_, enabled=self.enabled)
         match decision.verdict:
             case respawn.Verdict.STAY_DOWN:
                 self.status_text = self._stayed_down = decision.reason
@@ -774,8 +829,86 @@ class Service:
                 log.warning("respawning too fast; disabled", limit=self.spec.respawn_limit.count,
                             seconds=self.spec.respawn_limit.seconds)
                 self._set_state(State.STOPPED, decision.reason)
+            case respawn.Verdict.RESPAWN if self.spec.respawn_backoff is not None:
+                # waited out stopped, where status shows it and a stop cancels it
+                self.respawn_at, self.respawn_wait = time.time() + decision.delay, decision.delay
+                self.output.note(f"Service {self.name}: respawning in {decision.delay:g} s (backoff).")
+                self._set_state(State.STOPPED, decision.reason)
+                self._wait_respawn(decision.delay)
             case respawn.Verdict.RESPAWN:
                 self._begin_start(None, delay=decision.delay, reason=decision.reason)
+
+    # -- backoff: the delay before a respawn, waited out stopped --------------------------
+
+    def _wait_respawn(self, delay: float) -> None:
+        assert self._nursery is not None
+        self._respawn_token += 1
+        self._respawn_scope = trio.CancelScope()
+        self._nursery.start_soon(self._respawn_timer, self._respawn_token, max(0.0, delay), self._respawn_scope)
+
+    async def _respawn_timer(self, token: int, delay: float, scope: trio.CancelScope) -> None:
+        with scope:
+            await trio.sleep(delay)
+            self._post(_RespawnDue(token))
+
+    def _on_respawn_due(self) -> None:
+        wait = self.respawn_wait
+        if self.respawn_at is None or self.state is not State.STOPPED:
+            return
+        self._cancel_respawn(None)
+        if self.enabled:
+            self._begin_start(None, delay=0.0, reason=f"respawn after a backoff delay of {wait:g} s")
+
+    def _cancel_respawn(self, why: str | None) -> bool:
+        """Drop the pending respawn, if any (saying `why`, with an event); True if there was one."""
+        if self.respawn_at is None:
+            return False
+        self.respawn_at = self.respawn_wait = None
+        self._respawn_token += 1
+        if self._respawn_scope is not None:
+            self._respawn_scope.cancel()
+            self._respawn_scope = None
+        if why is not None:
+            self.output.note(f"Service {self.name}: pending respawn cancelled ({why}).")
+            self.save()
+            self._publish(self, self.state, self.state, f"pending respawn cancelled: {why}")
+        return True
+
+    # -- health checks (supervisor/health.py runs them) -----------------------------------
+
+    def _on_health(self, ok: bool, detail: str) -> None:
+        h, spec = self.health, self.spec.health
+        assert spec is not None
+        # the record is rewritten when something but the times changed (not at each passed check)
+        news = h.check_pid is not None or h.failures > 0 or h.last_result != ("passed" if ok else "failed")
+        h.check_pid = h.check_start = None
+        h.last_check, h.last_detail = time.time(), detail
+        h.last_result = "passed" if ok else "failed"
+        if ok:
+            if h.failures:
+                self.output.note(f"Health check of {self.name} passes again: {detail}.")
+                self._publish(self, self.state, self.state, f"health check passed: {detail}")
+            h.failures, h.last_success = 0, h.last_check
+            if news:
+                self.save()
+            return
+        if h.last_check - self.since < spec.start_period:
+            self.output.note(f"Health check of {self.name} failed (forgiven: start period): {detail}.")
+            self.save()
+            return
+        h.failures += 1
+        self.output.note(f"Health check of {self.name} failed ({h.failures} of {spec.failures}): {detail}.")
+        self._publish(self, self.state, self.state,
+                      f"health check failed ({h.failures} of {spec.failures}): {detail}")
+        if h.failures >= spec.failures:
+            times = f"{h.failures} time{'s' if h.failures > 1 else ''}"
+            reason = f"health check failed {times} in a row: {detail}"
+            self.last_failure = reason
+            self._health_restart = reason
+            self.output.note(f"Restarting {self.name}: {reason}.")
+            log.warning("health check failed; restarting", reason=detail)
+            self._begin_stop(reason)
+        self.save()
 
     def _on_notify(self, pid: int, fields: dict[str, str]) -> None:
         if "STATUS" in fields:

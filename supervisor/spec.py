@@ -13,11 +13,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from .respawn import Backoff
+
 __all__ = [
     "KillMode",
     "ReadySpec",
     "SocketSpec",
     "RespawnLimit",
+    "Backoff",
+    "HealthSpec",
     "ActionSpec",
     "ActionContext",
     "Creates",
@@ -56,6 +60,40 @@ class RespawnLimit:
 
     count: int = 5
     seconds: float = 7.0
+
+
+HealthType = Literal["tcp", "unix", "udp", "exec"]
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSpec:
+    """A health check (the ``health`` key): run every `interval` while the
+    service runs; `failures` failed checks in a row restart it.  A failure
+    within `start_period` of a start is forgiven."""
+
+    type: HealthType
+    address: str | None = None  # tcp, udp: "host:port"
+    path: str | None = None  # unix
+    command: tuple[str, ...] | None = None  # exec: argv, never through a shell
+    send: bytes | None = None  # tcp, unix, udp: sent once connected
+    expect: bytes | None = None  # tcp, unix, udp: must appear in what comes back
+    tls: bool = False  # tcp: a TLS handshake must complete (certificate not verified)
+    interval: float = 30.0
+    timeout: float = 10.0
+    failures: int = 3
+    start_period: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type, "interval": self.interval, "timeout": self.timeout,
+                               "failures": self.failures, "start-period": self.start_period}
+        for key, value in (("address", self.address), ("path", self.path)):
+            if value is not None:
+                out[key] = value
+        if self.command is not None:
+            out["command"] = list(self.command)
+        if self.tls:
+            out["tls"] = True
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +197,9 @@ class ServiceSpec:
     respawn: bool = True
     respawn_limit: RespawnLimit = RespawnLimit()
     respawn_delay: float = 0.1
+    #: Capped exponential respawn delay; while set, the limit never disables.
+    respawn_backoff: Backoff | None = None
+    health: HealthSpec | None = None
     #: Exit codes that mean "not needed here" (s6's permanent failure): no
     #: respawn, and status says why (code → reason).
     stay_down_exits: tuple[tuple[int, str], ...] = ()

@@ -571,10 +571,21 @@ def cgroup_subtree(state_dir: Path) -> Path | None:
 
     name = "supervisor-" + hashlib.sha256(os.fsencode(os.path.realpath(state_dir))).hexdigest()[:12]
     for mount in _cgroup2_mounts():
-        for candidate in (mount / name, *mount.glob(f"*/{name}"), *mount.glob(f"*/*/{name}")):
+        for candidate in (mount / name, *_glob(mount, f"*/{name}"), *_glob(mount, f"*/*/{name}")):
             if candidate.is_dir():
                 return candidate
     return None
+
+
+def _glob(top: Path, pattern: str) -> list[Path]:
+    """`top.glob(pattern)`, again when a directory vanished while it looked
+    (another test's cgroup, removed at the same time)."""
+    for _ in range(20):
+        try:
+            return list(top.glob(pattern))
+        except FileNotFoundError:
+            continue
+    return []
 
 
 def cgroup_of(pid: int) -> str | None:

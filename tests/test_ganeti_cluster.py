@@ -31,13 +31,17 @@ RUNNING = ["noded", "confd", "wconfd", "luxid", "rapi", "mond", "metad"]
 def test_one_node_cluster_under_the_supervisor(tmp_path: Path) -> None:
     require_ganeti()
     table = {"config-directory": str(tmp_path / "etc-ganeti"),
-             "metad": {"port": 18080}}  # port 80 would need a file capability on the machine's own binary
+             "metad": {"port": 18080},  # port 80 would need a file capability on the machine's own binary
+             # the default health checks (noded: TLS on its port; confd: a signed ping), checked often here
+             "health": {"noded": {"interval": 1}, "confd": {"interval": 1}}}
     r = drive(tmp_path, table, [
         wait("noded-tried", "ganeti-noded", "startup-failures.0"),  # no certificate before init
         {"id": "init", "do": "run", "arg": INIT, "timeout": 120},
         *[wait(f"up-{d}", f"ganeti-{d}", values=["running"]) for d in RUNNING if d != "metad"],
         herd("metad", "start", "ganeti-metad"),
         wait("kvmd-down", "ganeti-kvmd", "status-text"),
+        wait("noded-healthy", "ganeti-noded", "health.last-success"),
+        wait("confd-healthy", "ganeti-confd", "health.last-success"),
         {"id": "info", "do": "run", "arg": ["gnt-cluster", "info"]},
         {"id": "nodes", "do": "run", "arg": ["gnt-node", "list", "--no-headers", "-o", "name,master_candidate"]},
         {"id": "before", "do": "status"},
@@ -61,6 +65,8 @@ def test_one_node_cluster_under_the_supervisor(tmp_path: Path) -> None:
             r.waited(f"up-{d}")
     r.ok("metad")
     assert "not needed" in r.waited("kvmd-down")  # fake hypervisor: kvmd exits 0 and stays down
+    r.waited("noded-healthy")
+    r.waited("confd-healthy")
     info = r.ok("info")["out"]
     assert "Cluster name: cluster.example.test" in info and "node1.example.test" in info.lower()
     assert r.ok("nodes")["out"].split() == ["node1.example.test", "Y"]

@@ -160,8 +160,8 @@ def test_defaults_follow_the_seed() -> None:
     ([{"qemu": "no-such-qemu-here"}],
      'hurd-vm[0].qemu: "no-such-qemu-here" is not on PATH (install qemu-system-x86 or give an absolute path)'),
     ([{"os": "hurd"}], ("hurd-vm[0].os: unknown key (known keys: auto-start, connect-retries, disk-size, "
-                        "generate-host-keys, group, handshake-timeout, id, image, kvm, memory-size, net-options, "
-                        "options, powerdown-timeout, qemu, requires, secret-root, user, vnc-display)")),
+                        "generate-host-keys, group, handshake-timeout, health, id, image, kvm, memory-size, "
+                        "net-options, options, powerdown-timeout, qemu, requires, secret-root, user, vnc-display)")),
     ([{"id": 1}, {"id": 1}],
      "hurd-vm[1].id: instance hurd-vm1 is defined twice (also at hurd-vm[0]); give each [[hurd-vm]] its own id"),
     ([{}, {"id": 5, "net-options": ["--netdev", "user,id=n,hostfwd=tcp:127.0.0.1:10022-:22"]}],
@@ -1035,3 +1035,34 @@ def test_guest_survives_a_sigkill_of_the_supervisor(sup: Supervisor, guest: Path
     # QEMU is no child of this supervisor (adopted): its exit status is unknown, but no signal ended it.
     status = sup.status("hurd-vm")
     assert status["state"] == "stopped" and status["last-exit"]["signal"] is None, status
+
+
+def test_health_check_reads_the_line_the_guest_sends_on_the_ssh_forward(sup: Supervisor, guest: Path,
+                                                                         tmp_path: Path) -> None:
+    """The childhurd's default check reads a banner on its forwarded SSH port
+    (10022). The test guest has no sshd: its port 22 sends one line per
+    installed secret, so the check here expects one of those lines."""
+    files = make_secrets(tmp_path / "secrets")
+    line = expected_report(files)[0]
+    sup.start({"hurd-vm": [vm_table(sup, guest, tmp_path / "secrets", **{"handshake-timeout": 120}, health={
+        "expect": line, "interval": 0.5, "start-period": 0})]})
+    sup.herd("start", "hurd-vm", check=True, timeout=150)
+    health = wait_until(lambda: (h := sup.rstatus("hurd-vm")["health"])["last-result"] and h, 30, "a first check")
+    assert health["type"] == "tcp" and health["address"] == "127.0.0.1:10022"
+    assert health["last-result"] == "passed" and health["last-detail"] == "answered as expected", health
+    assert health["last-success"] is not None and health["consecutive-failures"] == 0
+
+
+def test_the_default_health_check_expects_an_ssh_banner_and_can_be_switched_off() -> None:
+    from supervisor.config import parse_config
+
+    def check(**extra: Any) -> Any:
+        [spec] = parse_config({"hurd-vm": [{"kvm": False, "qemu": QEMU, **extra}]}).services
+        return spec.health
+
+    default = check()
+    assert (default.type, default.address, default.expect) == ("tcp", "127.0.0.1:10022", b"SSH-")
+    assert check(id=2).address == "127.0.0.1:12022"
+    assert check(health=False) is None
+    assert check(health={"failures": 5}).failures == 5
+    assert check(**{"net-options": ["--nic", "none"]}) is None  # no forward of ours: nothing to check

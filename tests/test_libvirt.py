@@ -353,7 +353,7 @@ OK = 'listen-tls = false\n'
                      "admin-keepalive-interval, admin-max-client-requests, admin-max-clients, "
                      "admin-max-queued-clients, admin-max-workers, admin-min-workers, audit-level, audit-logging, "
                      "auth-tcp, auth-tls, auth-unix-ro, auth-unix-rw, auto-start, ca-file, cert-file, crl-file, "
-                     "host-uuid, host-uuid-source, keepalive-count, keepalive-interval, key-file, libvirt, "
+                     "health, host-uuid, host-uuid-source, keepalive-count, keepalive-interval, key-file, libvirt, "
                      "listen-addr, listen-tcp, listen-tls, log-filters, log-level, log-outputs, max-anonymous-clients, "
                      "max-client-requests, max-clients, max-queued-clients, max-requests, max-workers, mdns-adv, "
                      "mdns-name, min-workers, ovs-timeout, prio-workers, requirement, sasl-allowed-usernames, "
@@ -666,6 +666,55 @@ def test_restart_libvirtd_keeps_a_running_guest(tmp_path: Path, real: None) -> N
     assert [row[1:] for row in rows] == [["svtest-tiny", "running"]]
     assert r["console-log"] is True  # written through virtlogd
     assert r["destroy"]["rc"] == 0 and r["qemu-gone"] is True
+
+
+def test_a_sigstopped_libvirtd_is_restarted_by_its_health_check_and_keeps_the_guest(tmp_path: Path,
+                                                                                     real: None) -> None:
+    """libvirtd's default health check (a read-only RPC on libvirt-sock-ro),
+    timed tighter here: a SIGSTOPped libvirtd (its process lives, nothing
+    answers) is restarted after `failures` failed checks; its guest keeps
+    running (kill-mode "process"), and `virsh list` works again afterwards."""
+    xml = tmp_path / "tiny.xml"
+    xml.write_text(DOMAIN)
+    libvirt = {**LOCAL, "unix-sock-dir": "/var/run/libvirt",
+               "health": {"interval": 1, "timeout": 2, "failures": 2}}
+    r = drive(tmp_path, {"virtlog": {"health": {"interval": 1}}, "libvirt": libvirt}, f"""
+        S = out["steps"]
+        herd_ok("start", "libvirtd")
+        S["passing"] = wait_for(lambda: (s := status("libvirtd"))["health"]["last-result"] == "passed" and s,
+                                30, "a passing health check")
+        S["virtlogd-passing"] = wait_for(lambda: (s := status("virtlogd"))["health"]["last-result"] == "passed"
+                                         and s, 30, "virtlogd's passing health check")
+        S["create"] = virsh("create", "{xml}", timeout=120)
+        assert S["create"]["rc"] == 0, S["create"]
+        qemu = int(open("/run/libvirt/qemu/svtest-tiny.pid").read())
+        S["qemu-start"] = open(f"/proc/{{qemu}}/stat").read().rsplit(")", 1)[1].split()[19]
+        before = status("libvirtd")
+        os.kill(before["pid"], signal.SIGSTOP)
+        S["stopped-at"] = time.time()
+        S["after"] = wait_for(lambda: (s := status("libvirtd"))["state"] == "running"
+                              and s["pid"] not in (None, before["pid"]) and s, 60, "libvirtd restarted")
+        S["restarted-at"] = time.time()
+        S["old-gone"] = not alive(before["pid"])
+        S["list"] = wait_for(lambda: (l := virsh("list"))["rc"] == 0 and "svtest-tiny" in l["out"] and l, 60,
+                             "the new libvirtd listing the guest")
+        S["qemu-alive"] = alive(qemu)
+        S["qemu-start-after"] = open(f"/proc/{{qemu}}/stat").read().rsplit(")", 1)[1].split()[19]
+        S["virtlogd"] = status("virtlogd")
+        S["destroy"] = virsh("destroy", "svtest-tiny")
+    """, setup=[["sh", "-c", "echo 'cgroup_controllers = [ ]' >> /etc/libvirt/qemu.conf"]])
+    health = r["passing"]["health"]
+    assert health["type"] == "unix" and health["path"] == "/var/run/libvirt/libvirt-sock-ro"
+    after = r["after"]
+    assert "health check failed 2 times in a row" in after["last-failure"]
+    assert r["restarted-at"] - r["stopped-at"] >= 1  # two failed checks, an interval apart
+    assert r["old-gone"] is True
+    assert r["qemu-alive"] is True and r["qemu-start-after"] == r["qemu-start"]
+    rows = [line.split() for line in r["list"]["out"].splitlines()[2:] if line.strip()]
+    assert [row[1:] for row in rows] == [["svtest-tiny", "running"]]
+    assert r["virtlogd-passing"]["health"]["path"] == "/run/libvirt/virtlogd-sock"
+    assert r["virtlogd"]["state"] == "running" and r["virtlogd"]["pid"] == r["virtlogd-passing"]["pid"]
+    assert r["destroy"]["rc"] == 0
 
 
 EXAMPLE = ROOT / "contrib" / "examples" / "vm-host.toml"

@@ -69,3 +69,27 @@ def test_backoff_grows_caps_and_resets() -> None:
     many = [decide(Policy(limit_count=1, backoff=Backoff()), h, crash(200.0 + i), enabled=True).verdict
             for i in range(10)]
     assert set(many) == {Verdict.RESPAWN}
+
+
+def test_backoff_says_when_it_started_over_and_the_run_start_is_kept_in_the_record() -> None:
+    policy, h = Policy(backoff=Backoff(initial=1, factor=3, max=100, reset_after=10)), History()
+    assert decide(policy, h, crash(0.0), enabled=True).reason == "exited with code 1; respawning in 1 s"
+    h.started = 5.0
+    d = decide(policy, h, crash(7.0), enabled=True)
+    assert (d.delay, d.reason) == (3, "exited with code 1; respawning in 3 s")
+    h.started = 8.0
+    d = decide(policy, h, crash(30.0), enabled=True)
+    assert (d.delay, d.reason) == (1, "exited with code 1; respawning in 1 s (up 22 s: backoff reset)")
+    back = History.from_record(h.to_record(now=30.0, wall=1000.0), now=500.0, wall=1000.0)
+    assert back.started == 478.0
+    # a huge factor does not overflow: the cap holds
+    big = Policy(backoff=Backoff(initial=1, factor=1e300, max=50, reset_after=10))
+    assert [decide(big, History(), crash(0.0), enabled=True).delay] == [1]
+    h2 = History()
+    assert [decide(big, h2, crash(float(i)), enabled=True).delay for i in range(4)] == [1, 50, 50, 50]
+
+
+def test_a_health_restart_is_described_by_its_cause() -> None:
+    d = decide(Policy(), History(), Exit(1.0, None, 15, "health check failed 3 times in a row: refused"),
+               enabled=True)
+    assert d.reason == "health check failed 3 times in a row: refused; respawning"
