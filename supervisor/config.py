@@ -73,6 +73,9 @@ class BuildContext:
     #: another host, so do not judge it by this one (a program on PATH, a file
     #: that must exist).  True everywhere else.
     host_checks: bool = True
+    #: The top-level tables of the file (e.g. [libvirt] brings virtlogd
+    #: along unless the file has a [virtlog] of its own).
+    tables: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,7 +438,8 @@ def parse_config(
     errors: list[ConfigError] = []
     root = Table(document, "", errors)
     settings = with_overrides(_read_settings(root.table("supervisor")), **(overrides or {}))
-    context = BuildContext(settings=settings, config_path=path, host_checks=host_checks)
+    context = BuildContext(settings=settings, config_path=path, host_checks=host_checks,
+                           tables=frozenset(document))
     specs: list[ServiceSpec] = []
 
     services = root.table("services")

@@ -53,12 +53,12 @@ class Graph:
             for req in spec.requires:
                 if req not in owner:
                     errors.append(ConfigError(
-                        f"{spec.source}.requires" if spec.source else spec.name,
+                        spec.key_path("requires") if spec.source else spec.name,
                         f"{req!r} is provided by no service",
                     ))
                 elif owner[req] is spec:
                     errors.append(ConfigError(
-                        f"{spec.source}.requires" if spec.source else spec.name,
+                        spec.key_path("requires") if spec.source else spec.name,
                         f"{spec.name!r} requires itself",
                     ))
         graph = cls(s for s in specs if owner.get(s.name) is s)

@@ -429,7 +429,7 @@ def test_no_host_checks_reaches_the_service_types(tmp_path: Path) -> None:
     """What a service type looks up on this host (a program on PATH, TLS files) is a host check too."""
     conf = tmp_path / "conf.toml"
     conf.write_text('[[hurd-vm]]\nqemu = "svt-no-such-qemu"\nkvm = false\n'
-                    '[virtlog]\n[libvirt]\nlisten-tls = true\nkey-file = "/svt/no/such/key.pem"\n')
+                    '[virtlog]\n[libvirt]\nlisten-tls = true\nlisten = true\nkey-file = "/svt/no/such/key.pem"\n')
     cp = run_supervisor("--check", "-c", str(conf), cwd=tmp_path)
     keys = [ln.split(":")[0] for ln in cp.stdout.splitlines()]
     assert cp.returncode == 1 and "hurd-vm[0].qemu" in keys and "libvirt.key-file" in keys, cp.stdout + cp.stderr
