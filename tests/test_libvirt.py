@@ -839,3 +839,39 @@ def test_seed_example_and_bare_libvirt_check_and_run_without_certificates(
     assert r["create"]["rc"] == 0, f"{r['create']}\n{r.logs()}"
     assert "svtest-tiny" in r["running"]["out"] and "running" in r["running"]["out"]
     assert r["tls"] != 0  # as in Guix: listen-tls alone opens no port
+
+
+def test_every_handed_over_socket_is_served(tmp_path: Path, real: None) -> None:
+    """libvirt 9.0 takes each socket the supervisor binds: libvirtd's read-write,
+    read-only, admin and TCP sockets, virtlogd's two; each keeps the mode (and
+    group) of the configuration, and survives a restart of its daemon."""
+    config = {"libvirt": {**LOCAL, "listen-tcp": True, "auth-tcp": "none", "listen-addr": "127.0.0.1",
+                          "tcp-port": "16599", "unix-sock-admin-perms": "0750"}}
+    r = drive(tmp_path, config, """
+        S = out["steps"]
+        herd_ok("start", "libvirtd")
+        def serves():
+            return {
+                "tcp": virsh("list", uri="test+tcp://127.0.0.1:16599/default")["rc"],
+                "ro": virsh("list", uri="test+unix:///default?socket=/run/lvtest/libvirt-sock-ro")["rc"],
+                "admin": run("virt-admin", "-c", "libvirtd+unix:///system?socket=/run/lvtest/libvirt-admin-sock",
+                             "srv-list")["rc"],
+                "virtlogd": run("virt-admin", "-c", "virtlogd+unix:///system?socket=/run/libvirt/virtlogd-admin-sock",
+                                "srv-list")["rc"],
+            }
+        S["first"] = serves()
+        S["modes"] = {p: oct(os.stat(p).st_mode & 0o777) for p in (
+            "/run/lvtest/libvirt-admin-sock", "/run/libvirt/virtlogd-sock", "/run/libvirt/virtlogd-admin-sock")}
+        inodes = [os.stat(p).st_ino for p in ("/run/lvtest/libvirt-sock", "/run/libvirt/virtlogd-sock")]
+        herd_ok("restart", "virtlogd")   # stops libvirtd first
+        herd_ok("start", "libvirtd")
+        S["again"] = wait_for(lambda: (s := serves()) == S["first"] and s, 30, "served after the restart")
+        S["same"] = inodes == [os.stat(p).st_ino for p in ("/run/lvtest/libvirt-sock", "/run/libvirt/virtlogd-sock")]
+        S["env"] = open(f"/proc/{status('libvirtd')['pid']}/environ").read().split("\\0")
+    """)
+    assert r["first"] == {"tcp": 0, "ro": 0, "admin": 0, "virtlogd": 0}, r.logs()
+    assert r["modes"] == {"/run/lvtest/libvirt-admin-sock": "0o750", "/run/libvirt/virtlogd-sock": "0o600",
+                          "/run/libvirt/virtlogd-admin-sock": "0o600"}
+    assert r["same"] is True
+    names = [e for e in r["env"] if e.startswith("LISTEN_FDNAMES=")]
+    assert names == ["LISTEN_FDNAMES=libvirtd.socket:libvirtd-ro.socket:libvirtd-admin.socket:libvirtd-tcp.socket"]
