@@ -441,6 +441,7 @@ def parse_config(
     context = BuildContext(settings=settings, config_path=path, host_checks=host_checks,
                            tables=frozenset(document))
     specs: list[ServiceSpec] = []
+    rejected: set[str] = set()
 
     services = root.table("services")
     if services is not None and services.ok:
@@ -448,6 +449,7 @@ def parse_config(
             services.seen.add(name)
             t = Table(value, services.key_path(name), errors)
             if not _check_name(errors, t.path, name) or not t.ok:
+                rejected.add(name)  # reported: a requirement of it is no second error
                 continue
             spec = read_service_table(t, name, settings)
             t.finish()
@@ -469,9 +471,11 @@ def parse_config(
         for spec in stype.build(arg, context):
             if _check_name(errors, spec.source or key, spec.name):
                 specs.append(_checked_provisions(errors, spec, typed=True))
+            else:
+                rejected.add(spec.name)
 
     _check_values(errors, document)
-    graph = Graph.build(specs, errors)
+    graph = Graph.build(specs, errors, rejected=frozenset(rejected))
     if errors:
         raise ConfigErrors(errors)
     return Config(settings=settings, services=tuple(specs), graph=graph, path=path)

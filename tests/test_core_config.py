@@ -440,3 +440,12 @@ def test_no_host_checks_reaches_the_service_types(tmp_path: Path) -> None:
         assert cp.returncode == 0, cp.stdout + cp.stderr
     assert "runs: svt-no-such-qemu " in run_supervisor("--check", "--no-host-checks", "-c", str(qemu),
                                                        cwd=tmp_path).stdout
+
+
+def test_a_requirement_on_a_rejected_service_is_no_second_error(tmp_path: Path) -> None:
+    """The loader reports a bad service once: its requirers add no follow-on error."""
+    cp = check(tmp_path, '[services."b c"]\ncommand = ["/bin/true"]\n'
+                         '[services.a]\ncommand = ["/bin/true"]\nrequires = ["b c", "nobody"]\n')
+    assert cp.returncode == 1
+    assert [ln.split(":")[0] for ln in cp.stdout.splitlines()] == ["services.b c", "services.a.requires"]
+    assert "'nobody' is provided by no service" in cp.stdout and "'b c' is provided" not in cp.stdout
