@@ -4,11 +4,14 @@ Every field of the seed's ``libvirt-configuration``, its type and default.
 Before each start the supervisor creates ``unix-sock-dir`` (and the ``libvirt``
 group when ``unix-sock-group`` names it and it is missing), then writes
 ``STATE_DIR/libvirt/libvirtd.conf`` (mode 0600, atomically) and runs
-``PREFIX/sbin/libvirtd -f CONF`` (plus ``--listen`` when ``listen-tls`` or
-``listen-tcp`` is on).  libvirtd is ready when it says so (sd_notify); a stop
-signals only libvirtd itself (``kill-mode = "process"``) so that guests keep
-running; it requires ``virtlogd``.  ``herd reload libvirtd`` sends SIGHUP once
-the drivers are initialized.
+``PREFIX/sbin/libvirtd -f CONF``.  With socket activation (the default) the
+supervisor holds libvirtd's sockets (read-write, read-only, admin; TCP and TLS
+when it listens) and hands them over; without it, ``--listen`` is passed when
+``listen`` is true (by default: ``listen-tcp``, as Guix).  libvirtd is ready
+when it says so (sd_notify); a stop signals only libvirtd itself
+(``kill-mode = "process"``) so that guests keep running; it requires
+``virtlogd``, which a ``[libvirt]`` without ``[virtlog]`` brings along.
+``herd reload libvirtd`` sends SIGHUP once the drivers are initialized.
 """
 
 from __future__ import annotations

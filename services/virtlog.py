@@ -4,7 +4,8 @@ virtlogd keeps the console logs of libvirt's guests; libvirtd's QEMU driver
 cannot start a guest without it.  Before each start the supervisor writes
 ``STATE_DIR/libvirt/virtlogd.conf`` (mode 0600, atomically) from the table and
 runs ``PREFIX/sbin/virtlogd -f CONF`` (absolute: virtlogd re-executes
-``argv[0]``).  ``herd reexec virtlogd`` (alias ``herd reload virtlogd``) sends
+``argv[0]``), handing it its two sockets (socket activation) unless
+``socket-activation = false``.  ``herd reexec virtlogd`` (alias ``herd reload virtlogd``) sends
 SIGUSR1: virtlogd re-executes its binary in place, same PID, keeping its
 clients and open logs; the action returns once it serves again.
 """
