@@ -265,6 +265,8 @@ def test_listen_exactly_when_guix_passes_it(table: dict[str, Any], listen: bool,
     addresses = {k.name: k.address for k in s.sockets()}
     if "libvirtd-tls.socket" in network:
         assert addresses["libvirtd-tls.socket"] == "0.0.0.0:16555"
+    _, _, v6 = rendered({**table, "listen-addr": "::1", "tcp-port": "ssh"})
+    assert all(k.address in ("[::1]:22", "[::1]:16514") for k in v6.sockets()[3:])  # a service name: its port
     _, _, guix = rendered({**table, "socket-activation": False})
     assert guix.sockets() == ()
     assert (guix.command[-1] == "--listen") is listen
@@ -373,6 +375,8 @@ OK = 'listen-tls = false\n'
      "a value may not contain a NUL character, and one that contains both ' and \" (or a line break) may not "
      'contain """ nor end with "'),
     ('listen-tcp = "yes"', 'libvirt.listen-tcp: expected true or false, got "yes"'),
+    ('socket-activation = 1', 'libvirt.socket-activation: expected true or false, got 1'),
+    ('listen = "tls"', 'libvirt.listen: expected true or false, got "tls"'),
     ('libvirt = "usr"', 'libvirt.libvirt: must be an absolute path (the installation prefix, e.g. "/usr"), got "usr"'),
     ('mdns = true', ("libvirt.mdns: unknown key (known keys: access-drivers, admin-keepalive-count, "
                      "admin-keepalive-interval, admin-max-client-requests, admin-max-clients, "
