@@ -888,3 +888,30 @@ def test_every_handed_over_socket_is_served(tmp_path: Path, real: None) -> None:
     assert r["same"] is True
     names = [e for e in r["env"] if e.startswith("LISTEN_FDNAMES=")]
     assert names == ["LISTEN_FDNAMES=libvirtd.socket:libvirtd-ro.socket:libvirtd-admin.socket:libvirtd-tcp.socket"]
+
+
+def test_sockets_survive_a_sigkill_of_the_supervisor(tmp_path: Path, real: None) -> None:
+    """kill -9 of the supervisor: libvirtd keeps serving on the held sockets; the
+    next supervisor takes the same sockets over (the keeper held them) and hands
+    them to the next libvirtd."""
+    r = drive(tmp_path, {"libvirt": LOCAL}, """
+        S = out["steps"]
+        uri = "qemu+unix:///system?socket=/run/lvtest/libvirt-sock"
+        herd_ok("start", "libvirtd")
+        inode = os.stat("/run/lvtest/libvirt-sock").st_ino
+        first = status("libvirtd")["pid"]
+        daemon.kill()
+        daemon.wait()
+        S["while-down"] = virsh("list", uri=uri)["rc"]
+        os.unlink(notify)
+        start_supervisor()
+        S["adopted"] = status("libvirtd")["pid"] == first
+        herd_ok("restart", "libvirtd")
+        S["new-pid"] = status("libvirtd")["pid"] != first
+        S["list"] = virsh("list", uri=uri)
+        S["same-socket"] = os.stat("/run/lvtest/libvirt-sock").st_ino == inode
+    """)
+    assert r["while-down"] == 0
+    assert r["adopted"] is True and r["new-pid"] is True
+    assert r["list"]["rc"] == 0, f"{r['list']}\n{r.logs()}"
+    assert r["same-socket"] is True
