@@ -74,7 +74,8 @@ class BuildContext:
     #: that must exist).  True everywhere else.
     host_checks: bool = True
     #: The top-level tables of the file (e.g. [libvirt] brings virtlogd
-    #: along unless the file has a [virtlog] of its own).
+    #: along unless the file has a [virtlog] of its own); a key whose value
+    #: is not a table is not one (its error is reported by itself).
     tables: frozenset[str] = frozenset()
 
 
@@ -439,7 +440,7 @@ def parse_config(
     root = Table(document, "", errors)
     settings = with_overrides(_read_settings(root.table("supervisor")), **(overrides or {}))
     context = BuildContext(settings=settings, config_path=path, host_checks=host_checks,
-                           tables=frozenset(document))
+                           tables=frozenset(k for k, v in document.items() if isinstance(v, (dict, list))))
     specs: list[ServiceSpec] = []
     rejected: set[str] = set()
 

@@ -469,6 +469,8 @@ def test_libvirt_alone_brings_virtlogd_with_its_defaults(tmp_path: Path) -> None
     config = parse_config(tomllib.loads("[libvirt]\n[virtlog]\nlog-level = 1\n"))
     vl = next(s for s in config.services if s.name == "virtlogd")
     assert "log_level = 1" in vl.parameters[1]
+    # a [virtlog] that is not a table is one error, not also "virtlogd is provided by no service"
+    assert errors_of("virtlog = 5\n[libvirt]\n") == ["virtlog: expected a table, got 5"]
     # a requirement nobody provides: the key is `requirement`
     assert errors_of('[libvirt]\nrequirement = ["nope"]\n') == [
         "libvirt.requirement: 'nope' is provided by no service"]
