@@ -561,12 +561,12 @@ def build(tables: list[Table], ctx: BuildContext) -> list[ServiceSpec]:
     """``[[hurd-vm]]`` → one service per instance; never raises, never writes."""
     state_dir = str(ctx.settings.state_dir)
     parsed: list[tuple[Table, Settings]] = []
+    wrong: list[tuple[Table, Settings]] = []
     for t in tables:
         if t.ok:
             before = len(t.errors)
             s = read_settings(t, host_checks=ctx.host_checks)
-            if len(t.errors) == before:  # a wrong instance is not compared with the others
-                parsed.append((t, s))
+            (parsed if len(t.errors) == before else wrong).append((t, s))
     by_id: dict[int | None, Table] = {}
     ports: dict[int, tuple[Table, str]] = {}
     out: list[ServiceSpec] = []
@@ -594,41 +594,55 @@ def build(tables: list[Table], ctx: BuildContext) -> list[ServiceSpec]:
             clash = True
         if clash:
             continue
-        kvm = kvm_usable(s.group, s.user) if s.kvm == "auto" else bool(s.kvm)
-        impl = HurdVM(s, state_dir, kvm)
-        disk = disk_path(s, state_dir)
-        # The readiness step may take: every connection attempt, the handshake,
-        # and the preparations (user creation, ssh-keygen, qemu-img).
-        start_timeout = s.connect_retries * 1.0 + s.handshake_timeout + 60.0
-        out.append(ServiceSpec(
-            name=s.name,
-            command=qemu_command(s, state_dir=state_dir, kvm=kvm),
-            provides=(s.alias,),
-            requires=s.requires,
-            documentation=_documentation(s, disk),
-            auto_start=s.auto_start,
-            user=s.user,
-            group=s.group,
-            environment=(("TMPDIR", "/tmp"), *((("PATH", QEMU_PATH),) if "/" not in s.qemu else ())),
-            clear_environment=True,
-            stop_signal=int(signal.SIGTERM),
-            stop_timeout=s.powerdown_timeout,
-            kill_mode="process-group",
-            start_timeout=start_timeout,
-            sockets=(SocketSpec(name="qmp", path=qmp_sock, mode=0o600),),
-            prepare_hook=impl.prepare,
-            # _ensure_accounts: the default account and group only.
-            creates=Creates(users=(s.user,) if s.user == DEFAULT_USER else (),
-                            groups=(s.group,) if s.group == DEFAULT_GROUP else ()),
-            ready_hook=impl.ready,
-            stop_hook=impl.stop,
-            details_hook=impl.details,
-            type_state=impl,
-            parameters=(s, kvm, state_dir),
-            source=t.path,
-            keys=(("command", "qemu"),),
-        ))
+        out.append(_instance_spec(t, s, state_dir))
+    # An instance with an error of its own is not compared with the others
+    # (no "defined twice" for an id = 0), and is built only under a free name,
+    # so that a service requiring it gets no second error.
+    names = {spec.name for spec in out}
+    for t, s in wrong:
+        if s.name not in names:
+            names.add(s.name)
+            out.append(_instance_spec(t, s, state_dir))
     return out
+
+
+def _instance_spec(t: Table, s: Settings, state_dir: str) -> ServiceSpec:
+    """The service of one instance."""
+    kvm = kvm_usable(s.group, s.user) if s.kvm == "auto" else bool(s.kvm)
+    impl = HurdVM(s, state_dir, kvm)
+    disk = disk_path(s, state_dir)
+    qmp_sock = qmp_path(s, state_dir)
+    # The readiness step may take: every connection attempt, the handshake,
+    # and the preparations (user creation, ssh-keygen, qemu-img).
+    start_timeout = s.connect_retries * 1.0 + s.handshake_timeout + 60.0
+    return ServiceSpec(
+        name=s.name,
+        command=qemu_command(s, state_dir=state_dir, kvm=kvm),
+        provides=(s.alias,),
+        requires=s.requires,
+        documentation=_documentation(s, disk),
+        auto_start=s.auto_start,
+        user=s.user,
+        group=s.group,
+        environment=(("TMPDIR", "/tmp"), *((("PATH", QEMU_PATH),) if "/" not in s.qemu else ())),
+        clear_environment=True,
+        stop_signal=int(signal.SIGTERM),
+        stop_timeout=s.powerdown_timeout,
+        kill_mode="process-group",
+        start_timeout=start_timeout,
+        sockets=(SocketSpec(name="qmp", path=qmp_sock, mode=0o600),),
+        prepare_hook=impl.prepare,
+        # _ensure_accounts: the default account and group only.
+        creates=Creates(users=(s.user,) if s.user == DEFAULT_USER else (),
+                        groups=(s.group,) if s.group == DEFAULT_GROUP else ()),
+        ready_hook=impl.ready,
+        stop_hook=impl.stop,
+        details_hook=impl.details,
+        type_state=impl,
+        parameters=(s, kvm, state_dir),
+        source=t.path,
+        keys=(("command", "qemu"),),
+    )
 
 
 SERVICE_TYPES = [ServiceType(

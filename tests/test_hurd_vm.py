@@ -167,6 +167,8 @@ def test_defaults_follow_the_seed() -> None:
     # a wrong id is one error: no "defined twice" beside an instance without one
     ([{"id": 0}, {}], "hurd-vm[0].id: must be at least 1, got 0"),
     ([{}, {"id": 0}], "hurd-vm[1].id: must be at least 1, got 0"),
+    # ... and what requires a wrong instance gets no "provided by no service"
+    ([{"id": 2, "memory-size": 0}, {"requires": ["hurd-vm2"]}], "hurd-vm[0].memory-size: must be at least 1, got 0"),
     ([{"image": None, "options": ["--snapshot"]}],
      "hurd-vm[0].image: QEMU would have nothing to boot: give image (the disk image to boot), or a kernel or a "
      'drive in options (e.g. ["-kernel", "/boot/vmlinuz", "-initrd", "/boot/initrd"] or '
