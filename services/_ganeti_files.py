@@ -393,7 +393,7 @@ def _read_debootstrap(t: Table) -> Debootstrap:
         arch=_str_or_false(t, "arch", None),
         suite=_str_or_false(t, "suite", "stable"),
         extra_pkgs=_words(t, "extra-pkgs", DEFAULT_EXTRA_PKGS),
-        components=_words(t, "components", ()),
+        components=() if t.raw("components", None) is False else _words(t, "components", ()),  # #f: none
         generate_cache=t.bool("generate-cache", True),
         clean_cache=_int_or_false(t, "clean-cache", 14),
         partition_style=_str_or_false(t, "partition-style", "msdos"),

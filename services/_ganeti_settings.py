@@ -41,6 +41,7 @@ class Noded:
     ssl_key: str = SERVER_PEM
     ssl_cert: str = SERVER_PEM
     debug: bool = False
+    auto_start: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,7 @@ class Confd:
     port: int = 1814
     address: str = "0.0.0.0"
     debug: bool = False
+    auto_start: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,7 @@ class Wconfd:  # also luxid's record
     ganeti: str = "/usr"
     no_voting: bool = False
     debug: bool = False
+    auto_start: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,12 +73,14 @@ class Rapi:
     ssl_key: str = RAPI_PEM
     ssl_cert: str = RAPI_PEM
     debug: bool = False
+    auto_start: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class Kvmd:
     ganeti: str = "/usr"
     debug: bool = False
+    auto_start: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +89,7 @@ class Mond:
     port: int = 1815
     address: str = "0.0.0.0"
     debug: bool = False
+    auto_start: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +98,7 @@ class Metad:
     port: int = 80
     address: str | None = None
     debug: bool = False
+    auto_start: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +158,8 @@ def _prefix(t: Table, default: str) -> str:
 
 
 def _ip(t: Table, key: str, default: str | None) -> str | None:
+    if default is None and t.raw(key, None) is False:  # the seed's #f
+        return None
     value = t.str(key, default, nonempty=True)
     if value is None or value == default:
         return value
@@ -171,6 +180,8 @@ def _path(t: Table, key: str, default: str) -> str:
 
 
 def _interface(t: Table) -> str | None:
+    if t.raw("interface", None) is False:  # the seed's #f
+        return None
     value = t.str("interface", nonempty=True)
     if value is not None and not _IFACE_RE.match(value):
         t.error("interface", f"expected a network interface name like \"eth0\", got {_q(value)}")
@@ -202,25 +213,27 @@ def _sub(t: Table, key: str) -> Table:
 def _read_daemon(name: str, t: Table, prefix: str) -> Any:
     g = _prefix(t, prefix)
     debug = t.bool("debug", False)
+    # metad is started on demand (Guix's default); the others start at boot
+    auto = {"auto_start": t.bool("auto-start", name != "metad")}
     if name in ("noded", "rapi"):
         defaults = Noded() if name == "noded" else Rapi()
         kw: dict[str, Any] = {
             "ganeti": g, "port": _port(t, defaults.port), "address": _ip(t, "address", "0.0.0.0"),
             "interface": _interface(t), "max_clients": t.int("max-clients", 20, min=1), "ssl": t.bool("ssl", True),
             "ssl_key": _path(t, "ssl-key", defaults.ssl_key), "ssl_cert": _path(t, "ssl-cert", defaults.ssl_cert),
-            "debug": debug}
+            "debug": debug, **auto}
         if name == "rapi":
             kw["require_authentication"] = t.bool("require-authentication", False)
         conf: Any = (Noded if name == "noded" else Rapi)(**kw)
     elif name in ("confd", "mond"):
         cls = Confd if name == "confd" else Mond
-        conf = cls(ganeti=g, port=_port(t, cls().port), address=_ip(t, "address", "0.0.0.0"), debug=debug)
+        conf = cls(ganeti=g, port=_port(t, cls().port), address=_ip(t, "address", "0.0.0.0"), debug=debug, **auto)
     elif name in ("wconfd", "luxid"):
-        conf = Wconfd(ganeti=g, no_voting=t.bool("no-voting", False), debug=debug)
+        conf = Wconfd(ganeti=g, no_voting=t.bool("no-voting", False), debug=debug, **auto)
     elif name == "kvmd":
-        conf = Kvmd(ganeti=g, debug=debug)
+        conf = Kvmd(ganeti=g, debug=debug, **auto)
     else:
-        conf = Metad(ganeti=g, port=_port(t, 80), address=_ip(t, "address", None), debug=debug)
+        conf = Metad(ganeti=g, port=_port(t, 80), address=_ip(t, "address", None), debug=debug, **auto)
     t.finish()
     return conf
 

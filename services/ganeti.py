@@ -330,7 +330,7 @@ def build(t: Table, ctx: BuildContext) -> list[ServiceSpec]:
             name=f"ganeti-{name}",
             command=service_command(s, name),
             documentation=DOCS[name] + f" Runs as {user}:{group}; `ensure-dirs` runs before each start.",
-            auto_start=name != "metad",
+            auto_start=s.daemon(name).auto_start,
             respawn=True,
             stay_down_exits=stay_down(name),
             user=user,

@@ -59,6 +59,11 @@ log = structlog.get_logger("services.hurd_vm")
 SECRETS_BASE, SSH_BASE, VNC_BASE = 11004, 10022, 15900
 GUEST_SECRETS_PORT, GUEST_SSH_PORT, GUEST_VNC_PORT = 1004, 22, 5900
 DEFAULT_QEMU = "qemu-system-x86_64"
+#: Where a ``qemu`` given by name is looked up when the service starts.
+QEMU_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: QEMU options that give it something to boot (with one or two dashes).
+BOOT_OPTIONS = frozenset({"kernel", "drive", "hda", "hdb", "hdc", "hdd", "cdrom", "fda", "fdb", "blockdev",
+                          "pflash", "bios", "sd", "mtdblock"})
 DEFAULT_USER, DEFAULT_GROUP = "childhurd", "kvm"
 _SIZE_RE = re.compile(r"^[1-9][0-9]*[KMGT]?$")
 _HOSTFWD_RE = re.compile(r"hostfwd=(?:tcp|udp)?:[^:,]*:([0-9]+)-")
@@ -452,20 +457,24 @@ class HurdVM:
 # -- configuration ------------------------------------------------------------------------
 
 
-def _read_qemu(t: Table, host_checks: bool) -> str:
+def _read_qemu(t: Table) -> str:
+    """An absolute path, or a program name looked up on `QEMU_PATH` when the
+    service starts (whether it is there is a host check, as for any command)."""
     value = t.str("qemu", DEFAULT_QEMU, nonempty=True)
-    if value.startswith("/"):
-        return value
-    if "/" in value:
+    if "/" in value and not value.startswith("/"):
         t.error("qemu", f"expected an absolute path or a program name on PATH, got {json.dumps(value)}")
-        return value
-    found = shutil.which(value)
-    if found is None and not host_checks:  # checked for another host: looked up there
-        return value
-    if found is None:
-        t.error("qemu", f"{json.dumps(value)} is not on PATH (install qemu-system-x86 or give an absolute path)")
-        return value
-    return found
+    return value
+
+
+def _boots(options: tuple[str, ...]) -> bool:
+    """Whether `options` give QEMU a kernel, a drive or firmware to boot."""
+    return any(o.startswith("-") and o.lstrip("-").split("=", 1)[0] in BOOT_OPTIONS for o in options)
+
+
+def _read_id(t: Table) -> int | None:
+    if t.raw("id", None) is False:  # the seed's #f: no id
+        return None
+    return t.int("id", None, min=1)
 
 
 def _read_disk_size(t: Table) -> int | str:
@@ -491,9 +500,10 @@ def _read_kvm(t: Table) -> str | bool:
 def read_settings(t: Table, *, host_checks: bool = True) -> Settings:
     """Validate one table; errors are recorded on `t`, each naming its key path.
 
-    Without `host_checks`, a `qemu` name not on PATH here is not an error.
+    `host_checks` is accepted for the service-type interface; nothing here
+    depends on the host (``qemu`` on PATH is a host check of the spec).
     """
-    id_ = t.int("id", None, min=1)
+    id_ = _read_id(t)
     image = t.str("image", None, nonempty=True)
     if image is not None and not image.startswith("/"):
         t.error("image", f"must be an absolute path, got {json.dumps(image)}")
@@ -508,7 +518,7 @@ def read_settings(t: Table, *, host_checks: bool = True) -> Settings:
     net = t.str_list("net-options", None)
     settings = Settings(
         id=id_,
-        qemu=_read_qemu(t, host_checks),
+        qemu=_read_qemu(t),
         image=image,
         disk_size=disk_size,
         memory_size=t.int("memory-size", 512, min=1),
@@ -526,6 +536,11 @@ def read_settings(t: Table, *, host_checks: bool = True) -> Settings:
         auto_start=t.bool("auto-start", True),
         requires=t.str_list("requires"),
     )
+    if (image is None and not t.has("disk-size") and isinstance(t.raw("options", []), list)
+            and not _boots(settings.options)):
+        t.error("image", "QEMU would have nothing to boot: give image (the disk image to boot), or a kernel "
+                         'or a drive in options (e.g. ["-kernel", "/boot/vmlinuz", "-initrd", "/boot/initrd"] '
+                         'or ["-drive", "file=/srv/disk.img,format=raw"])')
     t.finish()
     return settings
 
@@ -548,10 +563,13 @@ def build(tables: list[Table], ctx: BuildContext) -> list[ServiceSpec]:
     state_dir = str(ctx.settings.state_dir)
     parsed: list[tuple[Table, Settings]] = []
     checks: dict[str, _health.Choice] = {}
+    wrong: list[tuple[Table, Settings]] = []
     for t in tables:
         if t.ok:
             checks[t.path] = _health.choice(t)  # (before read_settings finishes the table)
-            parsed.append((t, read_settings(t, host_checks=ctx.host_checks)))
+            before = len(t.errors)
+            s = read_settings(t, host_checks=ctx.host_checks)
+            (parsed if len(t.errors) == before else wrong).append((t, s))
     by_id: dict[int | None, Table] = {}
     ports: dict[int, tuple[Table, str]] = {}
     out: list[ServiceSpec] = []
@@ -579,43 +597,57 @@ def build(tables: list[Table], ctx: BuildContext) -> list[ServiceSpec]:
             clash = True
         if clash:
             continue
-        kvm = kvm_usable(s.group, s.user) if s.kvm == "auto" else bool(s.kvm)
-        impl = HurdVM(s, state_dir, kvm)
-        disk = disk_path(s, state_dir)
-        # The readiness step may take: every connection attempt, the handshake,
-        # and the preparations (user creation, ssh-keygen, qemu-img).
-        start_timeout = s.connect_retries * 1.0 + s.handshake_timeout + 60.0
-        out.append(ServiceSpec(
-            name=s.name,
-            command=qemu_command(s, state_dir=state_dir, kvm=kvm),
-            provides=(s.alias,),
-            requires=s.requires,
-            documentation=_documentation(s, disk),
-            auto_start=s.auto_start,
-            user=s.user,
-            group=s.group,
-            environment=(("TMPDIR", "/tmp"),),
-            clear_environment=True,
-            stop_signal=int(signal.SIGTERM),
-            stop_timeout=s.powerdown_timeout,
-            kill_mode="process-group",
-            start_timeout=start_timeout,
-            sockets=(SocketSpec(name="qmp", path=qmp_sock, mode=0o600),),
-            prepare_hook=impl.prepare,
-            # _ensure_accounts: the default account and group only.
-            creates=Creates(users=(s.user,) if s.user == DEFAULT_USER else (),
-                            groups=(s.group,) if s.group == DEFAULT_GROUP else ()),
-            ready_hook=impl.ready,
-            stop_hook=impl.stop,
-            details_hook=impl.details,
-            type_state=impl,
-            # the guest's SSH server, on its forward (none with net-options of one's own)
-            health=checks[t.path](_health.ssh_banner(f"127.0.0.1:{s.ssh_port}") if s.net_options is None
-                                  else None),
-            parameters=(s, kvm, state_dir),
-            source=t.path,
-        ))
+        out.append(_instance_spec(t, s, state_dir, checks[t.path]))
+    # An instance with an error of its own is not compared with the others
+    # (no "defined twice" for an id = 0), and is built only under a free name,
+    # so that a service requiring it gets no second error.
+    names = {spec.name for spec in out}
+    for t, s in wrong:
+        if s.name not in names:
+            names.add(s.name)
+            out.append(_instance_spec(t, s, state_dir, checks[t.path]))
     return out
+
+
+def _instance_spec(t: Table, s: Settings, state_dir: str, health: _health.Choice) -> ServiceSpec:
+    """The service of one instance."""
+    kvm = kvm_usable(s.group, s.user) if s.kvm == "auto" else bool(s.kvm)
+    impl = HurdVM(s, state_dir, kvm)
+    disk = disk_path(s, state_dir)
+    qmp_sock = qmp_path(s, state_dir)
+    # The readiness step may take: every connection attempt, the handshake,
+    # and the preparations (user creation, ssh-keygen, qemu-img).
+    start_timeout = s.connect_retries * 1.0 + s.handshake_timeout + 60.0
+    return ServiceSpec(
+        name=s.name,
+        command=qemu_command(s, state_dir=state_dir, kvm=kvm),
+        provides=(s.alias,),
+        requires=s.requires,
+        documentation=_documentation(s, disk),
+        auto_start=s.auto_start,
+        user=s.user,
+        group=s.group,
+        environment=(("TMPDIR", "/tmp"), *((("PATH", QEMU_PATH),) if "/" not in s.qemu else ())),
+        clear_environment=True,
+        stop_signal=int(signal.SIGTERM),
+        stop_timeout=s.powerdown_timeout,
+        kill_mode="process-group",
+        start_timeout=start_timeout,
+        sockets=(SocketSpec(name="qmp", path=qmp_sock, mode=0o600),),
+        prepare_hook=impl.prepare,
+        # _ensure_accounts: the default account and group only.
+        creates=Creates(users=(s.user,) if s.user == DEFAULT_USER else (),
+                        groups=(s.group,) if s.group == DEFAULT_GROUP else ()),
+        ready_hook=impl.ready,
+        stop_hook=impl.stop,
+        details_hook=impl.details,
+        type_state=impl,
+        # the guest's SSH server, on its forward (none with net-options of one's own)
+        health=health(_health.ssh_banner(f"127.0.0.1:{s.ssh_port}") if s.net_options is None else None),
+        parameters=(s, kvm, state_dir),
+        source=t.path,
+        keys=(("command", "qemu"),),
+    )
 
 
 SERVICE_TYPES = [ServiceType(

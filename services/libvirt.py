@@ -4,11 +4,14 @@ Every field of the seed's ``libvirt-configuration``, its type and default.
 Before each start the supervisor creates ``unix-sock-dir`` (and the ``libvirt``
 group when ``unix-sock-group`` names it and it is missing), then writes
 ``STATE_DIR/libvirt/libvirtd.conf`` (mode 0600, atomically) and runs
-``PREFIX/sbin/libvirtd -f CONF`` (plus ``--listen`` when ``listen-tls`` or
-``listen-tcp`` is on).  libvirtd is ready when it says so (sd_notify); a stop
-signals only libvirtd itself (``kill-mode = "process"``) so that guests keep
-running; it requires ``virtlogd``.  ``herd reload libvirtd`` sends SIGHUP once
-the drivers are initialized.
+``PREFIX/sbin/libvirtd -f CONF``.  With socket activation (the default) the
+supervisor holds libvirtd's sockets (read-write, read-only, admin; TCP and TLS
+when it listens) and hands them over; without it, ``--listen`` is passed when
+``listen`` is true (by default: ``listen-tcp``, as Guix).  libvirtd is ready
+when it says so (sd_notify); a stop signals only libvirtd itself
+(``kill-mode = "process"``) so that guests keep running; it requires
+``virtlogd``, which a ``[libvirt]`` without ``[virtlog]`` brings along.
+``herd reload libvirtd`` sends SIGHUP once the drivers are initialized.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +37,13 @@ from supervisor import (
     ReadySpec,
     ServiceSpec,
     ServiceType,
+    SocketSpec,
     Table,
 )
 
 from . import _health
 from . import _libvirt_conf as conf
+from . import virtlog
 from ._libvirt_conf import INT_MAX, UINT_MAX, Field
 
 __all__ = ["FIELDS", "SERVICE_TYPES", "Settings", "read_settings", "render", "TLS_DEFAULTS"]
@@ -137,6 +143,11 @@ class Settings:
     requirement: tuple[str, ...] = ()
     auto_start: bool = True
     conf_path: str = ""
+    #: ``listen``: whether libvirtd opens its network sockets at all (Guix's
+    #: ``--listen``, passed when ``listen-tcp`` is true; the default here too).
+    network: bool = False
+    #: ``socket-activation``: the supervisor binds the sockets and hands them over.
+    activation: bool = True
 
     def get(self, name: str) -> Any:
         return dict(self.values)[name]
@@ -146,16 +157,55 @@ class Settings:
         return f"{self.prefix.rstrip('/')}/sbin/libvirtd"
 
     @property
+    def tls(self) -> bool:
+        """Whether libvirtd really listens with TLS (and so reads its certificates)."""
+        return self.network and bool(self.get("listen-tls"))
+
+    @property
+    def tcp(self) -> bool:
+        return self.network and bool(self.get("listen-tcp"))
+
+    @property
     def listen(self) -> bool:
-        """Whether libvirtd gets ``--listen`` (network sockets)."""
-        return bool(self.get("listen-tls") or self.get("listen-tcp"))
+        """Whether libvirtd has network sockets."""
+        return self.tls or self.tcp
 
     def socket(self, suffix: str = "") -> str:
         return os.path.join(self.get("unix-sock-dir"), f"libvirt{suffix}")
 
     @property
     def command(self) -> tuple[str, ...]:
-        return (self.binary, "-f", self.conf_path, *(("--listen",) if self.listen else ()))
+        # libvirtd refuses --listen beside activation sockets
+        flag = self.network and not self.activation
+        return (self.binary, "-f", self.conf_path, *(("--listen",) if flag else ()))
+
+    def sockets(self) -> tuple[SocketSpec, ...]:
+        """With socket activation: the sockets, named as libvirt's systemd units name them.
+
+        The Unix sockets get their modes here; their group is set before each
+        start (`Libvirtd.prepare`), once the group surely exists.
+        """
+        if not self.activation:
+            return ()
+        queued = max(1, self.get("max-queued-clients"))
+        out = [SocketSpec("libvirtd.socket", path=self.socket("-sock"),
+                          mode=int(self.get("unix-sock-rw-perms"), 8), backlog=queued),
+               SocketSpec("libvirtd-ro.socket", path=self.socket("-sock-ro"),
+                          mode=int(self.get("unix-sock-ro-perms"), 8), backlog=queued),
+               SocketSpec("libvirtd-admin.socket", path=self.socket("-admin-sock"),
+                          mode=int(self.get("unix-sock-admin-perms"), 8),
+                          backlog=max(1, self.get("admin-max-queued-clients")))]
+        for kind, on, port in (("tcp", self.tcp, "tcp-port"), ("tls", self.tls, "tls-port")):
+            if on:
+                out.append(SocketSpec(f"libvirtd-{kind}.socket", backlog=queued,
+                                      address=_host_port(self.get("listen-addr"), self.get(port))))
+        return tuple(out)
+
+
+def _host_port(host: str, port: str) -> str:
+    """``host:port`` for the supervisor's TCP socket (a service name → its number)."""
+    number = int(port) if port.isdigit() else socket.getservbyname(port, "tcp")
+    return f"[{host}]:{number}" if ":" in host else f"{host}:{number}"
 
 
 # -- validation beyond the field kinds ---------------------------------------------------------
@@ -208,9 +258,9 @@ def _check_machine_id(t: Table, values: dict[str, Any]) -> None:
         t.error("host-uuid-source", f'"machine-id": {MACHINE_ID} does not hold a valid UUID')
 
 
-def _check_tls_files(t: Table, values: dict[str, Any]) -> None:
-    """With listen-tls on, libvirtd exits at start unless its key, certificate and CA exist."""
-    if not values["listen-tls"]:
+def _check_tls_files(t: Table, values: dict[str, Any], network: bool) -> None:
+    """When libvirtd listens with TLS, it exits at start unless its key, certificate and CA exist."""
+    if not (network and values["listen-tls"]):
         return
     for key in ("key-file", "cert-file", "ca-file", "crl-file"):
         named = values[key]
@@ -221,8 +271,9 @@ def _check_tls_files(t: Table, values: dict[str, Any]) -> None:
             os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
             whose = "" if named else f' (libvirtd\'s default when {key} is "")'
-            t.error(key, f"listen-tls is true, but the {TLS_WHAT[key]} {path}{whose} does not exist; "
-                         "create it, name another file, or set listen-tls = false")
+            t.error(key, f"libvirtd listens with TLS (listen-tls and listen are true), but the "
+                         f"{TLS_WHAT[key]} {path}{whose} does not exist; create it, name another "
+                         "file, or set listen-tls = false")
         except OSError:
             pass  # e.g. not readable by this user (supervisor --check as non-root): libvirtd runs as root
 
@@ -244,6 +295,8 @@ def read_settings(t: Table, state_dir: Path, mdns_default: str | None = None, *,
             t.error(f"requirement[{i}]", "must name another service (libvirtd always requires virtlogd)"
                     if name else "must not be empty")
     auto_start = t.bool("auto-start", True)
+    network = t.bool("listen", values["listen-tcp"])
+    activation = t.bool("socket-activation", True)
     t.finish()
     _check_host_uuid(t, values["host-uuid"])
     sock_dir = values["unix-sock-dir"]
@@ -252,11 +305,13 @@ def read_settings(t: Table, state_dir: Path, mdns_default: str | None = None, *,
                                  f"{sock_dir.rstrip('/')}/libvirt-admin-sock must fit in {_SUN_PATH_MAX} bytes")
     if host_checks:
         _check_machine_id(t, values)
-        _check_tls_files(t, values)
+        # a wrong listen flag is reported as itself: no certificate errors follow from it
+        if all(isinstance(t.raw(k, False), bool) for k in ("listen-tls", "listen-tcp", "listen")):
+            _check_tls_files(t, values, network)
     path = Path(os.path.abspath(state_dir)) / "libvirt" / "libvirtd.conf"
     return Settings(values=tuple(values.items()), mdns_default=mdns_default, prefix=prefix,
                     requirement=tuple(n for n in requirement if n and n != "virtlogd"),
-                    auto_start=auto_start, conf_path=str(path))
+                    auto_start=auto_start, conf_path=str(path), network=network, activation=activation)
 
 
 def render(s: Settings) -> str:
@@ -300,6 +355,21 @@ async def ensure_group(name: str) -> None:
                            + (f": {err}" if err else "")) from None
 
 
+def _group_sockets(spec: ServiceSpec, group: str) -> None:
+    """Give the supervisor's Unix sockets (socket activation) the socket group,
+    as libvirtd does to the sockets it binds itself.  Only socket files are
+    touched, never through a symlink."""
+    gid = int(group) if group.isascii() and group.isdigit() else grp.getgrnam(group).gr_gid
+    for sock in spec.sockets:
+        if sock.path is None:
+            continue
+        try:
+            if stat.S_ISSOCK(os.lstat(sock.path).st_mode):
+                os.chown(sock.path, -1, gid, follow_symlinks=False)
+        except FileNotFoundError:
+            pass  # not bound: the start fails with the supervisor's reason
+
+
 class Libvirtd:
     """Hooks and actions of one ``[libvirt]`` configuration."""
 
@@ -310,6 +380,7 @@ class Libvirtd:
         """Before each start: the group, the socket directory, log directories, the file."""
         s = self.settings
         await ensure_group(s.get("unix-sock-group"))
+        _group_sockets(spec, s.get("unix-sock-group"))
         conf.make_dirs([s.get("unix-sock-dir"),
                         *(os.path.dirname(p) for p in conf.file_outputs(s.get("log-outputs")))])
         conf.write_private(Path(s.conf_path), render(s))
@@ -342,28 +413,31 @@ class Libvirtd:
 
     def details(self, spec: ServiceSpec) -> dict[str, Any]:
         s = self.settings
-        if s.listen:
-            nets = []
-            if s.get("listen-tls"):
-                nets.append(f"TLS on {s.get('listen-addr')}:{s.get('tls-port')}")
-            if s.get("listen-tcp"):
-                nets.append(f"TCP on {s.get('listen-addr')}:{s.get('tcp-port')}")
-            listening = ", ".join(nets)
-        else:
-            listening = "Unix sockets only"
         return {
             "config-file": s.conf_path,
             "sockets": [s.socket("-sock"), s.socket("-sock-ro"), s.socket("-admin-sock")],
             "socket-group": s.get("unix-sock-group"),
-            "network": listening,
+            "socket-activation": s.activation,
+            "network": _network(s),
         }
 
 
+def _network(s: Settings) -> str:
+    nets = [f"{kind} on {s.get('listen-addr')}:{s.get(port)}"
+            for kind, on, port in (("TLS", s.tls, "tls-port"), ("TCP", s.tcp, "tcp-port")) if on]
+    return ", ".join(nets) or "Unix sockets only"
+
+
 def _documentation(s: Settings) -> str:
-    net = ("network sockets (--listen): " + ", ".join(
-        f"{kind} on {s.get('listen-addr')}:{s.get(port)}"
-        for kind, flag, port in (("TLS", "listen-tls", "tls-port"), ("TCP", "listen-tcp", "tcp-port"))
-        if s.get(flag))) if s.listen else "no network sockets (listen-tls and listen-tcp are false)"
+    if s.listen:
+        net = "network sockets: " + _network(s)
+    elif s.network:
+        net = "no network sockets (listen-tls and listen-tcp are false)"
+    else:
+        net = "no network sockets (listen is false; it defaults to listen-tcp, as in Guix)"
+    how = ("The supervisor binds these sockets and hands them over (socket activation): clients wait, "
+           "instead of being refused, while libvirtd restarts." if s.activation
+           else "libvirtd binds these sockets itself (socket-activation = false).")
     return (
         "Run the libvirt daemon (libvirtd), which manages virtual machines.\n"
         f"Command: {' '.join(s.command)}\n"
@@ -371,7 +445,7 @@ def _documentation(s: Settings) -> str:
         f"Sockets: {s.socket('-sock')} (read-write, {s.get('unix-sock-rw-perms')}, group "
         f"{s.get('unix-sock-group')}, auth {s.get('auth-unix-rw')}), {s.socket('-sock-ro')} (read-only, "
         f"{s.get('unix-sock-ro-perms')}, auth {s.get('auth-unix-ro')}), {s.socket('-admin-sock')} (admin, "
-        f"{s.get('unix-sock-admin-perms')}); {net}.\n"
+        f"{s.get('unix-sock-admin-perms')}); {net}. {how}\n"
         "Requires virtlogd (the QEMU driver cannot start a guest without it). Ready when libvirtd "
         "says so (sd_notify). Stop and restart signal libvirtd only, so running guests keep running "
         "and the next libvirtd reconnects to them.\n"
@@ -381,7 +455,8 @@ def _documentation(s: Settings) -> str:
 
 
 def build(t: Table, ctx: BuildContext) -> list[ServiceSpec]:
-    """``[libvirt]`` → ``libvirtd``; never raises, never writes."""
+    """``[libvirt]`` → ``libvirtd``, and ``virtlogd`` with its defaults when the
+    file has no ``[virtlog]`` of its own; never raises, never writes."""
     if not t.ok:
         return []
     health = _health.choice(t)  # (before read_settings finishes the table)
@@ -389,6 +464,7 @@ def build(t: Table, ctx: BuildContext) -> list[ServiceSpec]:
     impl = Libvirtd(s)
     path = ":".join(dict.fromkeys([f"{s.prefix.rstrip('/')}/sbin", f"{s.prefix.rstrip('/')}/bin",
                                    "/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]))
+    implied = [] if "virtlog" in ctx.tables else virtlog.implied(s.prefix, ctx)
     return [ServiceSpec(
         name="libvirtd",
         command=s.command,
@@ -400,6 +476,7 @@ def build(t: Table, ctx: BuildContext) -> list[ServiceSpec]:
         kill_mode="process",
         ready=ReadySpec("notify"),
         health=health(_health.libvirt_rpc(s.socket("-sock-ro"), _health.LIBVIRTD)),
+        sockets=s.sockets(),
         actions=(ActionSpec("reload", "Once libvirtd's drivers are initialized, send it SIGHUP (they reload "
                                       "guests, networks and pools; libvirtd.conf is read at start only).",
                             impl.reload),),
@@ -407,7 +484,8 @@ def build(t: Table, ctx: BuildContext) -> list[ServiceSpec]:
         details_hook=impl.details,
         parameters=(s, render(s)),
         source=t.path,
-    )]
+        keys=(("command", "libvirt"), ("requires", "requirement")),
+    ), *implied]
 
 
 SERVICE_TYPES = [ServiceType(

@@ -361,11 +361,28 @@ def _read_platforms(t: Table) -> tuple[Platform, ...]:
     return tuple(out)
 
 
+def _read_directory(t: Table) -> str:
+    """``interpreter-directory``, or Guix's ``qemu`` (where QEMU is installed: the
+    interpreters are ``QEMU/bin/qemu-NAME-static``); not both."""
+    t.raw("qemu")  # a known key, even when absent
+    if t.has("qemu") and t.has("interpreter-directory"):
+        t.raw("interpreter-directory")
+        t.error("qemu", "give either qemu (QEMU's installation prefix; the interpreters are in its bin/) "
+                        "or interpreter-directory, not both")
+        return "/usr/bin"
+    if t.has("qemu"):
+        prefix = t.str("qemu", "/usr", nonempty=True)
+        _check_path(t, "qemu", prefix)
+        return f"{prefix.rstrip('/')}/bin"
+    directory = t.str("interpreter-directory", "/usr/bin", nonempty=True)
+    _check_path(t, "interpreter-directory", directory)
+    return directory
+
+
 def read_settings(t: Table) -> Settings:
     """Validate the table; errors are recorded on `t`, each naming its key path."""
     platforms = _read_platforms(t)
-    directory = t.str("interpreter-directory", "/usr/bin", nonempty=True)
-    _check_path(t, "interpreter-directory", directory)
+    directory = _read_directory(t)
     suffix = t.str("interpreter-suffix", "-static")
     if any(c in suffix for c in "/:\n\0"):
         t.error("interpreter-suffix", f"must not contain '/', ':', a newline or NUL, got {json.dumps(suffix)}")

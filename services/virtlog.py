@@ -4,7 +4,8 @@ virtlogd keeps the console logs of libvirt's guests; libvirtd's QEMU driver
 cannot start a guest without it.  Before each start the supervisor writes
 ``STATE_DIR/libvirt/virtlogd.conf`` (mode 0600, atomically) from the table and
 runs ``PREFIX/sbin/virtlogd -f CONF`` (absolute: virtlogd re-executes
-``argv[0]``).  ``herd reexec virtlogd`` (alias ``herd reload virtlogd``) sends
+``argv[0]``), handing it its two sockets (socket activation) unless
+``socket-activation = false``.  ``herd reexec virtlogd`` (alias ``herd reload virtlogd``) sends
 SIGUSR1: virtlogd re-executes its binary in place, same PID, keeping its
 clients and open logs; the action returns once it serves again.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from supervisor import (
     ReadySpec,
     ServiceSpec,
     ServiceType,
+    SocketSpec,
     Table,
 )
 
@@ -66,6 +68,8 @@ class Settings:
     prefix: str = "/usr"
     auto_start: bool = True
     conf_path: str = ""
+    #: ``socket-activation``: the supervisor binds virtlogd's sockets and hands them over.
+    activation: bool = True
 
     def get(self, name: str) -> Any:
         return dict(self.values)[name]
@@ -77,6 +81,17 @@ class Settings:
     @property
     def socket(self) -> str:
         return os.path.join(runtime_dir(), "virtlogd-sock")
+
+    @property
+    def admin_socket(self) -> str:
+        return os.path.join(runtime_dir(), "virtlogd-admin-sock")
+
+    def sockets(self) -> tuple[SocketSpec, ...]:
+        """With socket activation: virtlogd's two sockets, mode 0600 as libvirt's units have them."""
+        if not self.activation:
+            return ()
+        return (SocketSpec("virtlogd.socket", path=self.socket, mode=0o600),
+                SocketSpec("virtlogd-admin.socket", path=self.admin_socket, mode=0o600))
 
     @property
     def restart_state(self) -> str:
@@ -91,9 +106,11 @@ def read_settings(t: Table, state_dir: Path) -> Settings:
     prefix = t.str("libvirt", "/usr", nonempty=True)
     conf.check_prefix(t, "libvirt", prefix)
     auto_start = t.bool("auto-start", True)
+    activation = t.bool("socket-activation", True)
     t.finish()
     path = Path(os.path.abspath(state_dir)) / "libvirt" / "virtlogd.conf"
-    return Settings(values=tuple(values.items()), prefix=prefix, auto_start=auto_start, conf_path=str(path))
+    return Settings(values=tuple(values.items()), prefix=prefix, auto_start=auto_start, conf_path=str(path),
+                    activation=activation)
 
 
 def render(s: Settings) -> str:
@@ -192,7 +209,10 @@ def _documentation(s: Settings) -> str:
         f"start: log_level = {s.get('log-level')}, log_outputs = \"{s.get('log-outputs')}\", "
         f"max_clients = {s.get('max-clients')}, max_size = {s.get('max-size')}, "
         f"max_backups = {s.get('max-backups')}.\n"
-        f"Socket: {s.socket} (libvirt fixes it for root). Ready when virtlogd says so (sd_notify).\n"
+        f"Socket: {s.socket} (libvirt fixes it for root)"
+        + ("; bound by the supervisor and handed over (socket activation), so clients wait instead of "
+           "being refused while virtlogd restarts" if s.activation else "")
+        + ". Ready when virtlogd says so (sd_notify).\n"
         "`herd reexec virtlogd` (or `herd reload virtlogd`) makes virtlogd re-execute its binary in "
         "place (SIGUSR1), e.g. after an upgrade: same PID, clients and open logs kept; the action "
         "returns once it answers on its socket again, and `herd status virtlogd` shows when."
@@ -204,25 +224,41 @@ def build(t: Table, ctx: BuildContext) -> list[ServiceSpec]:
     if not t.ok:
         return []
     health = _health.choice(t)  # (before read_settings finishes the table)
-    s = read_settings(t, ctx.settings.state_dir)
+    return [_spec(read_settings(t, ctx.settings.state_dir), t.path, health)]
+
+
+def implied(prefix: str, ctx: BuildContext) -> list[ServiceSpec]:
+    """``virtlogd`` with the seed's defaults, for a ``[libvirt]`` without ``[virtlog]``
+    (libvirtd's QEMU driver needs it); it runs from libvirt's `prefix`, and its
+    errors name ``[libvirt]``'s keys."""
+    s = read_settings(Table({}, "virtlog", []), ctx.settings.state_dir)
+    spec = _spec(replace(s, prefix=prefix), "libvirt", lambda default: default)
+    return [replace(spec, documentation=spec.documentation + "\nBrought along by [libvirt] with the defaults "
+                                                            "of [virtlog]; add a [virtlog] table to configure it.",
+                    keys=(("command", "libvirt"),))]
+
+
+def _spec(s: Settings, source: str, health: _health.Choice) -> ServiceSpec:
     impl = Virtlogd(s)
     doc = ("Make virtlogd re-execute its binary in place (SIGUSR1), keeping its clients and open logs, "
            "and wait until it serves again; the PID stays the same.")
-    return [ServiceSpec(
+    return ServiceSpec(
         name="virtlogd",
         command=(s.binary, "-f", s.conf_path),
         documentation=_documentation(s),
         auto_start=s.auto_start,
         ready=ReadySpec("notify"),
         health=health(_health.libvirt_rpc(s.socket, _health.VIRTLOGD)),
+        sockets=s.sockets(),
         actions=(ActionSpec("reexec", doc, impl.reexec),
                  ActionSpec("reload", "The same as reexec (virtlogd has no other way to reload).", impl.reexec)),
         prepare_hook=impl.prepare,
         details_hook=impl.details,
         type_state=impl,
         parameters=(s, render(s)),
-        source=t.path,
-    )]
+        source=source,
+        keys=(("command", "libvirt"),),
+    )
 
 
 SERVICE_TYPES = [ServiceType(

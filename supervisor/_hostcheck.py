@@ -85,7 +85,7 @@ def _check_service(spec: ServiceSpec) -> Iterator[Finding]:
     whose = "" if base == f"services.{spec.name}" else f" (service {spec.name})"
 
     def finding(key: str, message: str, warning: bool = False) -> Finding:
-        return Finding(f"{base}.{key}", spec.name, message + whose, warning)
+        return Finding(spec.key_path(key), spec.name, message + whose, warning)
 
     pw = None
     if spec.user is not None:

@@ -74,6 +74,10 @@ class BuildContext:
     #: another host, so do not judge it by this one (a program on PATH, a file
     #: that must exist).  True everywhere else.
     host_checks: bool = True
+    #: The top-level tables of the file (e.g. [libvirt] brings virtlogd
+    #: along unless the file has a [virtlog] of its own); a key whose value
+    #: is not a table is not one (its error is reported by itself).
+    tables: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,8 +445,10 @@ def parse_config(
     errors: list[ConfigError] = []
     root = Table(document, "", errors)
     settings = with_overrides(_read_settings(root.table("supervisor")), **(overrides or {}))
-    context = BuildContext(settings=settings, config_path=path, host_checks=host_checks)
+    context = BuildContext(settings=settings, config_path=path, host_checks=host_checks,
+                           tables=frozenset(k for k, v in document.items() if isinstance(v, (dict, list))))
     specs: list[ServiceSpec] = []
+    rejected: set[str] = set()
 
     services = root.table("services")
     if services is not None and services.ok:
@@ -450,6 +456,7 @@ def parse_config(
             services.seen.add(name)
             t = Table(value, services.key_path(name), errors)
             if not _check_name(errors, t.path, name) or not t.ok:
+                rejected.add(name)  # reported: a requirement of it is no second error
                 continue
             spec = read_service_table(t, name, settings)
             t.finish()
@@ -471,9 +478,11 @@ def parse_config(
         for spec in stype.build(arg, context):
             if _check_name(errors, spec.source or key, spec.name):
                 specs.append(_checked_provisions(errors, spec, typed=True))
+            else:
+                rejected.add(spec.name)
 
     _check_values(errors, document)
-    graph = Graph.build(specs, errors)
+    graph = Graph.build(specs, errors, rejected=frozenset(rejected))
     if errors:
         raise ConfigErrors(errors)
     return Config(settings=settings, services=tuple(specs), graph=graph, path=path)

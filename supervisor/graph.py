@@ -35,8 +35,12 @@ class Graph:
                 self._dependents[req].append(spec.name)
 
     @classmethod
-    def build(cls, specs: Sequence[ServiceSpec], errors: list[ConfigError]) -> Graph:
-        """Validate provisions, requirements and cycles, recording errors."""
+    def build(cls, specs: Sequence[ServiceSpec], errors: list[ConfigError],
+              rejected: frozenset[str] = frozenset()) -> Graph:
+        """Validate provisions, requirements and cycles, recording errors.
+
+        A requirement on a `rejected` name (a service whose own error is
+        reported already) is not reported again."""
         owner: dict[str, ServiceSpec] = {}
         for spec in specs:
             for name in spec.names:
@@ -51,14 +55,16 @@ class Graph:
                     owner[name] = spec
         for spec in specs:
             for req in spec.requires:
+                if req in rejected:
+                    continue
                 if req not in owner:
                     errors.append(ConfigError(
-                        f"{spec.source}.requires" if spec.source else spec.name,
+                        spec.key_path("requires") if spec.source else spec.name,
                         f"{req!r} is provided by no service",
                     ))
                 elif owner[req] is spec:
                     errors.append(ConfigError(
-                        f"{spec.source}.requires" if spec.source else spec.name,
+                        spec.key_path("requires") if spec.source else spec.name,
                         f"{spec.name!r} requires itself",
                     ))
         graph = cls(s for s in specs if owner.get(s.name) is s)

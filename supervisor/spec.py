@@ -249,6 +249,15 @@ class ServiceSpec:
     parameters: Any = None
     #: Where the spec came from, for error messages ("services.web", "libvirt").
     source: str = ""
+    #: A service type's own names for the generic keys that errors name
+    #: ("command", "requires"): e.g. (("requires", "requirement"),), so that an
+    #: error names a key the user's table really has (`key_path`).
+    keys: tuple[tuple[str, str], ...] = ()
+
+    def key_path(self, key: str) -> str:
+        """The TOML key path an error about the generic `key` names."""
+        base = self.source or f"services.{self.name}"
+        return f"{base}.{dict(self.keys).get(key, key)}"
 
     @property
     def names(self) -> tuple[str, ...]:

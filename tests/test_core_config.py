@@ -402,8 +402,9 @@ def test_check_warns_when_the_service_user_may_not_run_the_command(tmp_path: Pat
 def test_hurd_vm_accounts_it_creates_are_not_host_problems(tmp_path: Path) -> None:
     """[[hurd-vm]] creates its childhurd account at start: not missing, even where it is."""
     qemu = shutil.which("qemu-system-x86_64") or "/bin/true"
-    cp = check(tmp_path, f'[[hurd-vm]]\nqemu = "{qemu}"\nkvm = false\nuser = "childhurd"\n'
-                         f'[[hurd-vm]]\nid = 1\nqemu = "{qemu}"\nkvm = false\nuser = "svt-no-such-user"\n')
+    cp = check(tmp_path, f'[[hurd-vm]]\nqemu = "{qemu}"\nkvm = false\nuser = "childhurd"\nimage = "/i"\n'
+                         f'[[hurd-vm]]\nid = 1\nqemu = "{qemu}"\nkvm = false\nuser = "svt-no-such-user"\n'
+                         'image = "/i"\n')
     out = cp.stdout + cp.stderr
     assert cp.returncode == 1, out  # only the default account is created
     assert [ln.split(":")[0] for ln in cp.stdout.splitlines() if ":" in ln and not ln.startswith(" ")] == \
@@ -427,12 +428,24 @@ def test_daemon_warns_at_load_and_fails_the_start(sup: Supervisor, tmp_path: Pat
 
 def test_no_host_checks_reaches_the_service_types(tmp_path: Path) -> None:
     """What a service type looks up on this host (a program on PATH, TLS files) is a host check too."""
-    conf = tmp_path / "conf.toml"
-    conf.write_text('[[hurd-vm]]\nqemu = "svt-no-such-qemu"\nkvm = false\n'
-                    '[virtlog]\n[libvirt]\nlisten-tls = true\nkey-file = "/svt/no/such/key.pem"\n')
-    cp = run_supervisor("--check", "-c", str(conf), cwd=tmp_path)
-    keys = [ln.split(":")[0] for ln in cp.stdout.splitlines()]
-    assert cp.returncode == 1 and "hurd-vm[0].qemu" in keys and "libvirt.key-file" in keys, cp.stdout + cp.stderr
-    cp = run_supervisor("--check", "--no-host-checks", "-c", str(conf), cwd=tmp_path)
-    assert cp.returncode == 0, cp.stdout + cp.stderr
-    assert "runs: svt-no-such-qemu " in cp.stdout, cp.stdout
+    qemu = tmp_path / "qemu.toml"
+    qemu.write_text('[[hurd-vm]]\nqemu = "svt-no-such-qemu"\nkvm = false\nimage = "/srv/h.img"\n')
+    tls = tmp_path / "tls.toml"
+    tls.write_text('[libvirt]\nlisten-tls = true\nlisten = true\nkey-file = "/svt/no/such/key.pem"\n')
+    for conf, key in ((qemu, "hurd-vm[0].qemu"), (tls, "libvirt.key-file")):
+        cp = run_supervisor("--check", "-c", str(conf), cwd=tmp_path)
+        keys = [ln.split(":")[0] for ln in cp.stdout.splitlines()]
+        assert cp.returncode == 1 and key in keys, cp.stdout + cp.stderr
+        cp = run_supervisor("--check", "--no-host-checks", "-c", str(conf), cwd=tmp_path)
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert "runs: svt-no-such-qemu " in run_supervisor("--check", "--no-host-checks", "-c", str(qemu),
+                                                       cwd=tmp_path).stdout
+
+
+def test_a_requirement_on_a_rejected_service_is_no_second_error(tmp_path: Path) -> None:
+    """The loader reports a bad service once: its requirers add no follow-on error."""
+    cp = check(tmp_path, '[services."b c"]\ncommand = ["/bin/true"]\n'
+                         '[services.a]\ncommand = ["/bin/true"]\nrequires = ["b c", "nobody"]\n')
+    assert cp.returncode == 1
+    assert [ln.split(":")[0] for ln in cp.stdout.splitlines()] == ["services.b c", "services.a.requires"]
+    assert "'nobody' is provided by no service" in cp.stdout and "'b c' is provided" not in cp.stdout

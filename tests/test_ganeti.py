@@ -194,7 +194,9 @@ def test_wconfd_wrapper_execs_the_daemon_with_or_without_force(tmp_path: Path, h
     ('[ganeti.watcher]\nschedule = "every five minutes"', "ganeti.watcher.schedule: not a valid cron expression"),
     ("[ganeti.watcher]\njob-age = -1", "ganeti.watcher.job-age: must be at least 0, got -1"),
     ('[ganeti.metad]\nganeti = "usr"', "ganeti.metad.ganeti: expected the directory Ganeti is installed in"),
-    ("[ganeti.kvmd]\nport = 1", "ganeti.kvmd.port: unknown key (known keys: debug, ganeti)"),
+    ("[ganeti.kvmd]\nport = 1", "ganeti.kvmd.port: unknown key (known keys: auto-start, debug, ganeti)"),
+    ('[ganeti.mond]\nauto-start = "no"', 'ganeti.mond.auto-start: expected true or false, got "no"'),
+    ('[ganeti.watcher]\nrapi-ip = true', 'ganeti.watcher.rapi-ip: expected a non-empty string, got true'),
     ('[ganeti]\nfile-storage-paths = ["srv"]', 'ganeti.file-storage-paths[0]: must be an absolute path, got "srv"'),
     ('[ganeti]\nnodedd = {}', "ganeti.nodedd: unknown key"),
     ('[[ganeti.os]]\nname = "a/b"', 'ganeti.os[0].name: "a/b" is not a valid name'),
@@ -210,6 +212,24 @@ def test_config_errors_name_the_key(tmp_path: Path, toml: str, line: str) -> Non
     proc = check_config(tmp_path, toml + "\n")
     assert proc.returncode == 1, proc
     assert any(out.startswith(line) for out in proc.stdout.splitlines()), proc.stdout
+
+
+def test_auto_start_per_daemon_table() -> None:
+    """Optional daemons can be left off (mond, kvmd), metad started at boot."""
+    got = specs({"mond": {"auto-start": False}, "kvmd": {"auto-start": False}, "metad": {"auto-start": True}})
+    assert sorted(n for n, s in got.items() if not s.auto_start) == ["ganeti-kvmd", "ganeti-mond"]
+
+
+def test_false_is_the_seeds_no_value_for_every_field_that_defaults_to_it() -> None:
+    """Every field whose seed default is #f takes false, meaning that default."""
+    table = {"noded": {"interface": False}, "rapi": {"interface": False}, "metad": {"address": False},
+             "watcher": {"rapi-ip": False},
+             "os": [{"name": "debootstrap", "variants": [{"name": "v", "debootstrap": {
+                 "hooks": False, "proxy": False, "mirror": False, "arch": False, "suite": False,
+                 "components": False, "clean-cache": False}}]}]}
+    got, default = specs(table), specs({})
+    for name in ("ganeti-noded", "ganeti-rapi", "ganeti-metad", "ganeti-watcher"):
+        assert got[name].command == default[name].command, name
 
 
 def test_config_reports_every_error() -> None:

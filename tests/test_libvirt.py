@@ -240,9 +240,36 @@ def test_defaults_render_one_line_per_field_in_guix_order() -> None:
     lines, errors, s = rendered({})
     assert lines == DEFAULT_LINES
     assert len(lines) == 51
-    # the defaults ask for TLS; on this machine there are no certificates
-    assert all(e.startswith(("libvirt.key-file:", "libvirt.cert-file:", "libvirt.ca-file:")) for e in errors)
-    assert s.command == ("/usr/sbin/libvirtd", "-f", "/var/lib/supervisor/libvirt/libvirtd.conf", "--listen")
+    # listen_tls = 1, but as in Guix no --listen without listen-tcp: no TLS socket, no certificates read
+    assert errors == []
+    assert s.command == ("/usr/sbin/libvirtd", "-f", "/var/lib/supervisor/libvirt/libvirtd.conf")
+    assert not s.listen and [k.name for k in s.sockets()] == [
+        "libvirtd.socket", "libvirtd-ro.socket", "libvirtd-admin.socket"]
+
+
+@pytest.mark.parametrize(("table", "listen", "network"), [
+    ({}, False, []),
+    ({"listen-tcp": True}, True, ["libvirtd-tcp.socket", "libvirtd-tls.socket"]),
+    ({"listen-tcp": True, "listen-tls": False}, True, ["libvirtd-tcp.socket"]),
+    ({"listen": True}, True, ["libvirtd-tls.socket"]),  # TLS without TCP
+    ({"listen": True, "listen-tls": False}, True, []),
+    ({"listen-tcp": True, "listen": False}, False, []),
+])
+def test_listen_exactly_when_guix_passes_it(table: dict[str, Any], listen: bool, network: list[str]) -> None:
+    """Guix adds --listen when listen-tcp is true; `listen` says it outright (TLS
+    without TCP).  With socket activation the supervisor binds those sockets and
+    --listen is never passed (libvirtd refuses it beside activation sockets)."""
+    _, _, s = rendered({**table, "tls-port": "16555"})
+    assert s.command[-1:] != ("--listen",)
+    assert [k.name for k in s.sockets()][3:] == network
+    addresses = {k.name: k.address for k in s.sockets()}
+    if "libvirtd-tls.socket" in network:
+        assert addresses["libvirtd-tls.socket"] == "0.0.0.0:16555"
+    _, _, v6 = rendered({**table, "listen-addr": "::1", "tcp-port": "ssh"})
+    assert all(k.address in ("[::1]:22", "[::1]:16514") for k in v6.sockets()[3:])  # a service name: its port
+    _, _, guix = rendered({**table, "socket-activation": False})
+    assert guix.sockets() == ()
+    assert (guix.command[-1] == "--listen") is listen
 
 
 def test_seed_example_holds_exactly_its_values_and_the_defaults() -> None:
@@ -348,16 +375,18 @@ OK = 'listen-tls = false\n'
      "a value may not contain a NUL character, and one that contains both ' and \" (or a line break) may not "
      'contain """ nor end with "'),
     ('listen-tcp = "yes"', 'libvirt.listen-tcp: expected true or false, got "yes"'),
+    ('socket-activation = 1', 'libvirt.socket-activation: expected true or false, got 1'),
+    ('listen = "tls"', 'libvirt.listen: expected true or false, got "tls"'),
     ('libvirt = "usr"', 'libvirt.libvirt: must be an absolute path (the installation prefix, e.g. "/usr"), got "usr"'),
     ('mdns = true', ("libvirt.mdns: unknown key (known keys: access-drivers, admin-keepalive-count, "
                      "admin-keepalive-interval, admin-max-client-requests, admin-max-clients, "
                      "admin-max-queued-clients, admin-max-workers, admin-min-workers, audit-level, audit-logging, "
                      "auth-tcp, auth-tls, auth-unix-ro, auth-unix-rw, auto-start, ca-file, cert-file, crl-file, "
-                     "health, host-uuid, host-uuid-source, keepalive-count, keepalive-interval, key-file, libvirt, "
+                     "health, host-uuid, host-uuid-source, keepalive-count, keepalive-interval, key-file, libvirt, listen, "
                      "listen-addr, listen-tcp, listen-tls, log-filters, log-level, log-outputs, max-anonymous-clients, "
                      "max-client-requests, max-clients, max-queued-clients, max-requests, max-workers, mdns-adv, "
                      "mdns-name, min-workers, ovs-timeout, prio-workers, requirement, sasl-allowed-usernames, "
-                     "tcp-port, tls-allowed-dn-list, tls-no-sanity-cert, tls-no-verify-cert, tls-port, "
+                     "socket-activation, tcp-port, tls-allowed-dn-list, tls-no-sanity-cert, tls-no-verify-cert, tls-port, "
                      "tls-priority, unix-sock-admin-perms, unix-sock-dir, unix-sock-group, unix-sock-ro-perms, "
                      "unix-sock-rw-perms)")),
 ])
@@ -389,16 +418,17 @@ def test_machine_id_source_needs_a_machine_id(tmp_path: Path, monkeypatch: pytes
 def test_tls_files_must_exist_when_tls_is_on(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_text("not checked beyond existing\n")
-    proc = check_config(tmp_path, "[virtlog]\n[libvirt]\nlisten-tls = true\n"
+    proc = check_config(tmp_path, "[virtlog]\n[libvirt]\nlisten-tls = true\nlisten = true\n"
                            f'key-file = "{tmp_path}/nokey.pem"\ncert-file = "{tmp_path}/nocert.pem"\n'
                            f'ca-file = "{ca}"\ncrl-file = "{tmp_path}/crl.pem"\n')
     assert proc.returncode == 1
+    tls = "libvirtd listens with TLS (listen-tls and listen are true), but the"
     assert proc.stdout.splitlines() == [
-        f"libvirt.key-file: listen-tls is true, but the server key {tmp_path}/nokey.pem does not exist; "
+        f"libvirt.key-file: {tls} server key {tmp_path}/nokey.pem does not exist; "
         "create it, name another file, or set listen-tls = false",
-        f"libvirt.cert-file: listen-tls is true, but the server certificate {tmp_path}/nocert.pem does not exist; "
+        f"libvirt.cert-file: {tls} server certificate {tmp_path}/nocert.pem does not exist; "
         "create it, name another file, or set listen-tls = false",
-        f"libvirt.crl-file: listen-tls is true, but the certificate revocation list {tmp_path}/crl.pem does not "
+        f"libvirt.crl-file: {tls} certificate revocation list {tmp_path}/crl.pem does not "
         "exist; create it, name another file, or set listen-tls = false",
     ]
     # off: not needed (libvirtd does not read them)
@@ -409,7 +439,7 @@ def test_tls_files_must_exist_when_tls_is_on(tmp_path: Path) -> None:
 def test_defaults_name_libvirtds_own_tls_files(tmp_path: Path) -> None:
     if all(os.path.exists(p) for p in libvirt.TLS_DEFAULTS.values()):
         pytest.skip("this machine has libvirt's TLS files")
-    proc = check_config(tmp_path, "[virtlog]\n[libvirt]\n")
+    proc = check_config(tmp_path, "[virtlog]\n[libvirt]\nlisten-tcp = true\n")
     assert proc.returncode == 1
     missing = [k for k, p in libvirt.TLS_DEFAULTS.items() if not os.path.exists(p)]
     assert [line.split(":")[0] for line in proc.stdout.splitlines()] == [f"libvirt.{k}" for k in missing]
@@ -424,10 +454,38 @@ def test_check_lists_the_services_and_libvirtd_requires_virtlogd(tmp_path: Path)
     listed = [line.strip() for line in proc.stdout.splitlines()[1:] if not line.strip().startswith("runs:")]
     assert listed == ["helper  requires: -", "libvirtd  requires: virtlogd, helper", "virtlogd  requires: -"]
     assert "runs: /usr/sbin/libvirtd -f " in proc.stdout  # where the rendered file goes
-    # without [virtlog] the requirement is unmet
-    proc = check_config(tmp_path, f"[libvirt]\n{OK}")
+
+
+def test_libvirt_alone_brings_virtlogd_with_its_defaults(tmp_path: Path) -> None:
+    """[libvirt] alone is complete: virtlogd comes along (with [libvirt]'s prefix);
+    an explicit [virtlog] configures it; errors name keys that exist."""
+    proc = check_config(tmp_path, "[libvirt]\n")
+    assert proc.returncode == 0, proc
+    listed = [line.strip() for line in proc.stdout.splitlines()[1:] if not line.strip().startswith("runs:")]
+    assert listed == ["libvirtd  requires: virtlogd", "virtlogd  requires: -"]
+    config = parse_config(tomllib.loads('[libvirt]\nlibvirt = "/opt/lv"\n'), host_checks=False)
+    vl = next(s for s in config.services if s.name == "virtlogd")
+    assert vl.command[0] == "/opt/lv/sbin/virtlogd" and "log_level = 3" in vl.parameters[1]
+    config = parse_config(tomllib.loads("[libvirt]\n[virtlog]\nlog-level = 1\n"))
+    vl = next(s for s in config.services if s.name == "virtlogd")
+    assert "log_level = 1" in vl.parameters[1]
+    # a [virtlog] that is not a table is one error, not also "virtlogd is provided by no service"
+    assert errors_of("virtlog = 5\n[libvirt]\n") == ["virtlog: expected a table, got 5"]
+    # a requirement nobody provides: the key is `requirement`
+    assert errors_of('[libvirt]\nrequirement = ["nope"]\n') == [
+        "libvirt.requirement: 'nope' is provided by no service"]
+    # a missing program: the key that decides it (the prefix), for both daemons
+    proc = check_config(tmp_path, f'[libvirt]\nlibvirt = "{tmp_path}/none"\n')
     assert proc.returncode == 1
-    assert proc.stdout.splitlines() == ["libvirt.requires: 'virtlogd' is provided by no service"]
+    assert sorted(line.split(":")[0] for line in proc.stdout.splitlines()) == ["libvirt.libvirt", "libvirt.libvirt"]
+    assert "(service virtlogd)" in proc.stdout
+
+
+@pytest.mark.parametrize("toml", ['listen-tls = "yes"', 'listen = "yes"\nlisten-tls = true',
+                                  'listen-tcp = 1'])
+def test_a_wrong_listen_flag_is_one_error_without_certificate_errors(toml: str) -> None:
+    errors = errors_of(f"[libvirt]\n{toml}\n")
+    assert len(errors) == 1 and "expected true or false" in errors[0], errors
 
 
 def test_bad_config_starts_nothing(tmp_path: Path) -> None:
@@ -542,10 +600,11 @@ chmod 600 libvirt/private/serverkey.pem
 """
 
 
-def test_seed_example_runs_with_tls_and_a_quoted_value(tmp_path: Path, real: None) -> None:
-    """The seed's example, unchanged (TLS on port 16555, defaults otherwise), plus a
-    value with quotes: libvirtd parses the file and listens with --listen."""
-    config = {"virtlog": {}, "libvirt": {"unix-sock-group": "libvirt", "tls-port": "16555",
+def test_tls_without_tcp_and_a_quoted_value(tmp_path: Path, real: None) -> None:
+    """The seed's example plus `listen = true` (TLS on port 16555 without TCP) and a
+    value with quotes: libvirtd parses the file and serves TLS on the socket the
+    supervisor bound for it."""
+    config = {"virtlog": {}, "libvirt": {"unix-sock-group": "libvirt", "tls-port": "16555", "listen": True,
                                          "mdns-name": 'Virtualization Host "lab"'}}
     r = drive(tmp_path, config, """
         S = out["steps"]
@@ -563,7 +622,7 @@ def test_seed_example_runs_with_tls_and_a_quoted_value(tmp_path: Path, real: Non
                                         "-verify_hostname localhost </dev/null 2>&1 | grep -a 'Verify return code'")
     """, setup=[["groupdel", "libvirt"], ["sh", "-c", CERTS]])
     assert r["start"]["rc"] == 0, f"{r['start']}\n{r.logs()}"
-    assert r["libvirtd"]["command"][-1] == "--listen"
+    assert "--listen" not in r["libvirtd"]["command"]  # refused beside activation sockets
     lines = r["conf"].splitlines()
     assert """mdns_name = 'Virtualization Host "lab"'""" in lines
     assert 'tls_port = "16555"' in lines and 'unix_sock_group = "libvirt"' in lines and "listen_tls = 1" in lines
@@ -740,3 +799,170 @@ def test_example_config_runs(tmp_path: Path, real: None) -> None:
     assert r["ro"]["rc"] == 0 and "+ libvirtd" in r["ro"]["out"]
     conf = r["conf"].splitlines()
     assert 'auth_unix_rw = "none"' in conf and 'host_uuid_source = "machine-id"' in conf and "listen_tls = 0" in conf
+
+
+# -- socket activation (issue 18) -----------------------------------------------------------------
+
+RESTART_LOOP = """
+    import threading
+    S = out["steps"]
+    herd_ok("start", "libvirtd")
+    uri = "qemu+unix:///system?socket=/run/lvtest/libvirt-sock"
+    wait_for(lambda: virsh("list", uri=uri)["rc"] == 0, 30, "libvirtd serving")
+    inode = os.stat("/run/lvtest/libvirt-sock").st_ino
+    calls, done = [], threading.Event()
+
+    def client():
+        while not done.is_set():
+            calls.append(virsh("list", uri=uri, timeout=120))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    pids = []
+    for _ in range(ROUNDS):
+        n = len(calls)
+        if KILL:  # a crash: the supervisor respawns libvirtd
+            old = status("libvirtd")["pid"]
+            os.kill(old, signal.SIGKILL)
+            wait_for(lambda: (s := status("libvirtd"))["state"] == "running" and s["pid"] not in (None, old),
+                     60, "libvirtd respawned")
+        else:
+            herd_ok("restart", "libvirtd")
+        pids.append(status("libvirtd")["pid"])
+        wait_for(lambda: len(calls) > n + 1, 60, "virsh calls after the restart")
+    done.set()
+    thread.join(150)
+    S["calls"] = [{k: c[k] for k in ("rc", "err")} for c in calls]
+    S["pids"] = pids
+    S["same-socket"] = os.stat("/run/lvtest/libvirt-sock").st_ino == inode
+"""
+
+
+@pytest.mark.parametrize(("kill", "rounds"), [(False, 10), (True, 4)], ids=["herd-restart", "sigkill"])
+def test_virsh_in_a_loop_is_never_refused_through_ten_restarts(tmp_path: Path, real: None, kill: bool,
+                                                               rounds: int) -> None:
+    """The supervisor holds libvirtd's sockets: a client that connects while
+    libvirtd restarts (or is killed and respawned) waits in the backlog instead
+    of being refused."""
+    r = drive(tmp_path, {"libvirt": LOCAL},
+              f"KILL, ROUNDS = {kill}, {rounds}\n" + textwrap.dedent(RESTART_LOOP), timeout=400)
+    assert len(set(r["pids"])) == rounds, r["pids"]
+    calls = r["calls"]
+    # without activation about a third of the calls fail this way (connection refused, or
+    # no socket file at all)
+    refused = [c for c in calls if any(w in c["err"].lower() for w in ("refused", "no such file"))]
+    assert refused == [], refused[:3]
+    # A call whose connection the stopping libvirtd had already accepted ends with it (end
+    # of file, reset, "client socket is closed"), as with any restart: with one client, at
+    # most one call per restart.  Every other call waited for the new libvirtd.
+    failed = [c for c in calls if c["rc"] != 0]
+    assert len(failed) <= rounds and len(calls) - len(failed) >= 2 * rounds, failed
+    assert r["same-socket"] is True
+
+
+def test_without_socket_activation_libvirtd_binds_its_own_sockets(tmp_path: Path, real: None) -> None:
+    """socket-activation = false: Guix's way (libvirtd binds, so a restart replaces the socket)."""
+    r = drive(tmp_path, {"libvirt": {**LOCAL, "socket-activation": False}}, """
+        S = out["steps"]
+        herd_ok("start", "libvirtd")
+        S["before"] = os.stat("/run/lvtest/libvirt-sock").st_ino
+        herd_ok("restart", "libvirtd")
+        S["after"] = os.stat("/run/lvtest/libvirt-sock").st_ino
+        S["list"] = virsh("list", uri="qemu+unix:///system?socket=/run/lvtest/libvirt-sock")
+    """)
+    assert r["list"]["rc"] == 0, r["list"]
+    assert r["before"] != r["after"]
+
+
+SEED_EXAMPLE = '[libvirt]\nunix-sock-group = "libvirt"\ntls-port = "16555"\n'
+
+
+@pytest.mark.parametrize("text", [SEED_EXAMPLE, "[libvirt]\n"], ids=["seed-example", "bare"])
+def test_seed_example_and_bare_libvirt_check_and_run_without_certificates(
+        tmp_path: Path, real: None, text: str) -> None:
+    """On a host without libvirt's certificates: `--check` passes, virtlogd and
+    libvirtd start, `virsh list` works and a TCG guest starts."""
+    if all(os.path.exists(p) for p in libvirt.TLS_DEFAULTS.values()):
+        pytest.skip("this machine has libvirt's TLS files")
+    proc = check_config(tmp_path, text)
+    assert proc.returncode == 0, proc
+    xml = tmp_path / "tiny.xml"
+    xml.write_text(DOMAIN)
+    r = drive(tmp_path, text, f"""
+        S = out["steps"]
+        S["start"] = herd("start", "libvirtd")
+        S["status"] = {{n: status(n)["state"] for n in ("virtlogd", "libvirtd")}}
+        S["list"] = virsh("list", "--all")
+        S["create"] = virsh("create", "{xml}", timeout=120)
+        S["running"] = virsh("list")
+        S["tls"] = socket.socket().connect_ex(("127.0.0.1", 16555))
+    """, setup=[["groupdel", "libvirt"], ["sh", "-c", "echo 'cgroup_controllers = [ ]' >> /etc/libvirt/qemu.conf"]])
+    assert r["start"]["rc"] == 0, f"{r['start']}\n{r.logs()}"
+    assert r["status"] == {"virtlogd": "running", "libvirtd": "running"}
+    assert r["list"]["rc"] == 0, r["list"]
+    assert r["create"]["rc"] == 0, f"{r['create']}\n{r.logs()}"
+    assert "svtest-tiny" in r["running"]["out"] and "running" in r["running"]["out"]
+    assert r["tls"] != 0  # as in Guix: listen-tls alone opens no port
+
+
+def test_every_handed_over_socket_is_served(tmp_path: Path, real: None) -> None:
+    """libvirt 9.0 takes each socket the supervisor binds: libvirtd's read-write,
+    read-only, admin and TCP sockets, virtlogd's two; each keeps the mode (and
+    group) of the configuration, and survives a restart of its daemon."""
+    config = {"libvirt": {**LOCAL, "listen-tcp": True, "auth-tcp": "none", "listen-addr": "127.0.0.1",
+                          "tcp-port": "16599", "unix-sock-admin-perms": "0750"}}
+    r = drive(tmp_path, config, """
+        S = out["steps"]
+        herd_ok("start", "libvirtd")
+        def serves():
+            return {
+                "tcp": virsh("list", uri="test+tcp://127.0.0.1:16599/default")["rc"],
+                "ro": virsh("list", uri="test+unix:///default?socket=/run/lvtest/libvirt-sock-ro")["rc"],
+                "admin": run("virt-admin", "-c", "libvirtd+unix:///system?socket=/run/lvtest/libvirt-admin-sock",
+                             "srv-list")["rc"],
+                "virtlogd": run("virt-admin", "-c", "virtlogd+unix:///system?socket=/run/libvirt/virtlogd-admin-sock",
+                                "srv-list")["rc"],
+            }
+        S["first"] = serves()
+        S["modes"] = {p: oct(os.stat(p).st_mode & 0o777) for p in (
+            "/run/lvtest/libvirt-admin-sock", "/run/libvirt/virtlogd-sock", "/run/libvirt/virtlogd-admin-sock")}
+        inodes = [os.stat(p).st_ino for p in ("/run/lvtest/libvirt-sock", "/run/libvirt/virtlogd-sock")]
+        herd_ok("restart", "virtlogd")   # stops libvirtd first
+        herd_ok("start", "libvirtd")
+        S["again"] = wait_for(lambda: (s := serves()) == S["first"] and s, 30, "served after the restart")
+        S["same"] = inodes == [os.stat(p).st_ino for p in ("/run/lvtest/libvirt-sock", "/run/libvirt/virtlogd-sock")]
+        S["env"] = open(f"/proc/{status('libvirtd')['pid']}/environ").read().split("\\0")
+    """)
+    assert r["first"] == {"tcp": 0, "ro": 0, "admin": 0, "virtlogd": 0}, r.logs()
+    assert r["modes"] == {"/run/lvtest/libvirt-admin-sock": "0o750", "/run/libvirt/virtlogd-sock": "0o600",
+                          "/run/libvirt/virtlogd-admin-sock": "0o600"}
+    assert r["same"] is True
+    names = [e for e in r["env"] if e.startswith("LISTEN_FDNAMES=")]
+    assert names == ["LISTEN_FDNAMES=libvirtd.socket:libvirtd-ro.socket:libvirtd-admin.socket:libvirtd-tcp.socket"]
+
+
+def test_sockets_survive_a_sigkill_of_the_supervisor(tmp_path: Path, real: None) -> None:
+    """kill -9 of the supervisor: libvirtd keeps serving on the held sockets; the
+    next supervisor takes the same sockets over (the keeper held them) and hands
+    them to the next libvirtd."""
+    r = drive(tmp_path, {"libvirt": LOCAL}, """
+        S = out["steps"]
+        uri = "qemu+unix:///system?socket=/run/lvtest/libvirt-sock"
+        herd_ok("start", "libvirtd")
+        inode = os.stat("/run/lvtest/libvirt-sock").st_ino
+        first = status("libvirtd")["pid"]
+        daemon.kill()
+        daemon.wait()
+        S["while-down"] = virsh("list", uri=uri)["rc"]
+        os.unlink(notify)
+        start_supervisor()
+        S["adopted"] = status("libvirtd")["pid"] == first
+        herd_ok("restart", "libvirtd")
+        S["new-pid"] = status("libvirtd")["pid"] != first
+        S["list"] = virsh("list", uri=uri)
+        S["same-socket"] = os.stat("/run/lvtest/libvirt-sock").st_ino == inode
+    """)
+    assert r["while-down"] == 0
+    assert r["adopted"] is True and r["new-pid"] is True
+    assert r["list"]["rc"] == 0, f"{r['list']}\n{r.logs()}"
+    assert r["same-socket"] is True

@@ -179,13 +179,26 @@ KNOWN_LIST = ", ".join(guix.QEMU_PLATFORMS)
                                         '(they end a binfmt_misc field), got "/a:b"')),
     ('binfmt-misc-path = ""', 'qemu-binfmt.binfmt-misc-path: expected a non-empty string, got ""'),
     ("auto-start = 1", "qemu-binfmt.auto-start: expected true or false, got 1"),
-    ('qemu = "qemu"', ("qemu-binfmt.qemu: unknown key (known keys: auto-start, binfmt-misc-path, flags, "
-                       "guix-support, interpreter-directory, interpreter-suffix, platforms)")),
+    ('bogus = "qemu"', ("qemu-binfmt.bogus: unknown key (known keys: auto-start, binfmt-misc-path, flags, "
+                        "guix-support, interpreter-directory, interpreter-suffix, platforms, qemu)")),
+    ('qemu = "usr"', 'qemu-binfmt.qemu: must be an absolute path, got "usr"'),
+    ('qemu = "/usr"\ninterpreter-directory = "/usr/bin"',
+     "qemu-binfmt.qemu: give either qemu (QEMU's installation prefix; the interpreters are in its bin/) "
+     "or interpreter-directory, not both"),
 ])
 def test_config_errors_name_the_key(tmp_path: Path, toml: str, line: str) -> None:
     proc = check_config(tmp_path, f"[qemu-binfmt]\n{toml}\n")
     assert proc.returncode == 1, proc
     assert proc.stdout.splitlines() == [line]
+
+
+def test_guix_qemu_field_names_where_the_interpreters_live(tmp_path: Path) -> None:
+    """Guix's `qemu` (the package; here its installation prefix): QEMU/bin/qemu-NAME-static."""
+    r = drive(tmp_path, {"platforms": ["aarch64"], "qemu": "/opt/qemu", "auto-start": False}, [
+        herd("one", "lookup", "qemu-binfmt", "aarch64"),
+    ], namespace=False)
+    assert (f"registration: {guix.guix_registration('aarch64', '/opt/qemu/bin/qemu-aarch64-static')}"
+            in r.ok("one")["out"])
 
 
 def test_config_reports_every_error(tmp_path: Path) -> None:
