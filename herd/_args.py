@@ -33,6 +33,10 @@ DEFAULT_LOG_LINES: Final = 10
 #: Actions that take one or more services and print the server's messages.
 CHANGE_ACTIONS: Final = ("start", "stop", "restart", "enable", "disable")
 
+#: The actions herd knows by name (for "did you mean").
+BUILTIN_ACTIONS: Final = (*CHANGE_ACTIONS, "status", "detailed-status", "doc", "log", "graph", "events",
+                          "reload", "reexec", "ping", "help")
+
 USAGE: Final = "usage: herd [-s|--socket PATH] [--json] ACTION [SERVICE] [ARG...]"
 
 HELP: Final = f"""{USAGE}
@@ -258,6 +262,11 @@ def _plan(action: str, rest: Sequence[str], opts: _Options) -> tuple[str, list[C
     # Custom actions, and the built-in `reload root` / `reexec root`.
     start = _leading_options(rest, opts)
     if start >= len(rest):
+        from herd.suggest import did_you_mean
+
+        hint = did_you_mean(action, BUILTIN_ACTIONS)
+        if hint:
+            raise UsageError(f"unknown action {action!r}{hint}")
         raise UsageError(f"{action!r} needs a SERVICE (custom actions: herd ACTION SERVICE [ARG...])")
     service, args = rest[start], list(rest[start + 1 :])
     if service == "root" and action in ("reload", "reexec"):

@@ -455,8 +455,11 @@ def parse_config(
         root.seen.add(key)
         stype = types.get(key)
         if stype is None:
-            known = ", ".join(sorted(["supervisor", "services", *types]))
-            errors.append(ConfigError(key, f"unknown table (known: {known})"))
+            from herd.suggest import did_you_mean
+
+            names = ["supervisor", "services", *types]
+            known = ", ".join(sorted(names))
+            errors.append(ConfigError(key, f"unknown table{did_you_mean(key, names)} (known: {known})"))
             continue
         if stype.array:
             arg: Any = root.table_list(key) if isinstance(value, list) else [Table(value, key, errors)]

@@ -274,7 +274,10 @@ class Engine:
             raise ProtocolError("bad-arguments", "this action needs a service name")
         canonical = self.graph.resolve(name)
         if canonical is None:
-            raise ProtocolError("unknown-service", f"service {name!r} does not exist")
+            from herd.suggest import did_you_mean
+
+            raise ProtocolError("unknown-service",
+                                f"service {name!r} does not exist{did_you_mean(name, self.graph.names())}")
         return self.services[canonical]
 
     # -- operations ----------------------------------------------------------------------
@@ -394,9 +397,13 @@ class Engine:
         for spec in actions:
             if spec.name == action:
                 return spec
+        from herd.suggest import did_you_mean
+        from ._actions import ACTIONS
+
         known = ", ".join(a.name for a in actions) or "none"
+        hint = did_you_mean(action, [*(a.name for a in actions), *(a.name for a in ACTIONS if not a.root)])
         raise ProtocolError("unknown-action",
-                            f"service {service.name} has no action {action!r} (its actions: {known})")
+                            f"service {service.name} has no action {action!r}{hint} (its actions: {known})")
 
     async def custom_action(self, name: str, action: str, args: list[Any]) -> Any:
         """Run a service's custom action (see `action`).
@@ -493,6 +500,10 @@ class Engine:
         return {"services": [snapshot(self.services[n], log_lines=log_lines) for n in sorted(self.services)]}
 
     def doc(self, name: str, args: list[Any]) -> dict[str, Any]:
+        if name == "root" and self.graph.resolve(name) is None:
+            from ._actions import root_doc
+
+            return root_doc(args)
         service = self.lookup(name)
         spec = service.spec
         if args:

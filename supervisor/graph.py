@@ -52,9 +52,11 @@ class Graph:
         for spec in specs:
             for req in spec.requires:
                 if req not in owner:
+                    from herd.suggest import did_you_mean
+
                     errors.append(ConfigError(
                         f"{spec.source}.requires" if spec.source else spec.name,
-                        f"{req!r} is provided by no service",
+                        f"{req!r} is provided by no service{did_you_mean(req, owner)}",
                     ))
                 elif owner[req] is spec:
                     errors.append(ConfigError(
@@ -77,6 +79,10 @@ class Graph:
     def resolve(self, name: str) -> str | None:
         """The canonical name for a name or provision, or None."""
         return self._names.get(name)
+
+    def names(self) -> list[str]:
+        """Every name and provision."""
+        return list(self._names)
 
     def requirements(self, name: str) -> tuple[str, ...]:
         return self._requires[name]

@@ -90,6 +90,10 @@ async def apply(engine: Engine, path: Path | None, requester: int | None) -> dic
                 nursery.start_soon(start_new, name)
     for message in failures:
         say(message)
+    if not (added or removed or changed):
+        say(f"Reloaded {path}: nothing changed.")
+    else:
+        say(f"Reloaded {path}: {len(added)} added, {len(removed)} removed, {len(changed)} changed.")
     return {"config": str(path), "added": added, "removed": removed, "changed": changed,
             "pending": sorted(n for n in changed if engine.services[n].pending_spec is not None)}
 
