@@ -143,10 +143,15 @@ async def _graph(conn: _Connection, req: Request, _: None) -> Any:
 async def _log(conn: _Connection, req: Request, parsed: tuple[int, bool]) -> Any:
     n, follow = parsed
     hub = conn.engine.hub
+    name: str | None
     if req.service:
-        service = conn.engine.lookup(req.service)
-        lines = service.recent_log(n)
-        name: str | None = service.name
+        ended = conn.engine.transients.recent_log(req.service, n)
+        if ended is not None and req.service not in conn.engine.services:  # a transient, gone
+            lines, name = ended, req.service
+        else:
+            service = conn.engine.lookup(req.service)
+            lines = service.recent_log(n)
+            name = service.name
     else:
         lines = hub.recent(n)
         name = None
@@ -205,6 +210,17 @@ async def _reload(conn: _Connection, req: Request, path: Path | None) -> Any:
     return await conn.engine.reload(path, requester=conn.peer_uid)
 
 
+def _spawn_args(req: Request) -> list[Any]:
+    """``[PROGRAM, ARG...]``: checked by `_transient`."""
+    if req.service is None:
+        raise ProtocolError("bad-arguments", "usage: spawn NAME -- COMMAND [ARG...]")
+    return req.args
+
+
+async def _spawn(conn: _Connection, req: Request, argv: list[Any]) -> Any:
+    return await conn.engine.transients.spawn(req.service, argv, conn.peer_uid)
+
+
 async def _reexec(conn: _Connection, req: Request, _: None) -> Any:
     reexec = conn.server.reexec
     if reexec is None:
@@ -238,6 +254,7 @@ ACTIONS: Final[tuple[Action, ...]] = (
     Action("restart", _restart, read_only=False, args=no_args),
     Action("enable", _enable, read_only=False, args=no_args),
     Action("disable", _disable, read_only=False, args=no_args),
+    Action("spawn", _spawn, read_only=False, args=_spawn_args),
     Action("stop", _shutdown, read_only=False, args=no_args, root="only"),
     Action("power-off", _shutdown, read_only=False, args=no_args, root="only"),
     Action("reboot", _shutdown, read_only=False, args=no_args, root="only"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import pkgutil
 import re
 import shlex
@@ -24,6 +25,7 @@ from typing import Any
 
 from herd.protocol import default_paths
 
+from ._custom_actions import read_actions
 from .graph import Graph
 from .schema import ConfigError, ConfigErrors, Table, unusable_values
 from .spec import RLIMIT_NAMES, ReadySpec, RespawnLimit, ServiceSpec, SocketSpec
@@ -349,6 +351,7 @@ def read_service_table(t: Table, name: str, settings: Settings) -> ServiceSpec:
         max_duration=t.number("max-duration", None, min=0, exclusive_min=True),
         sockets=_read_sockets(t, "sockets", name),
         activation=t.choice("activation", ("eager", "lazy"), "eager"),
+        actions=read_actions(t, "actions"),
         source=t.path,
     )
     if spec.schedule is not None:
@@ -470,10 +473,27 @@ def parse_config(
                 specs.append(_checked_provisions(errors, spec, typed=True))
 
     _check_values(errors, document)
+    _check_socket_owners(errors, specs)
     graph = Graph.build(specs, errors)
     if errors:
         raise ConfigErrors(errors)
     return Config(settings=settings, services=tuple(specs), graph=graph, path=path)
+
+
+def _check_socket_owners(errors: list[ConfigError], specs: Sequence[ServiceSpec]) -> None:
+    """Two services naming the same socket path or address: an error naming both
+    (the second would otherwise silently take it from the first)."""
+    owner: dict[str, str] = {}
+    for spec in specs:
+        for i, sock in enumerate(spec.sockets):
+            where = sock.path if sock.path is not None else sock.address
+            if where is None:
+                continue
+            key = os.path.normpath(where) if sock.path is not None else where
+            other = owner.setdefault(key, spec.name)
+            if other != spec.name:
+                errors.append(ConfigError(f"{spec.source or f'services.{spec.name}'}.sockets[{i}].{'path' if sock.path else 'address'}",
+                                          f"{where} is also a socket of service {other}"))
 
 
 def load_config(path: Path, *, service_types: dict[str, ServiceType] | None = None,

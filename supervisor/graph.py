@@ -85,10 +85,10 @@ class Graph:
         return list(self._names)
 
     def requirements(self, name: str) -> tuple[str, ...]:
-        return self._requires[name]
+        return self._requires.get(name, ())  # (a transient service is in no graph)
 
     def dependents(self, name: str) -> tuple[str, ...]:
-        return tuple(self._dependents[name])
+        return tuple(self._dependents.get(name, ()))
 
     def order(self) -> list[str]:
         """Canonical names, requirements before dependents (ties by name)."""

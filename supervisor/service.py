@@ -204,11 +204,15 @@ class Service:
                     self._arm()
                 # pipes handed over by a re-exec are read again, running or not
                 self.output.resume(nursery)
+                if self.state is State.STOPPED:
+                    self.output.rest()
                 task_status.started()
                 if self.child is None:
                     await self._sweep_unrecorded()
+                self._sync_listeners()
                 async for msg in self._inbox:
                     self._handle(msg)
+                    self._sync_listeners()
         finally:
             self.output.close()
             for spec, sock in zip(self.spec.sockets, self.listeners):
@@ -250,6 +254,25 @@ class Service:
                 break
         self._listeners_changed()
 
+    def _sync_listeners(self) -> None:
+        """A lazy service listens only while a connection may start it: while
+        it is disabled, or stopped by an operator, its sockets are closed, so
+        that a client's connect is refused instead of hanging."""
+        if self.spec.activation != "lazy" or not self.spec.sockets:
+            return
+        refuse = self.state is State.STOPPED and (not self.enabled or self.intent == "down")
+        if refuse and self.listeners:
+            for spec, sock in zip(self.spec.sockets, self.listeners):
+                trio.lowlevel.notify_closing(sock)  # the activation watch waits on it
+                _sockets.close(spec, sock)
+            self.listeners = []
+            self._listeners_changed()
+            log.info("lazy service's sockets closed", enabled=self.enabled, intent=self.intent)
+        elif not refuse and not self.listeners:
+            self._bind_sockets()
+            self._changed.set()  # the activation watch listens on them
+            self._changed = trio.Event()
+
     def _listeners_changed(self) -> None:
         if self.on_listeners is not None:
             self.on_listeners(self)
@@ -257,7 +280,7 @@ class Service:
     async def _activation_watch(self) -> None:
         """Lazy activation: start on the first connection while stopped."""
         while True:
-            while not (self.state is State.STOPPED and self.enabled):
+            while not (self.state is State.STOPPED and self.enabled and self.listeners):
                 await self._changed.wait()
             async with trio.open_nursery() as race:
                 for sock in self.listeners:
@@ -355,6 +378,8 @@ class Service:
         self._changed = trio.Event()
         self.since = time.time()
         self.history.changes.append((new.value, self.since))
+        if new is State.STOPPED:
+            self.output.rest()  # a stopped service's log file is not held open
         self.save()
         self._publish(self, old, new, reason)
 
@@ -581,6 +606,7 @@ class Service:
     def _on_start_done(self, ok: bool, reason: str | None) -> None:
         self._work_scope = None
         if ok:
+            self.history.startup_failures.clear()  # a good start clears the mark (Shepherd)
             if self.spec.one_shot:
                 self.one_shot_done = True
                 self.output.note(f"One-shot service {self.name} completed.")

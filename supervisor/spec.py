@@ -140,6 +140,7 @@ class ActionSpec:
     documentation: str
     handler: ActionHandler = field(compare=False)
     read_only: bool = False  # may be called on the read-only socket
+    command: tuple[str, ...] | None = None  # a configured action's argv (compared: a reload sees a change)
 
 
 @dataclass(frozen=True, slots=True)
