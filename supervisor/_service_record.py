@@ -92,7 +92,7 @@ def restore(service: Service, record: dict[str, Any], child: _proc.Child | None)
     since = record.get("since")
     if isinstance(since, (int, float)):
         service.since = float(since)
-    processless = service.spec.command is None or service.spec.schedule is not None
+    processless = service.spec.command is None or service.spec.schedule is not None or service.spec.accepts
     if child is not None:
         service.child = child
         service.state = State.RUNNING
@@ -137,6 +137,7 @@ def snapshot(service: Service, *, log_lines: int = 0) -> dict[str, Any]:
         "timer": service.timer.to_json() if spec.schedule is not None else None,
         "documentation": spec.documentation,
         "waiting": waiting(service),
+        "inetd": service.inetd.to_json() if spec.accepts else None,
     }
     if log_lines:
         out["recent-log"] = [line.to_json() for line in service.output.recent(log_lines)]

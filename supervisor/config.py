@@ -219,6 +219,10 @@ def _read_sockets(t: Table, key: str, service: str) -> tuple[SocketSpec, ...]:
         mode = sub.octal("mode", 0o666)
         group = sub.str_or_int("group")
         backlog = sub.int("backlog", 128, min=1, max=65535)
+        accept = sub.bool("accept", False)
+        max_connections = sub.int("max-connections", 100, min=1, max=65535)
+        if not accept and sub.has("max-connections"):
+            sub.error("max-connections", "applies to accept = true sockets only")
         if (path is None) == (address is None):
             sub.error(None, 'needs exactly one of "path" (a Unix socket) or "address" ("host:port")')
         elif path is not None and not path.startswith("/"):
@@ -229,7 +233,7 @@ def _read_sockets(t: Table, key: str, service: str) -> tuple[SocketSpec, ...]:
             sub.error(None, '"mode" and "group" apply to Unix sockets ("path") only')
         sub.finish()
         out.append(SocketSpec(name=name or service, path=path, address=address, mode=mode,
-                              group=group, backlog=backlog))
+                              group=group, backlog=backlog, accept=accept, max_connections=max_connections))
     return tuple(out)
 
 
@@ -361,6 +365,14 @@ def read_service_table(t: Table, name: str, settings: Settings) -> ServiceSpec:
                 t.error(key, "does not apply to a timer (a service with \"schedule\")")
     elif spec.max_duration is not None:
         t.error("max-duration", 'applies to timers only (needs "schedule")')
+    if spec.accepts:
+        if not all(s.accept for s in spec.sockets):
+            t.error("sockets", "either every socket has accept = true (inetd-style) or none has")
+        for key, bad in (("one-shot", spec.one_shot), ("schedule", spec.schedule is not None),
+                         ("activation", spec.activation == "lazy"), ("ready", spec.ready.type != "started"),
+                         ("watchdog-sec", spec.watchdog_sec is not None)):
+            if bad:
+                t.error(key, "does not apply to an inetd-style service (sockets with accept = true)")
     if spec.activation == "lazy" and not spec.sockets:
         t.error("activation", '"lazy" needs at least one entry in "sockets"')
     if spec.watchdog_sec is not None and spec.ready.type != "notify":

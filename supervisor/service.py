@@ -65,6 +65,7 @@ from ._probes import (
 from ._state import StateStore
 from ._stopping import Strays, terminate
 from .spawn import spawn_process
+from ._inetd import Inetd
 from .timer import Timer
 from .spec import ServiceSpec
 
@@ -120,6 +121,7 @@ class Service:
         self._watchdog_deadline = math.inf
         self._watchdog_scope: trio.CancelScope | None = None
         self.timer = Timer(self)  # a service with a `schedule`: its events and runs
+        self.inetd = Inetd(self)  # sockets with accept = true: an instance per connection
         self._publish = publish
         self._gen = 0
         self._start_waiters: list[_Reply] = []
@@ -370,6 +372,7 @@ class Service:
             self._apply_pending_spec()
         if new is not State.RUNNING:
             self.timer.disarm()
+            self.inetd.disarm()
         if new is not State.RUNNING and self._watchdog_scope is not None:
             self._watchdog_scope.cancel()
             self._watchdog_scope = None
@@ -460,6 +463,9 @@ class Service:
                 if spec.schedule is not None:  # a timer: being up means being armed
                     await trio.lowlevel.checkpoint_if_cancelled()
                     return True, None
+                if spec.accepts:  # inetd-style: being up means listening
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    return (False, self._socket_error) if self._socket_error is not None else (True, None)
                 if spec.command is None:
                     await trio.lowlevel.checkpoint_if_cancelled()
                     self._post(_HookStarted(gen))
@@ -619,7 +625,7 @@ class Service:
                 self._arm()
             self._reply_starts(Outcome(True))
             if (self.spec.command is not None and not self.spec.one_shot and self.spec.schedule is None
-                    and self.child is None):
+                    and not self.spec.accepts and self.child is None):
                 assert self.last_exit is not None  # exited between readiness and now
                 self._on_crash(self.last_exit)
             return
@@ -647,6 +653,8 @@ class Service:
             return
         if self.spec.schedule is not None:
             self.timer.arm(self._nursery)
+        if self.spec.accepts:
+            self.inetd.arm(self._nursery)
         if self.spec.watchdog_sec:
             self._nursery.start_soon(self._watchdog)
 

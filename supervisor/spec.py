@@ -85,6 +85,8 @@ class SocketSpec:
     mode: int = 0o666  # Unix sockets: file mode
     group: str | int | None = None  # Unix sockets: owning group
     backlog: int = 128
+    accept: bool = False  # inetd-style: one instance of the command per connection
+    max_connections: int = 100  # accept: instances at once on this socket
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +216,11 @@ class ServiceSpec:
     def names(self) -> tuple[str, ...]:
         """The canonical name first, then the extra provisions."""
         return (self.name, *(p for p in self.provides if p != self.name))
+
+    @property
+    def accepts(self) -> bool:
+        """inetd-style: its sockets accept, one instance per connection."""
+        return any(s.accept for s in self.sockets)
 
     def action(self, name: str) -> ActionSpec | None:
         for action in self.actions:

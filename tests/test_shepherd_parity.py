@@ -25,6 +25,7 @@ from helpers import (
     make_gate,
     nobody_python,
     open_gate,
+    pid_alive,
     py_service,
     reexec,
     restart,
@@ -289,3 +290,65 @@ def test_spawn_runs_as_the_requesting_user(sup: Supervisor) -> None:
     assert uids == [str(pwd.getpwnam("nobody").pw_uid)], uids
     sup.herd("spawn", "root-job", "--", "/usr/bin/id", "-u", check=True)
     sup.wait_log("root-job", lambda text: text == "0")
+
+
+# --------------------------------------------------------------------------
+# inetd-style sockets (Shepherd's tests/inetd.sh; systemd's Accept=yes)
+
+#: One instance per connection: answers "PID LINE", then waits for EOF.
+INSTANCE = "import os, sys; line = sys.stdin.readline(); print(os.getpid(), line.strip(), flush=True); sys.stdin.read()"
+
+
+def _talk(path: str, line: str) -> tuple[socket.socket, bytes]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(15)
+    s.connect(path)
+    data = b""
+    try:
+        s.sendall(line.encode() + b"\n")
+        while not data.endswith(b"\n"):
+            chunk = s.recv(100)
+            if not chunk:
+                break
+            data += chunk
+    except (ConnectionResetError, BrokenPipeError):  # closed at once by the supervisor
+        pass
+    return s, data
+
+
+def test_accept_sockets_run_an_instance_per_connection(sup: Supervisor) -> None:
+    path = str(sup.sockdir / "inetd.sock")
+    sup.start({"services": {"echo": py_service(INSTANCE, sup.marker("echo"), sockets=[
+        {"path": path, "accept": True, "max-connections": 2}])}})
+    wait_until(lambda: sup.status("echo")["state"] == "running", 15, "echo to listen")
+    c1, a1 = _talk(path, "one")
+    c2, a2 = _talk(path, "two")
+    pid1, pid2 = int(a1.split()[0]), int(a2.split()[0])
+    assert a1.split()[1] == b"one" and a2.split()[1] == b"two" and pid1 != pid2
+    assert sup.status("echo")["inetd"]["connections"] == 2
+    # beyond max-connections: closed at once
+    c3, a3 = _talk(path, "three")
+    assert a3 == b""
+    sup.wait_log("echo", lambda text: "max-connections" in text)
+    # an instance that ends frees its slot
+    c1.close()
+    wait_until(lambda: sup.status("echo")["inetd"]["connections"] == 1, 15, "the first instance to end")
+    c4, a4 = _talk(path, "four")
+    assert a4.split()[1] == b"four"
+    # stopping the service stops its instances
+    sup.herd("stop", "echo", check=True)
+    wait_until(lambda: not (pid_alive(pid2) or pid_alive(int(a4.split()[0]))), 15, "the instances to stop")
+    for s in (c2, c3, c4):
+        s.close()
+
+
+def test_accept_socket_configuration_errors(tmp_path: Path) -> None:
+    cp = check_config(tmp_path, """
+[services.a]
+command = ["/bin/cat"]
+one-shot = true
+sockets = [{ address = "127.0.0.1:1811", accept = true }, { address = "127.0.0.1:1812" }]
+""")
+    assert cp.returncode == 1, cp
+    assert "services.a.sockets: either every socket has accept = true" in cp.stdout, cp.stdout
+    assert "services.a.one-shot: does not apply to an inetd-style service" in cp.stdout, cp.stdout
