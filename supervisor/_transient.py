@@ -70,8 +70,7 @@ class Transients:
             raise ProtocolError("bad-arguments", f"{name!r} is not a valid service name")
         if self.engine.graph.resolve(name) is not None or name in self.engine.services or name == "root":
             raise ProtocolError("bad-arguments", f"a service named {name!r} exists already")
-        if not argv or not all(isinstance(a, str) and a and "\0" not in a for a in argv[:1]) \
-                or not all(isinstance(a, str) and "\0" not in a for a in argv):
+        if not argv or not argv[0] or not all(isinstance(a, str) and "\0" not in a for a in argv):
             raise ProtocolError("bad-arguments", "usage: spawn NAME -- COMMAND [ARG...] (non-empty strings)")
         if "/" in argv[0] and not argv[0].startswith("/"):
             raise ProtocolError("bad-arguments", f"the program {argv[0]!r} is a relative path; give an "

@@ -262,6 +262,11 @@ def test_spawn_runs_a_transient_service(sup: Supervisor, tmp_path: Path) -> None
     sup.wait_log("job", lambda text: text == "hello")
     # supervised in its own cgroup, under its own name
     assert cgroup_of(job["pid"]).endswith("/job.service")
+    # a reload may not define a service under a running transient's name
+    sup.write_config({"services": {"web": sleeper(sup.marker("web")), "job": sleeper(sup.marker("job"))}})
+    cp = sup.herd("reload", "root", check=1)
+    assert "services.job: a transient service (herd spawn) runs under this name" in cp.stderr, cp.stderr
+    assert sup.status("job")["command"][0] == sys.executable
     open_gate(gate)
     wait_until(lambda: "job" not in sup.status(), 20, "the ended transient to leave status")
     assert "job" not in sup.herd("status", check=True).stdout
