@@ -56,7 +56,9 @@ class Graph:
 
                     errors.append(ConfigError(
                         f"{spec.source}.requires" if spec.source else spec.name,
-                        f"{req!r} is provided by no service{did_you_mean(req, owner)}",
+                        # (a near name that is another service's is a typo; not this one's)
+                        f"{req!r} is provided by no service"
+                        f"{did_you_mean(req, (n for n in owner if owner[n] is not spec), cutoff=0.75)}",
                     ))
                 elif owner[req] is spec:
                     errors.append(ConfigError(

@@ -349,7 +349,7 @@ OK = 'listen-tls = false\n'
      'contain """ nor end with "'),
     ('listen-tcp = "yes"', 'libvirt.listen-tcp: expected true or false, got "yes"'),
     ('libvirt = "usr"', 'libvirt.libvirt: must be an absolute path (the installation prefix, e.g. "/usr"), got "usr"'),
-    ('mdns = true', ("libvirt.mdns: unknown key (known keys: access-drivers, admin-keepalive-count, "
+    ('mdns = true', ("libvirt.mdns: unknown key (did you mean 'mdns-adv' or 'mdns-name'?) (known keys: access-drivers, admin-keepalive-count, "
                      "admin-keepalive-interval, admin-max-client-requests, admin-max-clients, "
                      "admin-max-queued-clients, admin-max-workers, admin-min-workers, audit-level, audit-logging, "
                      "auth-tcp, auth-tls, auth-unix-ro, auth-unix-rw, auto-start, ca-file, cert-file, crl-file, "
