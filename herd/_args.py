@@ -33,6 +33,10 @@ DEFAULT_LOG_LINES: Final = 10
 #: Actions that take one or more services and print the server's messages.
 CHANGE_ACTIONS: Final = ("start", "stop", "restart", "enable", "disable")
 
+#: The actions herd knows by name (for "did you mean").
+BUILTIN_ACTIONS: Final = (*CHANGE_ACTIONS, "status", "detailed-status", "doc", "log", "graph", "events",
+                          "reload", "reexec", "ping", "spawn", "help")
+
 USAGE: Final = "usage: herd [-s|--socket PATH] [--json] ACTION [SERVICE] [ARG...]"
 
 HELP: Final = f"""{USAGE}
@@ -58,6 +62,8 @@ Actions:
   reload root [FILE]           reload the configuration (from FILE)
   reexec root                  re-execute the supervisor in place
   ping                         check that the supervisor answers
+  spawn NAME -- COMMAND [ARG...]
+                               run COMMAND as a transient service NAME (as you)
   ACTION SERVICE [ARG...]      a custom action of SERVICE
 
 Exit status: 0 success, 1 the action failed, 2 usage error, unknown service
@@ -250,6 +256,13 @@ def _plan(action: str, rest: Sequence[str], opts: _Options) -> tuple[str, list[C
     if action in ("graph", "ping"):
         _no_service(action, _scan(action, rest, opts))
         return action, [Call(action)]
+    if action == "spawn":
+        # the command's own words are never herd's options: only those before NAME are
+        start = _leading_options(rest, opts)
+        words = list(rest[start:])
+        if len(words) < 3 or words[1] != "--":
+            raise UsageError("usage: herd spawn NAME -- COMMAND [ARG...]")
+        return "custom", [Call("spawn", words[0], tuple(words[2:]))]
     if action == "events":
         _no_service(action, _scan(action, rest, opts))
         opts.follow = True
@@ -258,6 +271,11 @@ def _plan(action: str, rest: Sequence[str], opts: _Options) -> tuple[str, list[C
     # Custom actions, and the built-in `reload root` / `reexec root`.
     start = _leading_options(rest, opts)
     if start >= len(rest):
+        from herd.suggest import did_you_mean
+
+        hint = did_you_mean(action, BUILTIN_ACTIONS)
+        if hint:
+            raise UsageError(f"unknown action {action!r}{hint}")
         raise UsageError(f"{action!r} needs a SERVICE (custom actions: herd ACTION SERVICE [ARG...])")
     service, args = rest[start], list(rest[start + 1 :])
     if service == "root" and action in ("reload", "reexec"):

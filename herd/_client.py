@@ -103,6 +103,11 @@ class Connection:
                 sock.connect(path)
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 raise Unreachable(f"cannot connect to {path}: {exc.strerror}; is the supervisor running?") from None
+            except PermissionError as exc:
+                raise Unreachable(
+                    f"cannot connect to {path}: {exc.strerror}; the control socket is for root and the "
+                    "members of the group named by 'socket-group' in the [supervisor] table "
+                    "(the status socket serves read actions to the group 'status-socket-group')") from None
             except (TimeoutError, socket.timeout):
                 raise Unreachable(f"cannot connect to {path}: timed out") from None
             except OSError as exc:

@@ -123,8 +123,37 @@ def run(invocation: Invocation, conn: Connection, out: TextIO, *, color: bool = 
     early: list[dict[str, Any]] = []
     status = EXIT_OK
     replies = exchange(conn, requests, on_event=early.append if invocation.follow else None)
-    for call, reply in zip(invocation.calls, replies):
-        status = max(status, printer.reply(call, reply))
+    answered = 0
+    progress = None
+    if invocation.kind == "change" and not invocation.json and sys.stderr.isatty():
+        from herd.progress import Progress
+
+        progress = Progress(conn.path, sys.stderr)
+    try:
+        if progress is not None:
+            progress.__enter__()
+        for call, reply in zip(invocation.calls, replies):
+            if progress is not None:
+                with progress.hold():
+                    status = max(status, printer.reply(call, reply))
+                    out.flush()
+            else:
+                status = max(status, printer.reply(call, reply))
+            answered += 1
+    except KeyboardInterrupt:
+        if invocation.follow:
+            raise
+        if progress is not None:
+            progress.__exit__(None, None, None)
+            progress = None
+        from herd.progress import interrupted_message
+
+        pending = [(c.action, c.service) for c in invocation.calls[answered:]]
+        print(f"herd: {interrupted_message(pending)}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        if progress is not None:
+            progress.__exit__(None, None, None)
     out.flush()
     if not invocation.follow or status != EXIT_OK:
         return status

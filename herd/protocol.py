@@ -86,7 +86,7 @@ READ_ACTIONS: Final = frozenset(
 #: (``trigger`` is every timer's action; a service type's own actions say
 #: themselves whether they only read.)
 WRITE_ACTIONS: Final = frozenset(
-    {"start", "stop", "restart", "enable", "disable", "reload", "reexec",
+    {"start", "stop", "restart", "enable", "disable", "spawn", "reload", "reexec",
      "power-off", "reboot", "halt", "trigger"}
 )
 

@@ -112,20 +112,30 @@ def _stopped(svc: SVC) -> bool:
     return bool(svc.get("state", "stopped") == "stopped") and svc.get("next-respawn") is None
 
 
+def _enabled(svc: SVC) -> bool:
+    return svc.get("enabled", True) is not False
+
+
 #: (header, bullet, membership test, header style) in Shepherd's order.
 _SECTIONS: tuple[tuple[str, str, Callable[[SVC], bool], str], ...] = (
     ("Started:", "+", lambda s: s.get("state") == "running", "bold"),
     ("Starting:", "^", lambda s: s.get("state") == "starting", "bold"),
-    ("Stopped:", "-", lambda s: _stopped(s) and not s.get("one-shot") and not _failures(s), "bold"),
+    ("Stopped:", "-", lambda s: _stopped(s) and _enabled(s) and not s.get("one-shot") and not _failures(s), "bold"),
     ("Stopping:", "v", lambda s: s.get("state") == "stopping", "bold"),
     ("Respawning:", "~", lambda s: s.get("next-respawn") is not None, "warn"),
-    ("One-shot:", "*", lambda s: _stopped(s) and bool(s.get("one-shot")), "bold"),
-    ("Failed to start:", "!", lambda s: _stopped(s) and bool(_failures(s)), "error"),
+    ("One-shot:", "*", lambda s: _stopped(s) and _enabled(s) and bool(s.get("one-shot")) and not _failures(s),
+     "bold"),
+    ("Disabled:", "x", lambda s: _stopped(s) and not _enabled(s), "warn"),
+    ("Failed to start:", "!", lambda s: _stopped(s) and _enabled(s) and bool(_failures(s)), "error"),
 )
 
 
 def render_summary(services: Iterable[SVC], *, color: bool = False) -> str:
-    """``herd status``: the sections of Shepherd's summary, each only if non-empty."""
+    """``herd status``: the sections of Shepherd's summary, each only if non-empty.
+
+    Each service is in exactly one section; a disabled one is under
+    ``Disabled:`` whatever its failures (they are in its status block).
+    """
     style = Style(color)
     services = list(services)
     out: list[str] = []
@@ -194,7 +204,10 @@ def render_service(svc: SVC, *, now: float | None = None, color: bool = False) -
     lines = [style.bold(f"Status of {name}:")]
     if running:
         lines.append(f"  It is running since {when(since)}." if since else "  It is running.")
-        lines.append(f"  Running value is {pid if pid is not None else '#t'}.")
+        if pid is not None:
+            lines.append(f"  Running value is {pid}.")
+        elif not svc.get("timer"):  # a timer between runs has no running value
+            lines.append("  Running value is #t.")
     elif state == "starting":
         lines.append("  It is starting.")
     elif state == "stopping":
@@ -232,8 +245,11 @@ def render_service(svc: SVC, *, now: float | None = None, color: bool = False) -
     lines.append(f"  Requires {_scheme_list(svc.get('requires') or [])}.")
     if svc.get("timer"):
         lines.append(f"  It is a timer (schedule {tame(str(svc['timer'].get('schedule')))}).")
+    elif svc.get("one-shot"):
+        lines.append("  It is one-shot: it runs to completion when started, and is never respawned.")
     else:
-        lines.append("  Will be respawned." if svc.get("respawn") else "  Will not be respawned.")
+        respawned = svc.get("respawn") and enabled
+        lines.append("  Will be respawned." if respawned else "  Will not be respawned.")
     if svc.get("replacement-pending"):
         lines.append("  A new definition is pending; it applies at the next restart.")
     if respawns:
@@ -361,7 +377,7 @@ def render_doc(result: Mapping[str, Any]) -> str:
     actions = result.get("actions") or []
     if actions:
         out.append("")
-        out.append("Custom actions:")
+        out.append("Actions:" if result.get("service") == "root" else "Custom actions:")
         for action in actions:
             if isinstance(action, Mapping):
                 adoc = str(action.get("documentation") or "").strip()

@@ -27,7 +27,7 @@ from ._messages import say
 if TYPE_CHECKING:
     from ._connection import _Connection
 
-__all__ = ["Action", "ACTIONS", "find_action", "STREAMED"]
+__all__ = ["Action", "ACTIONS", "find_action", "root_doc", "STREAMED"]
 
 #: Returned by handlers whose reply was sent before their event stream began.
 STREAMED: Final = object()
@@ -143,10 +143,15 @@ async def _graph(conn: _Connection, req: Request, _: None) -> Any:
 async def _log(conn: _Connection, req: Request, parsed: tuple[int, bool]) -> Any:
     n, follow = parsed
     hub = conn.engine.hub
+    name: str | None
     if req.service:
-        service = conn.engine.lookup(req.service)
-        lines = service.recent_log(n)
-        name: str | None = service.name
+        ended = conn.engine.transients.recent_log(req.service, n)
+        if ended is not None and req.service not in conn.engine.services:  # a transient, gone
+            lines, name = ended, req.service
+        else:
+            service = conn.engine.lookup(req.service)
+            lines = service.recent_log(n)
+            name = service.name
     else:
         lines = hub.recent(n)
         name = None
@@ -205,6 +210,17 @@ async def _reload(conn: _Connection, req: Request, path: Path | None) -> Any:
     return await conn.engine.reload(path, requester=conn.peer_uid)
 
 
+def _spawn_args(req: Request) -> list[Any]:
+    """``[PROGRAM, ARG...]``: checked by `_transient`."""
+    if req.service is None:
+        raise ProtocolError("bad-arguments", "usage: spawn NAME -- COMMAND [ARG...]")
+    return req.args
+
+
+async def _spawn(conn: _Connection, req: Request, argv: list[Any]) -> Any:
+    return await conn.engine.transients.spawn(req.service, argv, conn.peer_uid)
+
+
 async def _reexec(conn: _Connection, req: Request, _: None) -> Any:
     reexec = conn.server.reexec
     if reexec is None:
@@ -238,6 +254,7 @@ ACTIONS: Final[tuple[Action, ...]] = (
     Action("restart", _restart, read_only=False, args=no_args),
     Action("enable", _enable, read_only=False, args=no_args),
     Action("disable", _disable, read_only=False, args=no_args),
+    Action("spawn", _spawn, read_only=False, args=_spawn_args),
     Action("stop", _shutdown, read_only=False, args=no_args, root="only"),
     Action("power-off", _shutdown, read_only=False, args=no_args, root="only"),
     Action("reboot", _shutdown, read_only=False, args=no_args, root="only"),
@@ -258,3 +275,39 @@ def find_action(action: str, service: str | None) -> Action | None:
         if entry is not None and (service == "root" or entry.root == "default"):
             return entry
     return _GENERAL.get(action)
+
+
+#: What `doc root` says of the supervisor's own actions (Shepherd's root service).
+_ROOT_DOCS: Final = {
+    "status": "List every service in Shepherd's sections (the summary).",
+    "detailed-status": "Show the status of every service, with recent log lines.",
+    "doc": "Show the documentation of a service or of one of its actions.",
+    "log": "Show recent log lines of every service.",
+    "graph": "Show the dependency graph in Graphviz DOT.",
+    "reload": "Read the configuration file again (or FILE) and apply it as a diff.",
+    "reexec": "Execute the supervisor again in place; every service keeps running.",
+    "stop": "Stop every service, dependents first, then exit.",
+    "power-off": "Stop every service, then power off (PID 1 only).",
+    "reboot": "Stop every service, then reboot (PID 1 only).",
+    "halt": "Stop every service, then halt (PID 1 only).",
+}
+
+
+def root_doc(args: list[Any]) -> dict[str, Any]:
+    """`doc root [action NAME]`: the supervisor itself, as Shepherd's root service.
+
+    Raises:
+        ProtocolError: ``bad-arguments``, or ``unknown-action`` (with a suggestion).
+    """
+    doc = "The root service is the supervisor itself: its actions operate on every service."
+    if not args:
+        return {"service": "root", "documentation": doc,
+                "actions": [{"name": n, "documentation": d} for n, d in _ROOT_DOCS.items()]}
+    if len(args) != 2 or args[0] != "action" or not isinstance(args[1], str):
+        raise ProtocolError("bad-arguments", "usage: doc SERVICE [action NAME]")
+    if args[1] not in _ROOT_DOCS:
+        from herd.suggest import did_you_mean
+
+        raise ProtocolError("unknown-action",
+                            f"root has no action {args[1]!r}{did_you_mean(args[1], _ROOT_DOCS)}")
+    return {"service": "root", "action": args[1], "documentation": _ROOT_DOCS[args[1]]}

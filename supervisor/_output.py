@@ -162,6 +162,7 @@ class ServiceOutput:
         self.ring = Ring(ring, RING_BYTES)
         self._pipes: dict[str, tuple[int, int]] = {}
         self._seed_pending = False  # read the ring back from the file first (see reload_history)
+        self._resting = False  # the service is stopped: the file is closed after each write
         #: told of every pipe made or closed (the keeper: see _keeper_link)
         self.on_pipe: Callable[[ServiceOutput, str, tuple[int, int] | None], None] | None = None
 
@@ -185,6 +186,7 @@ class ServiceOutput:
 
     def writers(self, nursery: trio.Nursery) -> tuple[int, int]:
         """Write ends for a child's stdout and stderr (pipes made on first use)."""
+        self._resting = False
         for stream in ("stdout", "stderr"):
             if stream not in self._pipes:
                 r, w = os.pipe2(os.O_CLOEXEC)
@@ -236,8 +238,18 @@ class ServiceOutput:
                 # loses at most what this call has in hand
                 for when, text in self.file.feed(stream, data):
                     self._keep(when, stream, text)
+                if self._resting:  # a stopped service's last words (or a left-over process's)
+                    self.file.close()
         for when, text in self.file.feed(stream, b"", final=True):
             self._keep(when, stream, text)
+        if self._resting:
+            self.file.close()
+
+    def rest(self) -> None:
+        """The service stopped: close its log file (reopened for each later line,
+        then closed again) until it runs again."""
+        self._resting = True
+        self.file.close()
 
     def close(self) -> None:
         for stream, (r, w) in self._pipes.items():
@@ -253,6 +265,8 @@ class ServiceOutput:
         """A line from the supervisor about this service (start, exit, …)."""
         now = datetime.now().astimezone()
         self.file.line("supervisor", text, now)
+        if self._resting:
+            self.file.close()
         self._keep(now, "supervisor", text)
 
     def _keep(self, now: datetime, stream: str, text: str) -> None:

@@ -18,7 +18,11 @@ __all__ = ["probe_connect", "wait_pid_file", "remove_stale", "readable_then_canc
 
 
 async def readable_then_cancel(sock: socket.socket, scope: trio.CancelScope) -> None:
-    await trio.lowlevel.wait_readable(sock)
+    """Cancel `scope` once `sock` is readable, or closed (`trio.lowlevel.notify_closing`)."""
+    try:
+        await trio.lowlevel.wait_readable(sock)
+    except trio.ClosedResourceError:
+        pass
     scope.cancel()
 
 

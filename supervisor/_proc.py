@@ -246,10 +246,10 @@ def _check_found(command: str, env: dict[str, str]) -> None:
 
 def spawn(spec: ServiceSpec, *, stdout: int, stderr: int, extra_env: dict[str, str] | None = None,
           listen_fds: Sequence[tuple[int, str]] = (), cgroup_fd: int | None = None,
-          guard_fds: Sequence[int] = ()) -> Child:
+          guard_fds: Sequence[int] = (), stdin: int | None = None) -> Child:
     """Start `spec.command` in a new session, with the spec's credentials.
 
-    The child gets /dev/null as stdin, `stdout`/`stderr` as given, and no other
+    The child gets /dev/null as stdin (or `stdin`: an inetd connection), `stdout`/`stderr` as given, and no other
     descriptor but the `listen_fds` (fd, name), which it receives as 3, 4, …
     with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID set (socket activation),
     and the `guard_fds` (docs/keeper.md, "The guard"): right after the
@@ -304,7 +304,7 @@ def spawn(spec: ServiceSpec, *, stdout: int, stderr: int, extra_env: dict[str, s
     try:
         popen = subprocess.Popen(
             argv,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=stdout,
             stderr=stderr,
             close_fds=not listen_fds,

@@ -96,7 +96,7 @@ def restore(service: Service, record: dict[str, Any], child: _proc.Child | None)
     since = record.get("since")
     if isinstance(since, (int, float)):
         service.since = float(since)
-    processless = service.spec.command is None or service.spec.schedule is not None
+    processless = service.spec.command is None or service.spec.schedule is not None or service.spec.accepts
     if child is not None:
         service.child = child
         service.state = State.RUNNING
@@ -163,6 +163,8 @@ def snapshot(service: Service, *, log_lines: int = 0) -> dict[str, Any]:
         "next-respawn": service.respawn_at,
         "respawn-delay": service.respawn_wait,
         "health": service.health.to_json(spec.health) if spec.health is not None else None,
+        "waiting": waiting(service),
+        "inetd": service.inetd.to_json() if spec.accepts else None,
     }
     if log_lines:
         out["recent-log"] = [line.to_json() for line in service.output.recent(log_lines)]
@@ -175,6 +177,27 @@ def snapshot(service: Service, *, log_lines: int = 0) -> dict[str, Any]:
             except Exception as exc:  # a details hook must never break status
                 out["details"] = {"error": f"{type(exc).__name__}: {exc}"}
     return out
+
+
+def waiting(service: Service) -> dict[str, Any] | None:
+    """What a starting or stopping service waits for: ``{"for", "since",
+    "timeout"}`` (herd's progress line), or None.  Derived from its state,
+    `since` and definition only, so a cached status stays true."""
+    spec = service.spec
+    if service.state is State.STARTING:
+        ready = spec.ready
+        what = {"notify": "READY=1", "pid-file": f"its PID file {ready.path}",
+                "tcp": f"a connection to {ready.address}", "unix": f"a connection to {ready.path}"}
+        return {"for": what.get(ready.type, "its process to start"), "since": service.since,
+                "timeout": spec.start_timeout}
+    if service.state is State.STOPPING:
+        try:
+            sig = signal.Signals(spec.stop_signal).name
+        except ValueError:
+            sig = f"signal {spec.stop_signal}"
+        return {"for": f"its processes to exit after {sig}", "since": service.since,
+                "timeout": spec.stop_timeout}
+    return None
 
 
 def _process_stats(service: Service) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import pkgutil
 import re
 import shlex
@@ -24,6 +25,7 @@ from typing import Any
 
 from herd.protocol import default_paths
 
+from ._custom_actions import read_actions
 from .graph import Graph
 from .health_config import read_backoff, read_health
 from .schema import ConfigError, ConfigErrors, Table, unusable_values
@@ -222,6 +224,10 @@ def _read_sockets(t: Table, key: str, service: str) -> tuple[SocketSpec, ...]:
         mode = sub.octal("mode", 0o666)
         group = sub.str_or_int("group")
         backlog = sub.int("backlog", 128, min=1, max=65535)
+        accept = sub.bool("accept", False)
+        max_connections = sub.int("max-connections", 100, min=1, max=65535)
+        if not accept and sub.has("max-connections"):
+            sub.error("max-connections", "applies to accept = true sockets only")
         if (path is None) == (address is None):
             sub.error(None, 'needs exactly one of "path" (a Unix socket) or "address" ("host:port")')
         elif path is not None and not path.startswith("/"):
@@ -232,7 +238,7 @@ def _read_sockets(t: Table, key: str, service: str) -> tuple[SocketSpec, ...]:
             sub.error(None, '"mode" and "group" apply to Unix sockets ("path") only')
         sub.finish()
         out.append(SocketSpec(name=name or service, path=path, address=address, mode=mode,
-                              group=group, backlog=backlog))
+                              group=group, backlog=backlog, accept=accept, max_connections=max_connections))
     return tuple(out)
 
 
@@ -356,6 +362,7 @@ def read_service_table(t: Table, name: str, settings: Settings) -> ServiceSpec:
         max_duration=t.number("max-duration", None, min=0, exclusive_min=True),
         sockets=_read_sockets(t, "sockets", name),
         activation=t.choice("activation", ("eager", "lazy"), "eager"),
+        actions=read_actions(t, "actions"),
         source=t.path,
     )
     if spec.schedule is not None:
@@ -368,6 +375,14 @@ def read_service_table(t: Table, name: str, settings: Settings) -> ServiceSpec:
     for key, value in (("health", spec.health), ("respawn-backoff", spec.respawn_backoff)):
         if value is not None and (spec.one_shot or spec.schedule is not None):
             t.error(key, "applies to long-running services only (not one-shot services or timers)")
+    if spec.accepts:
+        if not all(s.accept for s in spec.sockets):
+            t.error("sockets", "either every socket has accept = true (inetd-style) or none has")
+        for key, bad in (("one-shot", spec.one_shot), ("schedule", spec.schedule is not None),
+                         ("activation", spec.activation == "lazy"), ("ready", spec.ready.type != "started"),
+                         ("watchdog-sec", spec.watchdog_sec is not None)):
+            if bad:
+                t.error(key, "does not apply to an inetd-style service (sockets with accept = true)")
     if spec.activation == "lazy" and not spec.sockets:
         t.error("activation", '"lazy" needs at least one entry in "sockets"')
     if spec.watchdog_sec is not None and spec.ready.type != "notify":
@@ -468,8 +483,11 @@ def parse_config(
         root.seen.add(key)
         stype = types.get(key)
         if stype is None:
-            known = ", ".join(sorted(["supervisor", "services", *types]))
-            errors.append(ConfigError(key, f"unknown table (known: {known})"))
+            from herd.suggest import did_you_mean
+
+            names = ["supervisor", "services", *types]
+            known = ", ".join(sorted(names))
+            errors.append(ConfigError(key, f"unknown table{did_you_mean(key, names)} (known: {known})"))
             continue
         if stype.array:
             arg: Any = root.table_list(key) if isinstance(value, list) else [Table(value, key, errors)]
@@ -482,10 +500,27 @@ def parse_config(
                 rejected.add(spec.name)
 
     _check_values(errors, document)
+    _check_socket_owners(errors, specs)
     graph = Graph.build(specs, errors, rejected=frozenset(rejected))
     if errors:
         raise ConfigErrors(errors)
     return Config(settings=settings, services=tuple(specs), graph=graph, path=path)
+
+
+def _check_socket_owners(errors: list[ConfigError], specs: Sequence[ServiceSpec]) -> None:
+    """Two services naming the same socket path or address: an error naming both
+    (the second would otherwise silently take it from the first)."""
+    owner: dict[str, str] = {}
+    for spec in specs:
+        for i, sock in enumerate(spec.sockets):
+            where = sock.path if sock.path is not None else sock.address
+            if where is None:
+                continue
+            key = os.path.normpath(where) if sock.path is not None else where
+            other = owner.setdefault(key, spec.name)
+            if other != spec.name:
+                errors.append(ConfigError(f"{spec.source or f'services.{spec.name}'}.sockets[{i}].{'path' if sock.path else 'address'}",
+                                          f"{where} is also a socket of service {other}"))
 
 
 def load_config(path: Path, *, service_types: dict[str, ServiceType] | None = None,

@@ -76,6 +76,9 @@ class Engine:
         self.shutting_down = False
         self._pacer = Pacer()
         self.started_at = time.time()
+        from ._transient import Transients
+
+        self.transients = Transients(self)  # `herd spawn`
         for spec in config.services:
             self.services[spec.name] = self._new_service(spec)
 
@@ -171,6 +174,11 @@ class Engine:
         assert self._nursery is not None
         await self._nursery.start(self._run_actor, service)
 
+    def start_soon(self, fn: Any, *args: Any) -> None:
+        """Run `fn(*args)` as a task of the engine."""
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
     def remove_service(self, name: str) -> None:
         """A service gone from the configuration (a reload, after it stopped): its actor ends."""
         service = self.services.pop(name)
@@ -205,6 +213,8 @@ class Engine:
             log.info("state", service=service.name, old=old.value, new=new.value, reason=reason)
         for backlog in self._subscribers:  # a subscriber too far behind loses events, counted
             backlog.put(event)
+        if self.transients.running:
+            self.transients.on_state(service, new)
 
     @contextmanager
     def subscribe(self) -> Iterator[Backlog[dict[str, Any]]]:
@@ -273,8 +283,13 @@ class Engine:
         if not name:
             raise ProtocolError("bad-arguments", "this action needs a service name")
         canonical = self.graph.resolve(name)
+        if canonical is None and name in self.transients.running and name in self.services:
+            canonical = name
         if canonical is None:
-            raise ProtocolError("unknown-service", f"service {name!r} does not exist")
+            from herd.suggest import did_you_mean
+
+            raise ProtocolError("unknown-service",
+                                f"service {name!r} does not exist{did_you_mean(name, self.graph.names())}")
         return self.services[canonical]
 
     # -- operations ----------------------------------------------------------------------
@@ -283,6 +298,9 @@ class Engine:
         """Start a service and, first, what it requires.
 
         `operator`: asked for by a person (recorded as the service's intent).
+        Such an explicit start runs the one-shots it requires again (once per
+        request, as Shepherd does); other starts (auto-start, reload, socket
+        activation) take a completed one-shot as satisfied.
 
         Raises:
             ProtocolError: ``disabled`` or ``start-failed``.
@@ -290,7 +308,8 @@ class Engine:
         self._check_running()
         service = self.lookup(name)
         started: list[str] = []
-        outcome = await self._start(service, started, as_requirement=False, chain=(), operator=operator)
+        outcome = await self._start(service, started, as_requirement=False, chain=(), operator=operator,
+                                    runs={} if operator else None)
         if not outcome.ok:
             raise ProtocolError(outcome.code or "start-failed", outcome.message)
         if not started:
@@ -300,14 +319,28 @@ class Engine:
                 "pid": service.child.pid if service.child is not None else None}
 
     async def _start(self, service: Service, started: list[str], *, as_requirement: bool,
-                     chain: tuple[str, ...], operator: bool = False) -> Outcome:
-        if as_requirement and service.is_up:
-            return Outcome(True)
+                     chain: tuple[str, ...], operator: bool = False,
+                     runs: dict[str, _OneShotRun] | None = None) -> Outcome:
+        """`runs`: the one-shots this explicit request runs (None: not explicit)."""
+        if service.spec.one_shot and as_requirement and runs is not None:
+            run = runs.get(service.name)
+            if run is not None:  # run (or running) for this request already: its outcome
+                await run.done.wait()
+                return run.outcome
+            run = runs[service.name] = _OneShotRun()
+            try:
+                run.outcome = await self._start(service, started, as_requirement=False, chain=chain, runs=runs)
+            finally:
+                run.done.set()
+            return run.outcome
+        if service.is_up and (as_requirement or service.state is State.RUNNING):
+            return Outcome(True)  # (a running service's requirements are not started again)
         failures: list[Outcome] = []
         requirements = [self.services[r] for r in self.graph.requirements(service.name)]
         if requirements:
             async def one(req: Service) -> None:
-                outcome = await self._start(req, started, as_requirement=True, chain=(*chain, service.name))
+                outcome = await self._start(req, started, as_requirement=True, chain=(*chain, service.name),
+                                            runs=runs)
                 if not outcome.ok:
                     failures.append(Outcome(False, code="start-failed", message=(
                         f"{service.name}: requirement {req.name} failed to start: {outcome.message}")))
@@ -365,9 +398,10 @@ class Engine:
         targets = stopped or [service.name]
         started: list[str] = []
         failures: list[Outcome] = []
+        runs: dict[str, _OneShotRun] = {}
 
         async def one(svc: Service) -> None:
-            outcome = await self._start(svc, started, as_requirement=False, chain=())
+            outcome = await self._start(svc, started, as_requirement=False, chain=(), runs=runs)
             if not outcome.ok:
                 failures.append(outcome)
 
@@ -391,13 +425,18 @@ class Engine:
             ProtocolError: ``unknown-service`` or ``unknown-action``.
         """
         service = self.lookup(name)
-        actions = _actions_of(service.spec)
+        # a reload's actions apply at once (they do not touch the running process)
+        actions = _actions_of(service.pending_spec or service.spec)
         for spec in actions:
             if spec.name == action:
                 return spec
+        from herd.suggest import did_you_mean
+        from ._actions import ACTIONS
+
         known = ", ".join(a.name for a in actions) or "none"
+        hint = did_you_mean(action, [*(a.name for a in actions), *(a.name for a in ACTIONS if not a.root)])
         raise ProtocolError("unknown-action",
-                            f"service {service.name} has no action {action!r} (its actions: {known})")
+                            f"service {service.name} has no action {action!r}{hint} (its actions: {known})")
 
     async def custom_action(self, name: str, action: str, args: list[Any]) -> Any:
         """Run a service's custom action (see `action`).
@@ -494,6 +533,10 @@ class Engine:
         return {"services": [snapshot(self.services[n], log_lines=log_lines) for n in sorted(self.services)]}
 
     def doc(self, name: str, args: list[Any]) -> dict[str, Any]:
+        if name == "root" and self.graph.resolve(name) is None:
+            from ._actions import root_doc
+
+            return root_doc(args)
         service = self.lookup(name)
         spec = service.spec
         if args:
@@ -504,7 +547,8 @@ class Engine:
         return {
             "service": spec.name,
             "documentation": spec.documentation or _default_doc(spec),
-            "actions": [{"name": a.name, "documentation": a.documentation} for a in _actions_of(spec)],
+            "actions": [{"name": a.name, "documentation": a.documentation}
+                        for a in _actions_of(service.pending_spec or spec)],
         }
 
     def graph_dot(self) -> dict[str, str]:
@@ -519,6 +563,14 @@ class Engine:
         if self.cgroups is not None:
             return {"mode": "cgroup", "cgroup": self.cgroups.rel, "mount": str(self.cgroups.mount)}
         return {"mode": "process-tree", "reason": self.no_cgroups_reason}
+
+
+class _OneShotRun:
+    """A one-shot run by one explicit start request, shared by its dependents."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.outcome = Outcome(False, code="start-failed", message="cancelled")
 
 
 def _actions_of(spec: Any) -> tuple[ActionSpec, ...]:

@@ -58,9 +58,13 @@ class Graph:
                 if req in rejected:
                     continue
                 if req not in owner:
+                    from herd.suggest import did_you_mean
+
                     errors.append(ConfigError(
                         spec.key_path("requires") if spec.source else spec.name,
-                        f"{req!r} is provided by no service",
+                        # (a near name that is another service's is a typo; not this one's)
+                        f"{req!r} is provided by no service"
+                        f"{did_you_mean(req, (n for n in owner if owner[n] is not spec), cutoff=0.75)}",
                     ))
                 elif owner[req] is spec:
                     errors.append(ConfigError(
@@ -84,11 +88,15 @@ class Graph:
         """The canonical name for a name or provision, or None."""
         return self._names.get(name)
 
+    def names(self) -> list[str]:
+        """Every name and provision."""
+        return list(self._names)
+
     def requirements(self, name: str) -> tuple[str, ...]:
-        return self._requires[name]
+        return self._requires.get(name, ())  # (a transient service is in no graph)
 
     def dependents(self, name: str) -> tuple[str, ...]:
-        return tuple(self._dependents[name])
+        return tuple(self._dependents.get(name, ()))
 
     def order(self) -> list[str]:
         """Canonical names, requirements before dependents (ties by name)."""

@@ -53,6 +53,11 @@ async def apply(engine: Engine, path: Path | None, requester: int | None) -> dic
         raise ProtocolError("config-error", "\n".join(str(e) for e in exc.errors)) from None
     log_findings(config, log)
     new = {spec.name: spec for spec in config.services}
+    clash = sorted(n for n in new if n in engine.transients.running)
+    if clash:
+        raise ProtocolError("config-error", "\n".join(
+            f"services.{n}: a transient service (herd spawn) runs under this name; stop it first"
+            for n in clash))
     added = sorted(n for n in new if n not in engine.services)
     removed = [n for n in reversed(engine.graph.order()) if n not in new]
     changed = sorted(n for n in new if n in engine.services
@@ -90,6 +95,10 @@ async def apply(engine: Engine, path: Path | None, requester: int | None) -> dic
                 nursery.start_soon(start_new, name)
     for message in failures:
         say(message)
+    if not (added or removed or changed):
+        say(f"Reloaded {path}: nothing changed.")
+    else:
+        say(f"Reloaded {path}: {len(added)} added, {len(removed)} removed, {len(changed)} changed.")
     return {"config": str(path), "added": added, "removed": removed, "changed": changed,
             "pending": sorted(n for n in changed if engine.services[n].pending_spec is not None)}
 

@@ -122,8 +122,10 @@ class Table:
         """Report every key that no reader asked for."""
         for key in self.data:
             if key not in self.seen:
+                from herd.suggest import did_you_mean
+
                 known = ", ".join(sorted(self.seen)) or "none"
-                self.error(key, f"unknown key (known keys: {known})")
+                self.error(key, f"unknown key{did_you_mean(key, self.seen)} (known keys: {known})")
 
     def _get(self, key: str, default: Any, required: bool, check: Callable[[Any], T | None], expected: str) -> Any:
         value = self.raw(key)

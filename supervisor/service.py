@@ -68,6 +68,7 @@ from ._probes import (
 from ._state import StateStore
 from ._stopping import Strays, terminate
 from .spawn import spawn_process
+from ._inetd import Inetd
 from .timer import Timer
 from .spec import ServiceSpec
 
@@ -123,6 +124,7 @@ class Service:
         self._watchdog_deadline = math.inf
         self._watchdog_scope: trio.CancelScope | None = None
         self.timer = Timer(self)  # a service with a `schedule`: its events and runs
+        self.inetd = Inetd(self)  # sockets with accept = true: an instance per connection
         self._publish = publish
         self._gen = 0
         self._start_waiters: list[_Reply] = []
@@ -219,11 +221,15 @@ class Service:
                     self._wait_respawn(self.respawn_at - time.time())
                 # pipes handed over by a re-exec are read again, running or not
                 self.output.resume(nursery)
+                if self.state is State.STOPPED:
+                    self.output.rest()
                 task_status.started()
                 if self.child is None:
                     await self._sweep_unrecorded()
+                self._sync_listeners()
                 async for msg in self._inbox:
                     self._handle(msg)
+                    self._sync_listeners()
         finally:
             self.output.close()
             for spec, sock in zip(self.spec.sockets, self.listeners):
@@ -265,6 +271,25 @@ class Service:
                 break
         self._listeners_changed()
 
+    def _sync_listeners(self) -> None:
+        """A lazy service listens only while a connection may start it: while
+        it is disabled, or stopped by an operator, its sockets are closed, so
+        that a client's connect is refused instead of hanging."""
+        if self.spec.activation != "lazy" or not self.spec.sockets:
+            return
+        refuse = self.state is State.STOPPED and (not self.enabled or self.intent == "down")
+        if refuse and self.listeners:
+            for spec, sock in zip(self.spec.sockets, self.listeners):
+                trio.lowlevel.notify_closing(sock)  # the activation watch waits on it
+                _sockets.close(spec, sock)
+            self.listeners = []
+            self._listeners_changed()
+            log.info("lazy service's sockets closed", enabled=self.enabled, intent=self.intent)
+        elif not refuse and not self.listeners:
+            self._bind_sockets()
+            self._changed.set()  # the activation watch listens on them
+            self._changed = trio.Event()
+
     def _listeners_changed(self) -> None:
         if self.on_listeners is not None:
             self.on_listeners(self)
@@ -272,7 +297,7 @@ class Service:
     async def _activation_watch(self) -> None:
         """Lazy activation: start on the first connection while stopped."""
         while True:
-            while not (self.state is State.STOPPED and self.enabled):
+            while not (self.state is State.STOPPED and self.enabled and self.listeners):
                 await self._changed.wait()
             async with trio.open_nursery() as race:
                 for sock in self.listeners:
@@ -373,6 +398,7 @@ class Service:
             self._apply_pending_spec()
         if new is not State.RUNNING:
             self.timer.disarm()
+            self.inetd.disarm()
         if new is not State.RUNNING and self._watchdog_scope is not None:
             self._watchdog_scope.cancel()
             self._watchdog_scope = None
@@ -388,6 +414,8 @@ class Service:
         self._changed = trio.Event()
         self.since = time.time()
         self.history.changes.append((new.value, self.since))
+        if new is State.STOPPED:
+            self.output.rest()  # a stopped service's log file is not held open
         self.save()
         self._publish(self, old, new, reason)
 
@@ -470,6 +498,9 @@ class Service:
                 if spec.schedule is not None:  # a timer: being up means being armed
                     await trio.lowlevel.checkpoint_if_cancelled()
                     return True, None
+                if spec.accepts:  # inetd-style: being up means listening
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    return (False, self._socket_error) if self._socket_error is not None else (True, None)
                 if spec.command is None:
                     await trio.lowlevel.checkpoint_if_cancelled()
                     self._post(_HookStarted(gen))
@@ -616,6 +647,7 @@ class Service:
     def _on_start_done(self, ok: bool, reason: str | None) -> None:
         self._work_scope = None
         if ok:
+            self.history.startup_failures.clear()  # a good start clears the mark (Shepherd)
             if self.spec.one_shot:
                 self.one_shot_done = True
                 self.output.note(f"One-shot service {self.name} completed.")
@@ -629,7 +661,7 @@ class Service:
                 self._arm()
             self._reply_starts(Outcome(True))
             if (self.spec.command is not None and not self.spec.one_shot and self.spec.schedule is None
-                    and self.child is None):
+                    and not self.spec.accepts and self.child is None):
                 assert self.last_exit is not None  # exited between readiness and now
                 self._on_crash(self.last_exit)
             return
@@ -657,6 +689,8 @@ class Service:
             return
         if self.spec.schedule is not None:
             self.timer.arm(self._nursery)
+        if self.spec.accepts:
+            self.inetd.arm(self._nursery)
         if self.spec.watchdog_sec:
             self._nursery.start_soon(self._watchdog)
         if self.spec.health is not None and self.spec.command is not None:

@@ -123,6 +123,8 @@ class SocketSpec:
     mode: int = 0o666  # Unix sockets: file mode
     group: str | int | None = None  # Unix sockets: owning group
     backlog: int = 128
+    accept: bool = False  # inetd-style: one instance of the command per connection
+    max_connections: int = 100  # accept: instances at once on this socket
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +180,7 @@ class ActionSpec:
     documentation: str
     handler: ActionHandler = field(compare=False)
     read_only: bool = False  # may be called on the read-only socket
+    command: tuple[str, ...] | None = None  # a configured action's argv (compared: a reload sees a change)
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +266,11 @@ class ServiceSpec:
     def names(self) -> tuple[str, ...]:
         """The canonical name first, then the extra provisions."""
         return (self.name, *(p for p in self.provides if p != self.name))
+
+    @property
+    def accepts(self) -> bool:
+        """inetd-style: its sockets accept, one instance per connection."""
+        return any(s.accept for s in self.sockets)
 
     def action(self, name: str) -> ActionSpec | None:
         for action in self.actions:

@@ -130,12 +130,13 @@ def test_summary_sections_in_shepherd_order() -> None:
             "Starting:",
             " ^ hurd-vm",
             "Stopped:",
-            " - ganeti-noded",
             " - virtlogd",
             "Stopping:",
             " v ganeti-rapi",
             "One-shot:",
             " * qemu-binfmt",
+            "Disabled:",
+            " x ganeti-noded",
             "Failed to start:",
             " ! ganeti-wconfd",
         ]
@@ -196,6 +197,21 @@ def test_disabled_block() -> None:
     assert "  Will not be respawned." in text
     assert "  Last respawned on " in text
     assert "  Last exit: signal SIGKILL at " in text
+
+
+def test_status_lines_never_contradict() -> None:
+    # a respawning service that got disabled is not "Will be respawned."
+    crashed = svc("crashy", enabled=False, respawn=True, **{"disabled-reason": "respawning too fast"})
+    assert "  Will not be respawned." in block(crashed).splitlines()
+    assert render.render_summary([crashed]) == "Disabled:\n x crashy"
+    # a one-shot says so, and is never "Will be respawned."
+    once = block(svc("once", **{"one-shot": True, "respawn": True}))
+    assert "Will be respawned" not in once and "one-shot" in once
+    # a timer between runs has no running value; during a run its PID
+    timer = svc("tick", state="running", pid=None, timer={"schedule": "* * * * *"})
+    assert "Running value" not in block(timer)
+    assert "  Running value is 77." in block({**timer, "pid": 77}).splitlines()
+    assert "Will be respawned" not in block(timer)
 
 
 def test_failing_block() -> None:

@@ -378,7 +378,7 @@ OK = 'listen-tls = false\n'
     ('socket-activation = 1', 'libvirt.socket-activation: expected true or false, got 1'),
     ('listen = "tls"', 'libvirt.listen: expected true or false, got "tls"'),
     ('libvirt = "usr"', 'libvirt.libvirt: must be an absolute path (the installation prefix, e.g. "/usr"), got "usr"'),
-    ('mdns = true', ("libvirt.mdns: unknown key (known keys: access-drivers, admin-keepalive-count, "
+    ('mdns = true', ("libvirt.mdns: unknown key (did you mean 'mdns-adv' or 'mdns-name'?) (known keys: access-drivers, admin-keepalive-count, "
                      "admin-keepalive-interval, admin-max-client-requests, admin-max-clients, "
                      "admin-max-queued-clients, admin-max-workers, admin-min-workers, audit-level, audit-logging, "
                      "auth-tcp, auth-tls, auth-unix-ro, auth-unix-rw, auto-start, ca-file, cert-file, crl-file, "

@@ -68,8 +68,9 @@ def test_seed_example_and_other_values() -> None:
     ("max-backups = 4294967296", "virtlog.max-backups: must be at most 4294967295, got 4294967296"),
     ('max-clients = "1024"', 'virtlog.max-clients: expected an integer, got "1024"'),
     ('libvirt = ""', 'virtlog.libvirt: expected a non-empty string, got ""'),
-    ("max-requests = 1", ("virtlog.max-requests: unknown key (known keys: auto-start, health, libvirt, log-filters, "
-                          "log-level, log-outputs, max-backups, max-clients, max-size, socket-activation)")),
+    ("max-requests = 1", ("virtlog.max-requests: unknown key (did you mean 'max-clients'?) (known keys: auto-start, "
+                          "health, libvirt, log-filters, log-level, log-outputs, max-backups, max-clients, max-size, "
+                          "socket-activation)")),
 ])
 def test_bad_value_is_one_line_naming_the_key(toml: str, line: str) -> None:
     assert errors_of(f"[virtlog]\n{toml}\n") == [line]
