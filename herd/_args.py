@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 __all__ = [
@@ -33,7 +33,7 @@ DEFAULT_LOG_LINES: Final = 10
 #: Actions that take one or more services and print the server's messages.
 CHANGE_ACTIONS: Final = ("start", "stop", "restart", "enable", "disable")
 
-USAGE: Final = "usage: herd [-s|--socket PATH] [--json] ACTION [SERVICE] [ARG...]"
+USAGE: Final = "usage: herd [-s|--socket PATH] [--host [USER@]HOST[:SOCKET]]... [--json] ACTION [SERVICE] [ARG...]"
 
 HELP: Final = f"""{USAGE}
 
@@ -42,6 +42,10 @@ Control the supervisor.
 Options:
   -s, --socket PATH   control socket (default: $SUPERVISOR_SOCKET, else the
                       supervisor's default socket)
+      --host [USER@]HOST[:SOCKET]
+                      act on the supervisor of HOST, through ssh (SOCKET:
+                      its socket there, else -s, else /run/supervisor/
+                      control.sock); repeat for several hosts
       --json          print the daemon's JSON results, one object per line
   -h, --help          show this help and exit
       --version       show the version and exit
@@ -96,6 +100,7 @@ class Invocation:
     socket: str | None = None
     json: bool = False
     follow: bool = False
+    hosts: tuple[str, ...] = ()
     show_help: bool = False
     show_version: bool = False
 
@@ -108,6 +113,7 @@ class _Options:
     version: bool = False
     lines: int | None = None
     follow: bool = False
+    hosts: list[str] = field(default_factory=list)
 
 
 def _take_value(tokens: Sequence[str], i: int, short: str, longs: Sequence[str]) -> tuple[str, int] | None:
@@ -149,6 +155,15 @@ def _global_option(tokens: Sequence[str], i: int, opts: _Options) -> int | None:
         if not value:
             raise UsageError("the socket path is empty")
         opts.socket = value
+        return nxt
+    if tok == "--host" or tok.startswith("--host="):
+        if tok == "--host" and i + 1 >= len(tokens):
+            raise UsageError("option --host needs a value")
+        value, nxt = (tokens[i + 1], i + 2) if tok == "--host" else (tok[len("--host=") :], i + 1)
+        from herd._remote import parse_host  # only when --host is given
+
+        parse_host(value)
+        opts.hosts.append(value)
         return nxt
     return None
 
@@ -302,6 +317,7 @@ def parse_args(argv: Sequence[str]) -> Invocation:
         socket=opts.socket,
         json=opts.json,
         follow=opts.follow,
+        hosts=tuple(opts.hosts),
     )
 
 

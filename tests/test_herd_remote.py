@@ -1,0 +1,160 @@
+"""``herd --host [USER@]HOST[:SOCKET]``: a remote supervisor through a real sshd.
+
+A private sshd (tests/sshd.py) on localhost, key authentication; ``herd``
+finds its aliases through ``$HERD_SSH_CONFIG``.  The "remote" supervisors are
+the test's own daemons, reached over ssh as root.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import PY, PY_SLEEP, Supervisor, base_env, py_service, wait_until
+from sshd import SSHServer
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[SSHServer]:
+    server = SSHServer(tmp_path / "ssh")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def herd(sshd: SSHServer | None, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = base_env()
+    if sshd is not None:
+        env["HERD_SSH_CONFIG"] = str(sshd.config)
+    return subprocess.run(
+        [sys.executable, "-m", "herd", *args], env=env, capture_output=True, text=True,
+        timeout=timeout, stdin=subprocess.DEVNULL,
+    )
+
+
+def two_services(sup: Supervisor) -> dict[str, Any]:
+    return {
+        "services": {
+            "web": py_service(PY_SLEEP, sup.marker("web")),
+            "db": py_service(PY_SLEEP, sup.marker("db")),
+            "off": py_service(PY_SLEEP, sup.marker("off"), **{"auto-start": False}),
+        }
+    }
+
+
+def started(sup: Supervisor, config: dict[str, Any]) -> Supervisor:
+    sup.start(config)
+    wait_until(lambda: all(s["state"] == "running" for n, s in sup.status().items() if n != "off"),
+               10, "web and db running")
+    return sup
+
+
+def test_json_status_through_ssh_is_the_local_one(sup: Supervisor, sshd: SSHServer) -> None:
+    started(sup, two_services(sup))
+    local = herd(None, "-s", str(sup.socket), "--json", "status")
+    remote = herd(sshd, "-s", str(sup.socket), "--json", "--host", "localhost", "status")
+    assert remote.returncode == 0, remote.stderr
+    assert json.loads(remote.stdout) == json.loads(local.stdout)
+    # The socket may be named in the host string, the user too; the text is the local text.
+    local = herd(None, "-s", str(sup.socket), "status")
+    remote = herd(sshd, "status", f"--host=root@localhost:{sup.socket}")
+    assert remote.returncode == 0, remote.stderr
+    assert remote.stdout == local.stdout
+    assert "Started:" in remote.stdout and "web" in remote.stdout
+
+
+def test_actions_through_ssh(sup: Supervisor, sshd: SSHServer) -> None:
+    started(sup, two_services(sup))
+    before = sup.status("web")["pid"]
+    cp = herd(sshd, "--host", f"alpha:{sup.socket}", "restart", "web")
+    assert cp.returncode == 0, cp.stderr
+    after = sup.status("web")
+    assert after["state"] == "running" and after["pid"] != before
+    # Errors keep their exit status across ssh.
+    cp = herd(sshd, "--host", f"alpha:{sup.socket}", "start", "nonesuch")
+    assert cp.returncode == 2 and "nonesuch" in cp.stderr
+    # The read-only socket refuses writes there as here.
+    cp = herd(sshd, "--host", f"alpha:{sup.status_socket}", "stop", "web")
+    assert cp.returncode == 1 and "read-only" in cp.stderr.lower()
+    assert sup.status("web")["state"] == "running"
+
+
+def test_two_hosts_one_section_each(make_sup: Callable[[], Supervisor], sshd: SSHServer) -> None:
+    a, b = make_sup(), make_sup()
+    started(a, {"services": {"alpha-svc": py_service(PY_SLEEP, a.marker("x"))}})
+    started(b, {"services": {"beta-svc": py_service(PY_SLEEP, b.marker("y"))}})
+    hosts = ["--host", f"alpha:{a.socket}", "--host", f"beta:{b.socket}"]
+    cp = herd(sshd, "status", *hosts)
+    assert cp.returncode == 0, cp.stderr
+    text = cp.stdout
+    assert text.index(f"Host alpha:{a.socket}:") < text.index("alpha-svc") < text.index(f"Host beta:{b.socket}:")
+    assert text.index(f"Host beta:{b.socket}:") < text.index("beta-svc")
+    local_b = herd(None, "-s", str(b.socket), "status").stdout
+    assert text.endswith(local_b)  # the same format as a local herd, section by section
+
+    cp = herd(sshd, "--json", "status", *hosts)
+    assert cp.returncode == 0, cp.stderr
+    objs = [json.loads(line) for line in cp.stdout.splitlines()]
+    assert [o["host"] for o in objs] == [f"alpha:{a.socket}", f"beta:{b.socket}"]
+    assert [s["name"] for s in objs[0]["result"]["services"]] == ["alpha-svc"]
+    assert objs[1]["result"] == json.loads(herd(None, "-s", str(b.socket), "--json", "status").stdout)
+
+
+def test_unreachable_host_is_named_and_the_others_shown(sup: Supervisor, sshd: SSHServer) -> None:
+    started(sup, two_services(sup))
+    cp = herd(sshd, "status", "--host", f"dead:{sup.socket}", "--host", f"alpha:{sup.socket}")
+    assert cp.returncode == 3
+    assert f"herd: error: dead:{sup.socket}: ssh failed:" in cp.stderr
+    assert "web" in cp.stdout.split(f"Host alpha:{sup.socket}:")[1]
+    cp = herd(sshd, "--json", "status", "--host", f"dead:{sup.socket}", "--host", f"alpha:{sup.socket}")
+    objs = [json.loads(line) for line in cp.stdout.splitlines()]
+    assert objs[0]["host"] == f"dead:{sup.socket}" and objs[0]["error"]["code"] == "unreachable"
+    assert "result" in objs[1]
+    # One unreachable host alone: exit 3 and its name.
+    cp = herd(sshd, "status", "--host", "dead")
+    assert cp.returncode == 3 and "dead: ssh failed:" in cp.stderr
+
+
+def test_host_whose_supervisor_is_down(sup: Supervisor, sshd: SSHServer, tmp_path: Path) -> None:
+    started(sup, two_services(sup))
+    gone = tmp_path / "no-such.sock"
+    cp = herd(sshd, "status", "--host", f"alpha:{gone}", "--host", f"beta:{sup.socket}")
+    assert cp.returncode == 3
+    assert f"alpha:{gone}: no supervisor at {gone}" in cp.stderr
+    assert "is the supervisor running?" in cp.stderr
+    assert "web" in cp.stdout
+    sup.stop()
+    cp = herd(sshd, "-s", str(sup.socket), "status", "--host", "beta")
+    assert cp.returncode == 3 and f"beta: no supervisor at {sup.socket}" in cp.stderr
+
+
+@pytest.mark.parametrize("host", [
+    "-oProxyCommand=touch {canary}",
+    "-F{canary}",
+    "--",
+    "",
+    "alpha;touch {canary}",
+    "$(touch {canary})",
+    "alpha touch",
+    "alpha\n-oProxyCommand=x",
+    "-lroot@alpha",
+    "alpha:relative.sock",
+    "root;x@alpha",
+    "[::1",
+    "%h",
+])
+def test_hostile_host_strings_are_refused(host: str, tmp_path: Path) -> None:
+    canary = tmp_path / "canary"
+    value = host.format(canary=canary)
+    for args in (["--host", value, "status"], [f"--host={value}", "status"], ["status", "--host", value]):
+        cp = herd(None, *args)
+        assert cp.returncode == 2, (args, cp)
+        assert "herd: error:" in cp.stderr and ("host" in cp.stderr or "option" in cp.stderr)
+    assert not canary.exists()
