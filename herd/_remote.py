@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import IO, Final, TextIO
 
 from herd._args import Invocation, UsageError
-from herd._client import CONNECT_TIMEOUT, Connection, HerdError, Unreachable, exchange
+from herd._client import Connection, HerdError, Unreachable, exchange
 from herd.protocol import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, exit_code_for
 
 __all__ = [

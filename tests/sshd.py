@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from helpers import wait_until
+from helpers import terminate, wait_until
 
 SSHD = "/usr/sbin/sshd"
 ALIASES = ("localhost", "alpha", "beta")
@@ -80,10 +79,4 @@ class SSHServer:
         return "Server listening" in self.log.read_text(errors="replace")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)

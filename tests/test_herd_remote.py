@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from helpers import PY, PY_SLEEP, Supervisor, base_env, py_service, wait_until
+from helpers import PY_SLEEP, Supervisor, base_env, py_service, wait_until
 from sshd import SSHServer
 
 
