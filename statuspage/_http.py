@@ -144,7 +144,10 @@ def parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
             raise HttpError(400, f"repeated {name} header")
         headers[key] = value.strip()
     split = urlsplit(target)
-    path = unquote(split.path, errors="strict") if "%" in split.path else split.path
+    try:
+        path = unquote(split.path, errors="strict") if "%" in split.path else split.path
+    except UnicodeDecodeError:
+        raise HttpError(400, "bad percent-encoding in the request target") from None
     return method, path, split.query, headers
 
 

@@ -88,14 +88,16 @@ class Link:
             try:
                 chunk = await self.stream.receive_some(65536)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise SourceError(f"{self.target.label}: lost the connection ({exc})") from None
+                raise SourceError(await self._closed_reason(f"lost the connection ({exc})")) from None
             if not chunk:
-                raise SourceError(await self._closed_reason())
+                raise SourceError(await self._closed_reason(f"the supervisor at {self.target.path} "
+                                                            "closed the connection"))
             self._buf += chunk
 
-    async def _closed_reason(self) -> str:
+    async def _closed_reason(self, local: str) -> str:
+        """Why the connection ended: ``local`` here; for ssh, what ssh or the bridge said."""
         if self._process is None or self.target.host is None:
-            return f"{self.target.label}: the supervisor at {self.target.path} closed the connection"
+            return f"{self.target.label}: {local}"
         with trio.move_on_after(5):
             await self._process.wait()
         self._stderr.seek(0)
@@ -162,8 +164,9 @@ async def _open_stream(target: Target) -> Link:
     try:
         await stream.send_all(os.fsencode(target.path) + b"\n")
     except (trio.BrokenResourceError, OSError):
+        reason = await link._closed_reason("ssh ended at once")
         await link.aclose()
-        raise SourceError(f"{target.label}: ssh ended at once") from None
+        raise SourceError(reason) from None
     return link
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +18,6 @@ import pytest
 
 from helpers import PY_SLEEP, Supervisor, base_env, py_service, wait_until
 from sshd import SSHServer
-
-
-@pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[SSHServer]:
-    server = SSHServer(tmp_path / "ssh")
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def herd(sshd: SSHServer | None, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
