@@ -45,7 +45,8 @@ SECURITY_HEADERS: Final = (
      "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"),
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
-    ("Referrer-Policy", "no-referrer"),
+    # "same-origin", not "no-referrer": with no-referrer a form POST carries "Origin: null".
+    ("Referrer-Policy", "same-origin"),
     ("Cache-Control", "no-store"),
 )
 

@@ -142,3 +142,32 @@ def test_page_says_when_the_supervisor_is_down(sup: Supervisor, browser: Browser
         assert browser.eval("window.__notReloaded") == "yes"
     finally:
         page.close()
+
+
+def test_write_actions_from_the_page(sup: Supervisor, browser: Browser, tmp_path: Path) -> None:
+    sup.start({"services": {"db": {"command": [SLEEP, "1000000"]},
+                            "web": {"command": [SLEEP, "1000000"], "requires": ["db"]}}})
+    wait_until(lambda: all(s["state"] == "running" for s in sup.status().values()), 15, "the services running")
+    token = tmp_path / "token"
+    token.write_text("operator-token-0123456789abcdef\n")
+    token.chmod(0o600)
+    page = StatusPage("-s", str(sup.status_socket), "--allow-writes", "--token-file", str(token),
+                      "--control-socket", str(sup.socket))
+    try:
+        browser.call("Page.navigate", url=page.url)
+        wait_until(lambda: len(dom_rows(browser)) == 2, 30, "the rows")
+        # Logged out: a login form, no action buttons.
+        assert browser.eval("document.querySelectorAll('button[data-action]').length") == 0
+        browser.eval("document.querySelector('#auth input[name=token]').value = 'operator-token-0123456789abcdef';"
+                     "document.querySelector('#auth form').submit()")
+        wait_until(lambda: browser.eval("document.querySelectorAll('tr.svc[data-service=\"web\"] button[data-action]').length") == 5,
+                   30, "the action buttons after login")
+        old = sup.status("web")["pid"]
+        browser.eval("document.querySelector('tr.svc[data-service=\"web\"] button[data-action=\"restart\"]').click()")
+        wait_until(lambda: sup.status("web")["pid"] != old, 15, "web restarted from the page")
+        new = sup.status("web")["pid"]
+        wait_until(lambda: {r["name"]: r["pid"] for r in dom_rows(browser)}["web"] == new, 10, "the new pid shown")
+        wait_until(lambda: not browser.eval("document.getElementById('toast').classList.contains('bad')") and
+                   "web" in browser.eval("document.getElementById('toast').textContent"), 10, "the reply shown")
+    finally:
+        page.close()
