@@ -100,6 +100,8 @@ class Browser:
         if exe is None:
             pytest.fail("chromium is missing: contrib/dev test installs Debian's chromium")
         profile.mkdir(parents=True, exist_ok=True)
+        (profile / "DevToolsActivePort").unlink(missing_ok=True)  # a stale one names a dead port
+        self.ws: WebSocket | None = None
         self.log = profile.parent / "chromium.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
@@ -109,6 +111,13 @@ class Browser:
                  f"--user-data-dir={profile}", "--window-size=1280,900", "about:blank"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             )
+        try:
+            self._connect(profile)
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self, profile: Path) -> None:
         port_file = profile / "DevToolsActivePort"
         wait_until(lambda: self._alive() and port_file.exists() and port_file.read_text().count("\n") >= 1,
                    60, "chromium's DevToolsActivePort")
@@ -127,6 +136,7 @@ class Browser:
     def call(self, method: str, **params: Any) -> dict[str, Any]:
         """Send one CDP command; its result (events seen meanwhile are kept in ``events``)."""
         self.next_id += 1
+        assert self.ws is not None
         self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
         while True:
             msg = json.loads(self.ws.recv())
@@ -144,10 +154,8 @@ class Browser:
         return result["result"].get("value")
 
     def close(self) -> None:
-        try:
+        if self.ws is not None:
             self.ws.close()
-        except (OSError, AttributeError):
-            pass
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)

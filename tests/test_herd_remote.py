@@ -8,12 +8,17 @@ the test's own daemons, reached over ssh as root.
 from __future__ import annotations
 
 import json
+import os
+import select
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from helpers import PY_SLEEP, Supervisor, base_env, py_service, wait_until
@@ -59,6 +64,63 @@ def test_json_status_through_ssh_is_the_local_one(sup: Supervisor, sshd: SSHServ
     assert remote.returncode == 0, remote.stderr
     assert remote.stdout == local.stdout
     assert "Started:" in remote.stdout and "web" in remote.stdout
+
+
+def bridges() -> list[psutil.Process]:
+    """The remote ends (herd's bridge under sshd) still alive."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info["status"] != psutil.STATUS_ZOMBIE and "herd-bridge" in " ".join(p.info["cmdline"] or []):
+            found.append(p)
+    return found
+
+
+def test_follow_through_ssh_and_nothing_left_behind(sup: Supervisor, sshd: SSHServer) -> None:
+    started(sup, two_services(sup))
+    env = base_env()
+    env["HERD_SSH_CONFIG"] = str(sshd.config)
+    proc = subprocess.Popen([sys.executable, "-m", "herd", "--json", "--host", f"alpha:{sup.status_socket}", "events"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    buf = b""
+
+    def line(timeout: float = 30.0) -> dict[str, Any]:
+        nonlocal buf
+        deadline = time.monotonic() + timeout
+        while b"\n" not in buf:
+            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"no line from herd events within {timeout} s (so far {buf!r})"
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            assert chunk, f"herd events ended: {proc.stderr.read() if proc.stderr else ''}"
+            buf += chunk
+        first, buf = buf.split(b"\n", 1)
+        return json.loads(first)
+
+    try:
+        assert line()["subscribed"] is True  # the subscription is in place
+        sup.herd("restart", "web", check=True)
+        seen: list[dict[str, Any]] = []
+        while not any(e.get("service") == "web" and e.get("to") == "running" for e in seen):
+            seen.append(line())
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    assert [e["to"] for e in seen if e.get("service") == "web"][-2:] == ["starting", "running"]
+    # herd's ssh and the remote bridge end with herd.
+    wait_until(lambda: not bridges(), 15, "no bridge left after herd exits")
+    for args in (["status"], ["restart", "web"]):
+        cp = herd(sshd, "--host", f"alpha:{sup.socket}", *args)
+        assert cp.returncode == 0, cp.stderr
+    wait_until(lambda: not bridges(), 15, "no bridge left after herd exits")
+    # Following several hosts at once is refused.
+    cp = herd(sshd, "events", "--host", f"alpha:{sup.socket}", "--host", f"beta:{sup.socket}")
+    assert cp.returncode == 2 and "one --host" in cp.stderr
 
 
 def test_actions_through_ssh(sup: Supervisor, sshd: SSHServer) -> None:

@@ -32,7 +32,9 @@ def browser(tmp_path: Path) -> Iterator[Browser]:
 
 
 def config(sup: Supervisor) -> dict:
-    talk = "echo db ready; echo 'disk almost full' >&2; exec sleep 1000000"
+    talk = ("echo db ready; echo 'disk almost full' >&2; "
+            "echo '<img src=x onerror=\"window.__pwned=1\"><script>window.__pwned=2</script>'; "
+            "exec sleep 1000000")
     return {"services": {
         "db": {"command": ["/bin/sh", "-c", talk], "environment": {"SVTEST_MARKER": sup.marker("db")}},
         "web": {"command": ["/bin/sh", "-c", "echo serving; exec " + SLEEP + " 1000000"], "requires": ["db"],
@@ -93,6 +95,10 @@ def test_page_shows_the_supervisor_live(sup: Supervisor, browser: Browser, tmp_p
         # Each service's recent log (stdout, stderr, the supervisor's own lines).
         db_log = browser.eval("document.querySelector('tr.log-row[data-log-for=\"db\"]').textContent")
         assert "db ready" in db_log and "disk almost full" in db_log
+        # What a service prints is text, never markup.
+        assert '<img src=x onerror="window.__pwned=1"><script>' in db_log
+        assert browser.eval("document.querySelectorAll('pre.log img, pre.log script').length") == 0
+        assert browser.eval("typeof window.__pwned") == "undefined"
 
         # A restart through herd: the page follows, without a reload.
         browser.eval("window.__notReloaded = 'yes'")
