@@ -211,3 +211,21 @@ def test_hostile_host_strings_are_refused(host: str, tmp_path: Path) -> None:
         assert cp.returncode == 2, (args, cp)
         assert "herd: error:" in cp.stderr and ("host" in cp.stderr or "option" in cp.stderr)
     assert not canary.exists()
+
+
+@pytest.mark.parametrize("host,shown", [
+    ("root@127.0.0.1:/run/x.sock", "root@127.0.0.1:/run/x.sock"),
+    ("[::1]:/run/x.sock", "[::1]:/run/x.sock"),
+    ("user_1@host-a.example.org", "user_1@host-a.example.org"),
+    ("127.0.0.1", "127.0.0.1"),
+])
+def test_valid_host_forms_reach_ssh(host: str, shown: str, tmp_path: Path) -> None:
+    # Every host is sent to port 1, where nothing listens: ssh runs and fails, and herd names the host.
+    config = tmp_path / "ssh_config"
+    config.write_text("Host *\n  Port 1\n  HostName 127.0.0.1\n  ConnectTimeout 5\n")
+    env = base_env()
+    env["HERD_SSH_CONFIG"] = str(config)
+    cp = subprocess.run([sys.executable, "-m", "herd", "--host", host, "status"], env=env,
+                        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert cp.returncode == 3, cp
+    assert cp.stderr.startswith(f"herd: error: {shown}: ssh failed:"), cp.stderr

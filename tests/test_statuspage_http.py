@@ -293,3 +293,30 @@ def test_several_hosts_through_ssh(make_sup: Callable[[], Supervisor], sshd: SSH
         wait_until(lambda: rows(page.state(), 0) == herd_rows(a), 15, "the restart seen through ssh")
     finally:
         page.close()
+
+
+def test_page_reconnects_when_the_supervisor_is_back(make_sup: Callable[[], Supervisor]) -> None:
+    a = make_sup()
+    running(a.start(simple(a)))
+    page = StatusPage("-s", str(a.status_socket))
+    try:
+        first = wait_until(lambda: page.state()["hosts"][0]["supervisor"]["pid"], 10, "the page connected")
+        assert a.stop() == 0
+        down = wait_until(lambda: (h := page.state()["hosts"][0])["error"] and not h["connected"] and h,
+                          15, "the page to see the supervisor down")
+        assert str(a.status_socket) in down["error"]
+        # A new supervisor on the same sockets (a new epoch): the page comes back to it by itself.
+        b = make_sup()
+        args = [str(a.socket) if x == str(b.socket) else str(a.status_socket) if x == str(b.status_socket) else x
+                for x in b.daemon_args()]
+        b.start(simple(b), args=args)
+        pid = a.herd("ping", json=True, check=True).data["pid"]
+        assert pid != first
+        wait_until(lambda: (h := page.state()["hosts"][0])["connected"] and h["supervisor"]["pid"] == pid,
+                   30, "the page connected to the new supervisor")
+        now = wait_until(lambda: all(r[1] == "running" for r in herd_rows(a)) and herd_rows(a), 15,
+                         "the new supervisor's services running")  # `a` names the sockets b now serves
+        wait_until(lambda: rows(page.state()) == now, 15, "the new services shown")
+        assert page.state()["hosts"][0]["error"] is None
+    finally:
+        page.close()
