@@ -180,8 +180,12 @@ def ssh_argv(host: Host, env: Mapping[str, str] | None = None) -> list[str]:
     return argv
 
 
-def bridge_error(host: Host, sock: str, returncode: int | None, stderr: str) -> str:
-    """A one-line reason for a failed connection to ``host``, from ssh's exit and stderr."""
+def bridge_error(host: Host, sock: str, returncode: int | None, stderr: str, fallback: str | None = None) -> str:
+    """A one-line reason for a failed connection to ``host``, from ssh's exit and stderr.
+
+    ``fallback`` is used when neither ssh (exit status 255) nor the bridge (no
+    supervisor) failed: the far end was reached, and ``fallback`` says what it did.
+    """
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     last = lines[-1] if lines else ""
     if returncode == BRIDGE_NO_SUPERVISOR and last.startswith("herd-bridge:"):
@@ -189,6 +193,8 @@ def bridge_error(host: Host, sock: str, returncode: int | None, stderr: str) -> 
         return f"{host.text}: no supervisor at {sock} ({reason}); is the supervisor running?"
     if returncode == 255:
         return f"{host.text}: ssh failed: {last or 'exit status 255'}"
+    if fallback is not None:
+        return fallback
     if last:
         return f"{host.text}: {last}"
     return f"{host.text}: the connection closed before the supervisor's greeting"
@@ -227,20 +233,21 @@ class RemoteConnection(Connection):
             self._sock.sendall(self.remote_socket.encode() + b"\n")
             self.hello = self._read_hello()
             self._sock.settimeout(None)
-        except Unreachable:
-            raise Unreachable(self._failure()) from None
+        except Unreachable as exc:
+            message = exc.message if exc.message.startswith(self.host.text) else f"{self.host.text}: {exc.message}"
+            raise Unreachable(self._failure(message)) from None
         except OSError:
-            raise Unreachable(self._failure()) from None
+            raise Unreachable(self._failure(f"{self.host.text}: no greeting within {timeout:g} s")) from None
         return self
 
-    def _failure(self) -> str:
+    def _failure(self, fallback: str) -> str:
         try:
             code = self._proc.wait(5)
         except subprocess.TimeoutExpired:
             code = None
         self._stderr.seek(0)
         text = self._stderr.read(65536).decode("utf-8", "replace")
-        return bridge_error(self.host, self.remote_socket, code, text)
+        return bridge_error(self.host, self.remote_socket, code, text, fallback)
 
     def close(self) -> None:
         """Close the channel and end ssh."""

@@ -102,7 +102,8 @@ class Link:
             await self._process.wait()
         self._stderr.seek(0)
         text = self._stderr.read(65536).decode("utf-8", "replace")
-        return bridge_error(self.target.host, self.target.path, self._process.returncode, text)
+        return bridge_error(self.target.host, self.target.path, self._process.returncode, text,
+                            f"{self.target.label}: {local}")
 
     async def greet(self) -> dict[str, Any]:
         """Read and check the hello.

@@ -11,8 +11,10 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -183,6 +185,23 @@ def test_host_whose_supervisor_is_down(sup: Supervisor, sshd: SSHServer, tmp_pat
     assert f"alpha:{gone}: no supervisor at {gone}" in cp.stderr
     assert "is the supervisor running?" in cp.stderr
     assert "web" in cp.stdout
+    # Something else listens there: it says so, naming the host and the socket.
+    impostor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    impostor.bind(str(tmp_path / "impostor.sock"))
+    impostor.listen()
+
+    def answer() -> None:
+        conn, _ = impostor.accept()
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        conn.close()
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    cp = herd(sshd, "status", "--host", f"alpha:{tmp_path}/impostor.sock")
+    thread.join(30)
+    impostor.close()
+    assert cp.returncode == 3
+    assert cp.stderr == f"herd: error: alpha:{tmp_path}/impostor.sock does not speak the supervisor protocol\n"
     sup.stop()
     cp = herd(sshd, "-s", str(sup.socket), "status", "--host", "beta")
     assert cp.returncode == 3 and f"beta: no supervisor at {sup.socket}" in cp.stderr
