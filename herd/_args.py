@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 __all__ = [
@@ -37,7 +37,7 @@ CHANGE_ACTIONS: Final = ("start", "stop", "restart", "enable", "disable")
 BUILTIN_ACTIONS: Final = (*CHANGE_ACTIONS, "status", "detailed-status", "doc", "log", "graph", "events",
                           "reload", "reexec", "ping", "spawn", "help")
 
-USAGE: Final = "usage: herd [-s|--socket PATH] [--json] ACTION [SERVICE] [ARG...]"
+USAGE: Final = "usage: herd [-s|--socket PATH] [--host [USER@]HOST[:SOCKET]]... [--json] ACTION [SERVICE] [ARG...]"
 
 HELP: Final = f"""{USAGE}
 
@@ -46,6 +46,10 @@ Control the supervisor.
 Options:
   -s, --socket PATH   control socket (default: $SUPERVISOR_SOCKET, else the
                       supervisor's default socket)
+      --host [USER@]HOST[:SOCKET]
+                      act on the supervisor of HOST, through ssh (SOCKET:
+                      its socket there, else -s, else /run/supervisor/
+                      control.sock); repeat for several hosts
       --json          print the daemon's JSON results, one object per line
   -h, --help          show this help and exit
       --version       show the version and exit
@@ -102,6 +106,7 @@ class Invocation:
     socket: str | None = None
     json: bool = False
     follow: bool = False
+    hosts: tuple[str, ...] = ()
     show_help: bool = False
     show_version: bool = False
 
@@ -114,6 +119,7 @@ class _Options:
     version: bool = False
     lines: int | None = None
     follow: bool = False
+    hosts: list[str] = field(default_factory=list)
 
 
 def _take_value(tokens: Sequence[str], i: int, short: str, longs: Sequence[str]) -> tuple[str, int] | None:
@@ -155,6 +161,15 @@ def _global_option(tokens: Sequence[str], i: int, opts: _Options) -> int | None:
         if not value:
             raise UsageError("the socket path is empty")
         opts.socket = value
+        return nxt
+    if tok == "--host" or tok.startswith("--host="):
+        if tok == "--host" and i + 1 >= len(tokens):
+            raise UsageError("option --host needs a value")
+        value, nxt = (tokens[i + 1], i + 2) if tok == "--host" else (tok[len("--host=") :], i + 1)
+        from herd._remote import parse_host  # only when --host is given
+
+        parse_host(value)
+        opts.hosts.append(value)
         return nxt
     return None
 
@@ -320,6 +335,7 @@ def parse_args(argv: Sequence[str]) -> Invocation:
         socket=opts.socket,
         json=opts.json,
         follow=opts.follow,
+        hosts=tuple(opts.hosts),
     )
 
 

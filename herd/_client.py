@@ -30,6 +30,7 @@ __all__ = [
     "ServerError",
     "Connection",
     "exchange",
+    "next_object",
 ]
 
 #: Seconds allowed for connecting and receiving the hello line.  Replies
@@ -64,6 +65,31 @@ class ServerError(HerdError):
         message = str(error.get("message") or ERROR_CODES.get(code, (0, code))[1])
         super().__init__(message, exit_code_for(code))
         self.error = error
+
+
+def next_object(buf: bytearray) -> dict[str, Any] | None:
+    """Take the first complete line off ``buf`` and decode it; None until a line is complete.
+
+    Blank lines are skipped.
+
+    Raises:
+        ValueError: the line is not a JSON object (the message shows its start).
+    """
+    while True:
+        nl = buf.find(b"\n")
+        if nl < 0:
+            return None
+        line = bytes(buf[:nl])
+        del buf[: nl + 1]
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{line[:80]!r}")
+        return obj
 
 
 def _error_object(obj: dict[str, Any]) -> dict[str, Any] | None:
@@ -170,18 +196,11 @@ class Connection:
             HerdError: the server sent something that is not a JSON object.
         """
         while True:
-            nl = self._buf.find(b"\n")
-            if nl >= 0:
-                line = bytes(self._buf[:nl])
-                del self._buf[: nl + 1]
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    raise HerdError(f"garbled line from {self.path}: {line[:80]!r}") from None
-                if not isinstance(obj, dict):
-                    raise HerdError(f"garbled line from {self.path}: {line[:80]!r}")
+            try:
+                obj = next_object(self._buf)
+            except ValueError as exc:
+                raise HerdError(f"garbled line from {self.path}: {exc}") from None
+            if obj is not None:
                 return obj
             try:
                 chunk = self._sock.recv(_RECV_SIZE)

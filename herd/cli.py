@@ -180,9 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"herd {_version()}")
         return EXIT_OK
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-    path = socket_path(invocation)
     try:
-        with Connection.open(path) as conn:
+        if invocation.hosts:
+            from herd._remote import run_hosts  # only when --host is given
+
+            return run_hosts(invocation, sys.stdout, color=color)
+        with Connection.open(socket_path(invocation)) as conn:
             return run(invocation, conn, sys.stdout, color=color)
     except HerdError as exc:
         _error(exc.message)

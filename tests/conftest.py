@@ -28,6 +28,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,6 +82,18 @@ def make_sup(tmp_path: Path, containment: str) -> Iterator[Callable[[], Supervis
     finally:
         for s in made:
             s.cleanup()
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[Any]:
+    """A private sshd on localhost (:class:`sshd.SSHServer`), for ``herd --host`` and the status page."""
+    from sshd import SSHServer
+
+    server = SSHServer(tmp_path / "ssh")
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 def pytest_report_header(config: pytest.Config) -> str:

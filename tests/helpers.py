@@ -1041,3 +1041,14 @@ def assert_one_process_each(sup: Supervisor, pids: dict[str, int]) -> None:
 def assert_no_process(sup: Supervisor, *names: str) -> None:
     for name in names:
         assert find_pids(sup.marker(name)) == set(), f"{name} runs: {find_pids(sup.marker(name))}"
+
+
+def terminate(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM ``proc`` if it still runs, wait (bounded), then SIGKILL."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

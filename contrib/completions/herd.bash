@@ -28,7 +28,7 @@ _herd() {
     done
     if [[ -z $action ]]; then
         if [[ $cur == -* ]]; then
-            COMPREPLY=($(compgen -W "-s --socket --json -h --help --version" -- "$cur"))
+            COMPREPLY=($(compgen -W "-s --socket --host --json -h --help --version" -- "$cur"))
         else
             COMPREPLY=($(compgen -W "status detailed-status start stop restart enable disable doc log graph events reload reexec ping spawn" -- "$cur"))
         fi

@@ -34,6 +34,7 @@ end
 
 complete -c herd -f
 complete -c herd -s s -l socket -r -F -d 'control socket (default: $SUPERVISOR_SOCKET, else the supervisors default socket)'
+complete -c herd -l host -d '[USER@]HOST[:SOCKET] act on the supervisor of HOST, through ssh (SOCKET: its socket there, else -s, else /run/supervisor/ control.sock); repeat for several hosts'
 complete -c herd -l json -d 'print the daemons JSON results, one object per line'
 complete -c herd -s h -l help -d 'show this help and exit'
 complete -c herd -l version -d 'show the version and exit'

@@ -1,0 +1,7 @@
+"""``python -m statuspage``."""
+
+import sys
+
+from statuspage.cli import main
+
+sys.exit(main())
