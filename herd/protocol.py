@@ -80,7 +80,7 @@ MAX_LOG_LINES: Final = 10000
 #: each action once, in its action table (``supervisor/_actions.py``); these
 #: sets are that table's names for clients, which do not import the daemon.
 READ_ACTIONS: Final = frozenset(
-    {"status", "detailed-status", "doc", "log", "graph", "subscribe", "ping"}
+    {"status", "stats", "detailed-status", "doc", "log", "graph", "subscribe", "ping"}
 )
 #: Built-in actions that change something; refused on the read-only socket.
 #: (``trigger`` is every timer's action; a service type's own actions say

@@ -128,6 +128,10 @@ async def _status(conn: _Connection, req: Request, lines: int | None) -> Any:
     return conn.engine.status(req.service, log_lines=lines)
 
 
+async def _stats(conn: _Connection, req: Request, _: None) -> Any:
+    return await conn.engine.stats()
+
+
 async def _detailed_status(conn: _Connection, req: Request, lines: int) -> Any:
     return conn.engine.detailed_status(lines)
 
@@ -228,6 +232,7 @@ async def _reexec(conn: _Connection, req: Request, _: None) -> Any:
 ACTIONS: Final[tuple[Action, ...]] = (
     Action("ping", _ping, read_only=True, args=no_args),
     Action("status", _status, read_only=True, args=_status_args),
+    Action("stats", _stats, read_only=True, args=no_args),
     Action("detailed-status", _detailed_status, read_only=True, args=count_arg),
     Action("doc", _doc, read_only=True, args=_raw_args),
     Action("graph", _graph, read_only=True, args=no_args),

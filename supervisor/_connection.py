@@ -41,6 +41,7 @@ from . import __version__
 from ._actions import STREAMED, find_action
 from ._backlog import Backlog, Overflow
 from ._messages import MESSAGES
+from ._status_cache import Encoded, dumps
 
 if TYPE_CHECKING:
     from .control import ControlServer
@@ -135,12 +136,20 @@ class _Connection:
                 return
             data = encode({"id": obj.get("id"), "ok": False, "messages": [], "error": {
                 "code": "internal", "message": f"the reply could not be encoded as JSON: {exc}"}})
+        self.send_encoded(data)
+
+    def send_encoded(self, *parts: bytes) -> None:
+        """Queue one encoded line (newline included), given in parts (a cached
+        reply is queued as it is, never copied)."""
+        if self._closing:
+            return
         # One reply may be large (a long log); what is bounded is what waits
         # behind it for a client that does not read.
         if self.queued > MAX_QUEUED_BYTES:
             self.abort(f"more than {MAX_QUEUED_BYTES} bytes of replies wait for it")
             return
-        self._send_raw(data)
+        for data in parts:
+            self._send_raw(data)
 
     def _send_raw(self, data: bytes) -> None:
         if not data:
@@ -356,7 +365,11 @@ class _Connection:
             reply = {"id": req.id, "ok": True, "result": result, "messages": messages}
         finally:
             self.in_flight -= 1
-        if reply.get("result") is not STREAMED:
+        result = reply.get("result")
+        if isinstance(result, Encoded):  # a cached reply: the same bytes for every client
+            self.send_encoded(b'{"id":' + dumps(req.id) + b',"ok":true,"result":', result.data,
+                              b',"messages":' + dumps(messages) + b"}\n")
+        elif result is not STREAMED:
             self.send(reply)
 
     async def _perform(self, req: Request) -> Any:

@@ -32,6 +32,7 @@ from ._output import LogHub, ServiceOutput
 from . import _sockets, reload
 from ._pacer import Pacer
 from ._service_record import snapshot
+from ._status_cache import Encoded, StatusCache
 from ._cgroup import Hierarchy, Watcher
 from ._containment import Containment
 from ._state import StateStore
@@ -71,6 +72,8 @@ class Engine:
         self.log_dir = log_dir
         self.hub = LogHub()
         self.services: dict[str, Service] = {}
+        #: the encoded `status` replies, built once per change (`_status_cache`)
+        self.status_cache = StatusCache(self.services)
         self._subscribers: set[Backlog[dict[str, Any]]] = set()
         self._nursery: trio.Nursery | None = None
         self.shutting_down = False
@@ -85,6 +88,7 @@ class Engine:
         containment = Containment(spec.name, group, self.watcher, self.pid_owner)
         service = Service(spec, log_path=path, hub=self.hub, publish=self._on_state,
                           notify_socket=self.notify_socket, activate=self._activate, containment=containment)
+        service.on_change = self.status_cache.changed
         if self.keeper is not None:
             service.output.on_pipe = self._keep_pipe
             service.on_listeners = self._keep_listeners
@@ -168,12 +172,14 @@ class Engine:
         """A new service (a reload): its actor, running."""
         service = self._new_service(spec)
         self.services[spec.name] = service
+        self.status_cache.changed(spec.name)
         assert self._nursery is not None
         await self._nursery.start(self._run_actor, service)
 
     def remove_service(self, name: str) -> None:
         """A service gone from the configuration (a reload, after it stopped): its actor ends."""
         service = self.services.pop(name)
+        self.status_cache.changed(name)
         if service.run_scope is not None:
             service.run_scope.cancel()
 
@@ -188,6 +194,7 @@ class Engine:
     # -- events --------------------------------------------------------------------------
 
     def _on_state(self, service: Service, old: State, new: State, reason: str | None) -> None:
+        self.status_cache.state_changed(service.name)
         self.seq += 1
         event = {
             "event": "state",
@@ -484,10 +491,19 @@ class Engine:
 
     # -- reads ---------------------------------------------------------------------------
 
-    def status(self, name: str | None = None, *, log_lines: int = 10) -> dict[str, Any]:
+    def status(self, name: str | None = None, *, log_lines: int = 10) -> Encoded:
+        """The `status` result, encoded (see `_status_cache`).
+
+        Raises:
+            ProtocolError: ``unknown-service``.
+        """
         if name is not None:
-            return {"services": [snapshot(self.lookup(name), log_lines=log_lines)]}
-        return {"services": [snapshot(self.services[n]) for n in sorted(self.services)]}
+            return self.status_cache.one(self.lookup(name), log_lines)
+        return self.status_cache.full()
+
+    async def stats(self) -> Encoded:
+        """Every service's live figures (`stats`), read at most once a second."""
+        return await self.status_cache.stats()
 
     def detailed_status(self, log_lines: int = 10) -> dict[str, Any]:
         return {"services": [snapshot(self.services[n], log_lines=log_lines) for n in sorted(self.services)]}

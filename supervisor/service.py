@@ -121,6 +121,8 @@ class Service:
         self._watchdog_scope: trio.CancelScope | None = None
         self.timer = Timer(self)  # a service with a `schedule`: its events and runs
         self._publish = publish
+        #: told after each message the actor handled (its fields may have changed)
+        self.on_change: Callable[[str], None] | None = None
         self._gen = 0
         self._start_waiters: list[_Reply] = []
         self._stop_waiters: list[_Reply] = []
@@ -209,6 +211,8 @@ class Service:
                     await self._sweep_unrecorded()
                 async for msg in self._inbox:
                     self._handle(msg)
+                    if self.on_change is not None:
+                        self.on_change(self.name)
         finally:
             self.output.close()
             for spec, sock in zip(self.spec.sockets, self.listeners):
