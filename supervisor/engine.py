@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,10 +20,11 @@ from typing import Any
 import structlog
 import trio
 
-from herd.protocol import ProtocolError
+from herd.protocol import MAX_BACKLOG, ProtocolError
 
 from . import __version__
 from ._backlog import Backlog
+from ._events import EventLog
 from ._messages import MESSAGES, say
 from ._notify_server import ancestors, session_of
 from ._keeper_link import KeeperLink
@@ -62,9 +62,9 @@ class Engine:
         self._reload_lock = trio.Lock()
         self.reloads_waiting = 0  # reloads asked for while another (or a re-exec) holds the lock
         # Events are numbered: `seq` is contiguous for this `epoch`, which is
-        # drawn at a fresh start and kept across a re-exec.
-        self.epoch = uuid.uuid4().hex[:16]
-        self.seq = 0
+        # drawn at a fresh start and kept across a re-exec; the last ones are
+        # kept for subscribers that come back (`_events`).
+        self.events = EventLog()
         self.store: StateStore | None = None  # the service records (set by takeover.restore)
         self.overrides = overrides or {}
         self.notify_socket = notify_socket
@@ -195,11 +195,8 @@ class Engine:
 
     def _on_state(self, service: Service, old: State, new: State, reason: str | None) -> None:
         self.status_cache.state_changed(service.name)
-        self.seq += 1
-        event = {
+        event = self.events.number({
             "event": "state",
-            "seq": self.seq,
-            "epoch": self.epoch,
             "service": service.name,
             "from": old.value,
             "to": new.value,
@@ -207,16 +204,26 @@ class Engine:
             "time": service.since if old is not new else time.time(),
             "reason": reason,
             "enabled": service.enabled,
-        }
+        })
         if old is not new:
             log.info("state", service=service.name, old=old.value, new=new.value, reason=reason)
         for backlog in self._subscribers:  # a subscriber too far behind loses events, counted
             backlog.put(event)
 
+    @property
+    def epoch(self) -> str:
+        return self.events.epoch
+
+    @property
+    def seq(self) -> int:
+        return self.events.seq
+
     @contextmanager
-    def subscribe(self) -> Iterator[Backlog[dict[str, Any]]]:
-        """The state events from now on, until the block ends."""
-        backlog: Backlog[dict[str, Any]] = Backlog()
+    def subscribe(self, replay: list[dict[str, Any]] = ()) -> Iterator[Backlog[dict[str, Any]]]:
+        """The state events from now on (after those of `replay`), until the block ends."""
+        backlog: Backlog[dict[str, Any]] = Backlog(MAX_BACKLOG + len(replay))
+        for event in replay:
+            backlog.put(event)
         self._subscribers.add(backlog)
         try:
             yield backlog
