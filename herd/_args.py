@@ -55,6 +55,7 @@ Actions:
   log [SERVICE] [-n N] [-f]    recent log lines; -f follows until interrupted
   graph                        the dependency graph, in Graphviz DOT
   events                       state changes as JSON lines, until interrupted
+  metrics                      the services' figures, in the Prometheus text format
   reload root [FILE]           reload the configuration (from FILE)
   reexec root                  re-execute the supervisor in place
   ping                         check that the supervisor answers
@@ -86,7 +87,7 @@ class Invocation:
     """What one ``herd`` command line asks for.
 
     ``kind`` names how the replies are shown: ``summary``, ``status``,
-    ``detailed``, ``change``, ``doc``, ``log``, ``graph``, ``events``,
+    ``detailed``, ``change``, ``doc``, ``log``, ``graph``, ``events``, ``metrics``,
     ``ping`` or ``custom``.
     """
 
@@ -250,6 +251,9 @@ def _plan(action: str, rest: Sequence[str], opts: _Options) -> tuple[str, list[C
     if action in ("graph", "ping"):
         _no_service(action, _scan(action, rest, opts))
         return action, [Call(action)]
+    if action == "metrics":
+        _no_service(action, _scan(action, rest, opts))
+        return "metrics", [Call("ping"), Call("status"), Call("stats")]
     if action == "events":
         _no_service(action, _scan(action, rest, opts))
         opts.follow = True
