@@ -12,7 +12,7 @@ What changes continuously is not in the cache: a single service's
 `recent-log` and `details` are read at each request, and its live figures
 (`processes`: count, CPU, memory) come from `Sampler`, read at most once per
 `STATS_INTERVAL` per service (and again after a state change), in a worker
-thread for `stats`.
+thread (that takes no signal: `_threads`) for `stats`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
+from . import _threads
 from ._service_record import live_fields, process_stats, snapshot
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class StatusCache:
         self._entries: dict[str, bytes] = {}
         self._full: bytes | None = None
         self.sampler = Sampler()
+        self._sampling = trio.Lock()
         self.builds = 0  # SVC objects encoded so far (for tests and the bench)
 
     def changed(self, name: str) -> None:
@@ -99,7 +101,8 @@ class StatusCache:
     async def stats(self) -> Encoded:
         """Every service's live figures: ``{"time": T, "interval": S, "services": {NAME: {...}}}``."""
         services = [self._services[n] for n in sorted(self._services)]
-        figures = await trio.to_thread.run_sync(self.sampler.sample_all, services)
+        async with self._sampling:  # one reader at a time: the next one finds its figures fresh
+            figures = await _threads.run_sync(self.sampler.sample_all, services)
         return Encoded(dumps({"time": time.time(), "interval": STATS_INTERVAL, "services": figures}))
 
 
