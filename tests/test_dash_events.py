@@ -156,13 +156,13 @@ def test_a_quiet_subscription_gets_heartbeats(sup: Supervisor) -> None:
     sup.start(_config(sup, "a"))
     c, rep = _subscribe(sup)
     t0 = time.monotonic()
-    beats = c.events(lambda evs: len(evs) >= 2, 30)
+    beats = c.events(lambda evs: len(evs) >= 2, 30, heartbeats=True)
     assert [e["event"] for e in beats] == ["heartbeat", "heartbeat"], beats
     assert set(beats[0]) == {"event", "time"}, beats  # neither seq nor epoch
     assert time.monotonic() - t0 >= 9, "one heartbeat per 5 s of silence"
     # a subscription handed over by a re-exec goes on beating, and numbering
     reexec(sup)
-    assert [e["event"] for e in c.events(lambda evs: len(evs) >= 1, 30)] == ["heartbeat"]
+    assert [e["event"] for e in c.events(lambda evs: len(evs) >= 1, 30, heartbeats=True)] == ["heartbeat"]
     sup.herd("start", "a", check=0)
     events = _state_events(c, 2)
     assert [e["seq"] for e in events] == [rep["result"]["seq"] + 1, rep["result"]["seq"] + 2], events
