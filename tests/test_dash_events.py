@@ -242,3 +242,27 @@ def test_the_documented_example_client_follows_quiet_reexec_and_crash(sup: Super
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_epochs_survive_repeated_crashes_and_a_garbled_epochs_file(sup: Supervisor) -> None:
+    sup.start(_config(sup, "a"))
+    seen = []
+    for _ in range(2):  # two SIGKILLs in a row: both earlier epochs are remembered
+        c, rep = _subscribe(sup)
+        seen.append(rep["result"]["epoch"])
+        c.close()
+        crash(sup)
+        restart(sup)
+    for epoch in seen:
+        c, rep = _subscribe(sup, [epoch, 0])
+        assert rep["ok"] and rep["result"]["missed"][0] == {"epoch": epoch, "first": 1, "last": None}, rep
+        c.close()
+    # A garbled file (a disk error, a hand edit) costs the memory of earlier
+    # epochs, never the start: those epochs are then unknown, and said so.
+    (sup.state_dir / "epochs").write_bytes(b"\x00not json[")
+    crash(sup)
+    restart(sup)
+    c, rep = _subscribe(sup, [seen[0], 0])
+    assert rep["ok"] is False and "is not one of this supervisor's" in rep["error"]["message"], rep
+    c.close()
+    assert sup.rstatus()["a"]["state"] == "stopped"
