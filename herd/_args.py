@@ -35,7 +35,7 @@ CHANGE_ACTIONS: Final = ("start", "stop", "restart", "enable", "disable")
 
 #: The actions herd knows by name (for "did you mean").
 BUILTIN_ACTIONS: Final = (*CHANGE_ACTIONS, "status", "detailed-status", "doc", "log", "graph", "events",
-                          "reload", "reexec", "ping", "spawn", "help")
+                          "reload", "reexec", "ping", "spawn", "metrics", "help")
 
 USAGE: Final = "usage: herd [-s|--socket PATH] [--host [USER@]HOST[:SOCKET]]... [--json] ACTION [SERVICE] [ARG...]"
 
@@ -63,6 +63,7 @@ Actions:
   log [SERVICE] [-n N] [-f]    recent log lines; -f follows until interrupted
   graph                        the dependency graph, in Graphviz DOT
   events                       state changes as JSON lines, until interrupted
+  metrics                      the services' figures, in the Prometheus text format
   reload root [FILE]           reload the configuration (from FILE)
   reexec root                  re-execute the supervisor in place
   ping                         check that the supervisor answers
@@ -96,7 +97,7 @@ class Invocation:
     """What one ``herd`` command line asks for.
 
     ``kind`` names how the replies are shown: ``summary``, ``status``,
-    ``detailed``, ``change``, ``doc``, ``log``, ``graph``, ``events``,
+    ``detailed``, ``change``, ``doc``, ``log``, ``graph``, ``events``, ``metrics``,
     ``ping`` or ``custom``.
     """
 
@@ -278,6 +279,9 @@ def _plan(action: str, rest: Sequence[str], opts: _Options) -> tuple[str, list[C
         if len(words) < 3 or words[1] != "--":
             raise UsageError("usage: herd spawn NAME -- COMMAND [ARG...]")
         return "custom", [Call("spawn", words[0], tuple(words[2:]))]
+    if action == "metrics":
+        _no_service(action, _scan(action, rest, opts))
+        return "metrics", [Call("ping"), Call("status"), Call("stats")]
     if action == "events":
         _no_service(action, _scan(action, rest, opts))
         opts.follow = True

@@ -170,6 +170,10 @@ class Connection:
         """Close the connection."""
         self._sock.close()
 
+    def settimeout(self, seconds: float | None) -> None:
+        """Bound every later read (None: wait as long as it takes)."""
+        self._sock.settimeout(seconds)
+
     def __enter__(self) -> Connection:
         return self
 

@@ -99,7 +99,10 @@ class _Printer:
         return "\n".join(p for p in parts if p)
 
     def event(self, event: dict[str, Any]) -> None:
-        """Show one event object (follow modes); say on stderr when some were lost."""
+        """Show one event object (follow modes); say on stderr when some were lost.
+        Heartbeats are shown with ``--json`` only."""
+        if event.get("event") == "heartbeat" and not self.inv.json:
+            return
         if self.inv.json or self.inv.kind == "events":
             self.emit(render.json_line(event))
         elif event.get("event") == "log":
@@ -123,6 +126,10 @@ def run(invocation: Invocation, conn: Connection, out: TextIO, *, color: bool = 
     early: list[dict[str, Any]] = []
     status = EXIT_OK
     replies = exchange(conn, requests, on_event=early.append if invocation.follow else None)
+    if invocation.kind == "metrics" and not invocation.json:
+        from herd import _metrics  # only here: `herd status` never imports it
+
+        return _metrics.print_metrics(replies, out)
     answered = 0
     progress = None
     if invocation.kind == "change" and not invocation.json and sys.stderr.isatty():

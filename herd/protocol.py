@@ -36,6 +36,8 @@ __all__ = [
     "MAX_QUEUED_BYTES",
     "MAX_TOTAL_QUEUED_BYTES",
     "MAX_BACKLOG",
+    "MAX_REPLAY",
+    "HEARTBEAT_INTERVAL",
     "MAX_LOG_LINES",
     "READ_ACTIONS",
     "WRITE_ACTIONS",
@@ -73,6 +75,11 @@ MAX_TOTAL_QUEUED_BYTES: Final = 64 * 1024 * 1024
 #: Events (state changes, followed log lines) a client may fall behind by;
 #: past it, the newer ones are dropped and counted in an ``overflow`` event.
 MAX_BACKLOG: Final = 1000
+#: State events the daemon keeps, for `subscribe` from an [epoch, seq].
+MAX_REPLAY: Final = 2048
+#: A subscription with nothing else to send for this many seconds gets a
+#: ``heartbeat`` event.
+HEARTBEAT_INTERVAL: Final = 5.0
 #: Most log lines one `log`/`status` request may ask for.
 MAX_LOG_LINES: Final = 10000
 
@@ -80,7 +87,7 @@ MAX_LOG_LINES: Final = 10000
 #: each action once, in its action table (``supervisor/_actions.py``); these
 #: sets are that table's names for clients, which do not import the daemon.
 READ_ACTIONS: Final = frozenset(
-    {"status", "detailed-status", "doc", "log", "graph", "subscribe", "ping"}
+    {"status", "stats", "detailed-status", "doc", "log", "graph", "subscribe", "ping"}
 )
 #: Built-in actions that change something; refused on the read-only socket.
 #: (``trigger`` is every timer's action; a service type's own actions say

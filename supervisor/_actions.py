@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import trio
 
-from herd.protocol import MAX_LOG_LINES, ProtocolError, Request
+from herd.protocol import HEARTBEAT_INTERVAL, MAX_LOG_LINES, ProtocolError, Request
 
 from ._backlog import Backlog
+from ._events import parse_since
 from ._messages import say
 
 if TYPE_CHECKING:
@@ -94,6 +95,11 @@ def _log_args(req: Request) -> tuple[int, bool]:
     return count_arg(Request(req.id, req.action, req.service, args)), follow
 
 
+def _subscribe_args(req: Request) -> tuple[str, int] | None:
+    """``[]`` or ``[EPOCH, SEQ]`` (`_events.parse_since`)."""
+    return parse_since(req.args)
+
+
 def _raw_args(req: Request) -> list[Any]:
     """Checked by the handler itself."""
     return req.args
@@ -126,6 +132,10 @@ async def _status(conn: _Connection, req: Request, lines: int | None) -> Any:
     if lines is None:
         return conn.engine.status()
     return conn.engine.status(req.service, log_lines=lines)
+
+
+async def _stats(conn: _Connection, req: Request, _: None) -> Any:
+    return await conn.engine.stats()
 
 
 async def _detailed_status(conn: _Connection, req: Request, lines: int) -> Any:
@@ -165,10 +175,12 @@ async def _log(conn: _Connection, req: Request, parsed: tuple[int, bool]) -> Any
     return STREAMED
 
 
-async def _subscribe(conn: _Connection, req: Request, _: None) -> Any:
-    with conn.engine.subscribe() as backlog:
-        await conn.stream_events(req, {"subscribed": True, "epoch": conn.engine.epoch, "seq": conn.engine.seq},
-                                 "state", lambda event: event, backlog=backlog)
+async def _subscribe(conn: _Connection, req: Request, since: tuple[str, int] | None) -> Any:
+    # No checkpoint between the replay and the subscription: no event is lost or doubled.
+    result, replay = conn.engine.events.replay(since)
+    with conn.engine.subscribe(replay) as backlog:
+        await conn.stream_events(req, result, "state", lambda event: event, backlog=backlog,
+                                 heartbeat=HEARTBEAT_INTERVAL)
     return STREAMED
 
 
@@ -244,11 +256,12 @@ async def _reexec(conn: _Connection, req: Request, _: None) -> Any:
 ACTIONS: Final[tuple[Action, ...]] = (
     Action("ping", _ping, read_only=True, args=no_args),
     Action("status", _status, read_only=True, args=_status_args),
+    Action("stats", _stats, read_only=True, args=no_args),
     Action("detailed-status", _detailed_status, read_only=True, args=count_arg),
     Action("doc", _doc, read_only=True, args=_raw_args),
     Action("graph", _graph, read_only=True, args=no_args),
     Action("log", _log, read_only=True, args=_log_args),
-    Action("subscribe", _subscribe, read_only=True, args=no_args),
+    Action("subscribe", _subscribe, read_only=True, args=_subscribe_args),
     Action("start", _start, read_only=False, args=no_args),
     Action("stop", _stop, read_only=False, args=no_args),
     Action("restart", _restart, read_only=False, args=no_args),

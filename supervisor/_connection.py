@@ -17,15 +17,18 @@ its event streams (`handover`), and the next image resumes it.
 from __future__ import annotations
 
 import collections
+import math
 import os
 import socket
 import struct
+import time
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 import trio
 
 from herd.protocol import (
+    HEARTBEAT_INTERVAL,
     LINE_TIMEOUT,
     MAX_IN_FLIGHT,
     MAX_LINE_BYTES,
@@ -41,6 +44,7 @@ from . import __version__
 from ._actions import STREAMED, find_action
 from ._backlog import Backlog, Overflow
 from ._messages import MESSAGES
+from ._status_cache import Encoded, dumps
 
 if TYPE_CHECKING:
     from .control import ControlServer
@@ -135,12 +139,20 @@ class _Connection:
                 return
             data = encode({"id": obj.get("id"), "ok": False, "messages": [], "error": {
                 "code": "internal", "message": f"the reply could not be encoded as JSON: {exc}"}})
+        self.send_encoded(data)
+
+    def send_encoded(self, *parts: bytes) -> None:
+        """Queue one encoded line (newline included), given in parts (a cached
+        reply is queued as it is, never copied)."""
+        if self._closing:
+            return
         # One reply may be large (a long log); what is bounded is what waits
         # behind it for a client that does not read.
         if self.queued > MAX_QUEUED_BYTES:
             self.abort(f"more than {MAX_QUEUED_BYTES} bytes of replies wait for it")
             return
-        self._send_raw(data)
+        for data in parts:
+            self._send_raw(data)
 
     def _send_raw(self, data: bytes) -> None:
         if not data:
@@ -204,13 +216,15 @@ class _Connection:
 
     async def stream_events(self, req: Request, result: Any, kind: str, render: Any, *,
                      backlog: Backlog[Any] | None = None, source: Any = None, service: str | None = None,
-                     reply: bool = True) -> None:
+                     reply: bool = True, heartbeat: float | None = None) -> None:
         """Reply `result`, then send the events of `backlog` (or of the
         channel `source`, through a backlog of its own) until the client goes.
 
         The events wait while the client has not read `STREAM_HIGH_WATER`
         bytes; meanwhile they fill the backlog, and what overflows it is sent
-        as one ``overflow`` event with the count.
+        as one ``overflow`` event with the count.  With `heartbeat`, a
+        ``heartbeat`` event goes out whenever that many seconds pass with
+        nothing sent (unless the client has not read what was sent).
         """
         backlog = backlog if backlog is not None else Backlog()
         with trio.CancelScope() as scope:
@@ -224,7 +238,12 @@ class _Connection:
                 while True:
                     while self.queued > STREAM_HIGH_WATER:
                         await self._written.park()
-                    item = await backlog.get()
+                    with trio.move_on_after(math.inf if heartbeat is None else heartbeat) as idle:
+                        item = await backlog.get()
+                    if idle.cancelled_caught:
+                        if not self.queued:
+                            self.send({"event": "heartbeat", "time": time.time()})
+                        continue
                     if isinstance(item, Overflow):
                         log.debug("client fell behind; events dropped", stream=kind, lost=item.lost,
                                   uid=self.peer_uid)
@@ -285,7 +304,8 @@ class _Connection:
         req = Request(id=stream.get("id"), action="", service=stream.get("service"))
         try:
             if stream.get("kind") == "state":
-                await self.stream_events(req, None, "state", lambda e: e, backlog=got, reply=False)
+                await self.stream_events(req, None, "state", lambda e: e, backlog=got, reply=False,
+                                         heartbeat=HEARTBEAT_INTERVAL)
             else:
                 await self.stream_events(req, None, "log", lambda line: {"event": "log", **line.to_json()},
                                          backlog=got, service=stream.get("service"), reply=False)
@@ -356,7 +376,11 @@ class _Connection:
             reply = {"id": req.id, "ok": True, "result": result, "messages": messages}
         finally:
             self.in_flight -= 1
-        if reply.get("result") is not STREAMED:
+        result = reply.get("result")
+        if isinstance(result, Encoded):  # a cached reply: the same bytes for every client
+            self.send_encoded(b'{"id":' + dumps(req.id) + b',"ok":true,"result":', result.data,
+                              b',"messages":' + dumps(messages) + b"}\n")
+        elif result is not STREAMED:
             self.send(reply)
 
     async def _perform(self, req: Request) -> Any:

@@ -119,9 +119,16 @@ class Inetd:
         self.per_socket[spec.name] = self.per_socket.get(spec.name, 0) + 1
         svc.output.note(f"Instance of {svc.name} started for a connection on {spec.name} (PID {child.pid}).")
         svc._nursery.start_soon(self._reap, spec.name, child)
+        self._changed()
 
     async def _reap(self, name: str, child: _proc.Child) -> None:
         status = await child.wait()
         self.instances.pop(child.pid, None)
         self.per_socket[name] = max(0, self.per_socket.get(name, 1) - 1)
         self.service.output.note(f"Instance of {self.service.name} (PID {child.pid}) {status.describe()}.")
+        self._changed()
+
+    def _changed(self) -> None:
+        """The counts are part of the service's status: drop its cached reply."""
+        if self.service.on_change is not None:
+            self.service.on_change(self.service.name)

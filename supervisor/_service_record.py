@@ -23,7 +23,7 @@ from .timer import timer_details
 if TYPE_CHECKING:
     from .service import Service
 
-__all__ = ["record", "restore", "snapshot"]
+__all__ = ["live_fields", "process_stats", "record", "restore", "snapshot"]
 
 log = structlog.get_logger("supervisor.service")
 
@@ -167,15 +167,7 @@ def snapshot(service: Service, *, log_lines: int = 0) -> dict[str, Any]:
         "inetd": service.inetd.to_json() if spec.accepts else None,
     }
     if log_lines:
-        out["recent-log"] = [line.to_json() for line in service.output.recent(log_lines)]
-        out["processes"] = _process_stats(service)
-        if spec.schedule is not None:
-            out["details"] = timer_details(service.timer.to_json())
-        if spec.details_hook is not None:
-            try:
-                out["details"] = spec.details_hook(spec)
-            except Exception as exc:  # a details hook must never break status
-                out["details"] = {"error": f"{type(exc).__name__}: {exc}"}
+        out.update(live_fields(service, log_lines, process_stats(service)))
     return out
 
 
@@ -200,7 +192,23 @@ def waiting(service: Service) -> dict[str, Any] | None:
     return None
 
 
-def _process_stats(service: Service) -> dict[str, Any]:
+def live_fields(service: Service, log_lines: int, processes: dict[str, Any]) -> dict[str, Any]:
+    """What `status SERVICE` adds to the SVC object, read at each request:
+    the recent log, the live figures (`processes`) and the service type's details."""
+    spec = service.spec
+    out: dict[str, Any] = {"recent-log": [line.to_json() for line in service.output.recent(log_lines)],
+                           "processes": processes}
+    if spec.schedule is not None:
+        out["details"] = timer_details(service.timer.to_json())
+    if spec.details_hook is not None:
+        try:
+            out["details"] = spec.details_hook(spec)
+        except Exception as exc:  # a details hook must never break status
+            out["details"] = {"error": f"{type(exc).__name__}: {exc}"}
+    return out
+
+
+def process_stats(service: Service) -> dict[str, Any]:
     """Live figures of the service's processes (cgroup), for one-service status."""
     stats: dict[str, Any] = {"containment": service.containment.mode}
     if service.containment.cgroup is not None:

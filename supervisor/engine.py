@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,10 +20,11 @@ from typing import Any
 import structlog
 import trio
 
-from herd.protocol import ProtocolError
+from herd.protocol import MAX_BACKLOG, ProtocolError
 
 from . import __version__
 from ._backlog import Backlog
+from ._events import EventLog
 from ._messages import MESSAGES, say
 from ._notify_server import ancestors, session_of
 from ._keeper_link import KeeperLink
@@ -32,6 +32,7 @@ from ._output import LogHub, ServiceOutput
 from . import _sockets, reload
 from ._pacer import Pacer
 from ._service_record import snapshot
+from ._status_cache import Encoded, StatusCache
 from ._cgroup import Hierarchy, Watcher
 from ._containment import Containment
 from ._state import StateStore
@@ -61,9 +62,9 @@ class Engine:
         self._reload_lock = trio.Lock()
         self.reloads_waiting = 0  # reloads asked for while another (or a re-exec) holds the lock
         # Events are numbered: `seq` is contiguous for this `epoch`, which is
-        # drawn at a fresh start and kept across a re-exec.
-        self.epoch = uuid.uuid4().hex[:16]
-        self.seq = 0
+        # drawn at a fresh start and kept across a re-exec; the last ones are
+        # kept for subscribers that come back (`_events`).
+        self.events = EventLog()
         self.store: StateStore | None = None  # the service records (set by takeover.restore)
         self.overrides = overrides or {}
         self.notify_socket = notify_socket
@@ -71,6 +72,8 @@ class Engine:
         self.log_dir = log_dir
         self.hub = LogHub()
         self.services: dict[str, Service] = {}
+        #: the encoded `status` replies, built once per change (`_status_cache`)
+        self.status_cache = StatusCache(self.services)
         self._subscribers: set[Backlog[dict[str, Any]]] = set()
         self._nursery: trio.Nursery | None = None
         self.shutting_down = False
@@ -88,6 +91,7 @@ class Engine:
         containment = Containment(spec.name, group, self.watcher, self.pid_owner)
         service = Service(spec, log_path=path, hub=self.hub, publish=self._on_state,
                           notify_socket=self.notify_socket, activate=self._activate, containment=containment)
+        service.on_change = self.status_cache.changed
         if self.keeper is not None:
             service.output.on_pipe = self._keep_pipe
             service.on_listeners = self._keep_listeners
@@ -171,6 +175,7 @@ class Engine:
         """A new service (a reload): its actor, running."""
         service = self._new_service(spec)
         self.services[spec.name] = service
+        self.status_cache.changed(spec.name)
         assert self._nursery is not None
         await self._nursery.start(self._run_actor, service)
 
@@ -182,6 +187,7 @@ class Engine:
     def remove_service(self, name: str) -> None:
         """A service gone from the configuration (a reload, after it stopped): its actor ends."""
         service = self.services.pop(name)
+        self.status_cache.changed(name)
         if service.run_scope is not None:
             service.run_scope.cancel()
 
@@ -196,11 +202,9 @@ class Engine:
     # -- events --------------------------------------------------------------------------
 
     def _on_state(self, service: Service, old: State, new: State, reason: str | None) -> None:
-        self.seq += 1
-        event = {
+        self.status_cache.state_changed(service.name)
+        event = self.events.number({
             "event": "state",
-            "seq": self.seq,
-            "epoch": self.epoch,
             "service": service.name,
             "from": old.value,
             "to": new.value,
@@ -208,7 +212,7 @@ class Engine:
             "time": service.since if old is not new else time.time(),
             "reason": reason,
             "enabled": service.enabled,
-        }
+        })
         if old is not new:
             log.info("state", service=service.name, old=old.value, new=new.value, reason=reason)
         for backlog in self._subscribers:  # a subscriber too far behind loses events, counted
@@ -216,10 +220,20 @@ class Engine:
         if self.transients.running:
             self.transients.on_state(service, new)
 
+    @property
+    def epoch(self) -> str:
+        return self.events.epoch
+
+    @property
+    def seq(self) -> int:
+        return self.events.seq
+
     @contextmanager
-    def subscribe(self) -> Iterator[Backlog[dict[str, Any]]]:
-        """The state events from now on, until the block ends."""
-        backlog: Backlog[dict[str, Any]] = Backlog()
+    def subscribe(self, replay: list[dict[str, Any]] = ()) -> Iterator[Backlog[dict[str, Any]]]:
+        """The state events from now on (after those of `replay`), until the block ends."""
+        backlog: Backlog[dict[str, Any]] = Backlog(MAX_BACKLOG + len(replay))
+        for event in replay:
+            backlog.put(event)
         self._subscribers.add(backlog)
         try:
             yield backlog
@@ -524,10 +538,19 @@ class Engine:
 
     # -- reads ---------------------------------------------------------------------------
 
-    def status(self, name: str | None = None, *, log_lines: int = 10) -> dict[str, Any]:
+    def status(self, name: str | None = None, *, log_lines: int = 10) -> Encoded:
+        """The `status` result, encoded (see `_status_cache`).
+
+        Raises:
+            ProtocolError: ``unknown-service``.
+        """
         if name is not None:
-            return {"services": [snapshot(self.lookup(name), log_lines=log_lines)]}
-        return {"services": [snapshot(self.services[n]) for n in sorted(self.services)]}
+            return self.status_cache.one(self.lookup(name), log_lines)
+        return self.status_cache.full()
+
+    async def stats(self) -> Encoded:
+        """Every service's live figures (`stats`), read at most once a second."""
+        return await self.status_cache.stats()
 
     def detailed_status(self, log_lines: int = 10) -> dict[str, Any]:
         return {"services": [snapshot(self.services[n], log_lines=log_lines) for n in sorted(self.services)]}

@@ -139,7 +139,7 @@ class Reexec:
         fds.extend(state["fd"] for state in connections)
         handover: dict[str, Any] = {"version": 1, "sockets": sockets, "services": services,
                                     "lock": self.lock_fd, "nofile": list(self.nofile),
-                                    "events": {"epoch": self.engine.epoch, "seq": self.engine.seq},
+                                    "events": self.engine.events.handover(),
                                     "connections": connections}
         if self.engine.config.source is not None:
             handover["config"] = {"path": str(self.engine.config.path),

@@ -126,6 +126,8 @@ class Service:
         self.timer = Timer(self)  # a service with a `schedule`: its events and runs
         self.inetd = Inetd(self)  # sockets with accept = true: an instance per connection
         self._publish = publish
+        #: told after each message the actor handled (its fields may have changed)
+        self.on_change: Callable[[str], None] | None = None
         self._gen = 0
         self._start_waiters: list[_Reply] = []
         self._stop_waiters: list[_Reply] = []
@@ -230,6 +232,8 @@ class Service:
                 async for msg in self._inbox:
                     self._handle(msg)
                     self._sync_listeners()
+                    if self.on_change is not None:
+                        self.on_change(self.name)
         finally:
             self.output.close()
             for spec, sock in zip(self.spec.sockets, self.listeners):

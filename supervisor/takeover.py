@@ -45,7 +45,9 @@ def restore(engine: Engine, store: StateStore, handover: dict[str, Any] | None =
     engine.resumed_by_reexec = handover is not None
     events = (handover or {}).get("events")
     if isinstance(events, dict) and isinstance(events.get("epoch"), str):
-        engine.epoch, engine.seq = events["epoch"], int(events.get("seq", 0))
+        engine.events.take_over(events)
+    else:  # a fresh start: a new epoch, remembered with the earlier ones
+        engine.events.remember(store.dir.parent)
     handed: dict[str, Any] = (handover or {}).get("services", {})
     for name, service in engine.services.items():
         service.store = store

@@ -480,11 +480,14 @@ class Client:
         self,
         until: Callable[[list[dict[str, Any]]], bool] | None,
         timeout: float,
+        heartbeats: bool = False,
     ) -> list[dict[str, Any]]:
         """Collect event objects until ``until(events)`` holds.
 
         With ``until=None``, collect for ``timeout`` seconds (an observation
         window) and return what came.  Otherwise fail after ``timeout``.
+        ``heartbeat`` events (a quiet subscription gets one every 5 s) are
+        skipped, as a dashboard skips them, unless `heartbeats`.
         """
         deadline = Deadline(timeout)
         got: list[dict[str, Any]] = []
@@ -504,7 +507,7 @@ class Client:
                 if until is None:
                     return got
                 raise AssertionError(f"event stream closed; got {got!r}")
-            if "event" in obj:
+            if "event" in obj and (heartbeats or obj["event"] != "heartbeat"):
                 got.append(obj)
 
     def close(self) -> None:

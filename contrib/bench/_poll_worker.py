@@ -3,7 +3,9 @@ the full status of every service, over and over, on one persistent connection.
 
 Run by bench.py with the Python that has the system's client library
 (circus needs pyzmq).  Prints one JSON object on stdout:
-``{"lat": [seconds...], "in_window": n, "errors": n, "reconnects": n}``.
+``{"lat": [seconds...], "in_window": n, "errors": n, "reconnects": n, "reply_bytes": n}``
+(`reply_bytes`: the size of one status reply as it crossed the wire; circus:
+of the reply its library decoded, encoded again as compact JSON).
 
 Replies are read whole but not parsed (circus's own client library parses its
 small JSON replies): the load generator must cost as little CPU as possible,
@@ -34,6 +36,7 @@ class OursClient:
         self.sock.connect(path)
         self.buf = bytearray(1 << 20)
         self.n = 0
+        self.size = 0
         self._read_line()  # hello
 
     def _read_line(self) -> int:
@@ -56,7 +59,7 @@ class OursClient:
     def request(self) -> None:
         self.n += 1
         self.sock.sendall(b'{"id":%d,"action":"status"}\n' % self.n)
-        n = self._read_line()
+        n = self.size = self._read_line()
         if b'"ok":true' not in self.buf[:min(n, 200)]:
             raise RuntimeError(bytes(self.buf[:200]).decode(errors="replace"))
 
@@ -79,6 +82,7 @@ class SupervisordClient:
 
     def __init__(self, path: str) -> None:
         self.connects = [0]
+        self.size = 0
         self.conn = _UnixHTTPConnection(path, self.connects)
         self.conn.connect()
 
@@ -87,6 +91,7 @@ class SupervisordClient:
                           headers={"Content-Type": "text/xml", "Connection": "keep-alive"})
         resp = self.conn.getresponse()
         body = resp.read()
+        self.size = len(body)
         if resp.status != 200 or b"<fault>" in body[:300]:
             raise RuntimeError(body[:300].decode(errors="replace"))
         if resp.will_close:
@@ -99,9 +104,12 @@ class CircusClient:
     def __init__(self, endpoint: str) -> None:
         from circus.client import CircusClient as Lib  # the venv's circus
         self.client = Lib(endpoint=endpoint, timeout=60)
+        self.size = 0
 
     def request(self) -> None:
         res = self.client.call({"command": "status", "properties": {}})
+        if not self.size:
+            self.size = len(json.dumps(res, separators=(",", ":")).encode())
         if res.get("status") != "ok":
             raise RuntimeError(str(res)[:300])
 
@@ -117,11 +125,13 @@ class CommandClient:
 
     def __init__(self, argv: list[str]) -> None:
         self.argv = argv
+        self.size = 0
 
     def request(self) -> None:
         try:
-            subprocess.run(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           stdin=subprocess.DEVNULL, timeout=self.limit, check=False)
+            out = subprocess.run(self.argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                 stdin=subprocess.DEVNULL, timeout=self.limit, check=False).stdout
+            self.size = len(out)
         except subprocess.TimeoutExpired:
             raise Censored() from None
 
@@ -148,7 +158,7 @@ def main() -> None:
 
     lock = threading.Lock()
     lat: list[float] = []
-    counts = {"in_window": 0, "errors": 0, "reconnects": 0, "censored": 0}
+    counts = {"in_window": 0, "errors": 0, "reconnects": 0, "censored": 0, "reply_bytes": 0}
     end = a.start_at + a.duration
 
     def run(client) -> None:
@@ -176,6 +186,7 @@ def main() -> None:
             lat.extend(mine)
             counts["in_window"] += in_window
             counts["errors"] += errors
+            counts["reply_bytes"] = max(counts["reply_bytes"], getattr(client, "size", 0))
             if isinstance(client, SupervisordClient):
                 counts["reconnects"] += client.connects[0] - 1
 

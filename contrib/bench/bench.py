@@ -582,7 +582,7 @@ class Bench:
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for k in per]
         lat: list[float] = []
-        in_window = errors = reconnects = censored = 0
+        in_window = errors = reconnects = censored = reply_bytes = 0
         for p in procs:
             try:
                 out, err = p.communicate(timeout=duration + 300)
@@ -600,6 +600,7 @@ class Bench:
             errors += data["errors"]
             reconnects += data["reconnects"]
             censored += data.get("censored", 0)
+            reply_bytes = max(reply_bytes, data.get("reply_bytes", 0))
             if err.strip():
                 log(f"{s.name} N={s.n} poll worker: {err.strip()[-300:]}")
         if errors:
@@ -609,7 +610,7 @@ class Bench:
         lat.sort()
         return {"rps": in_window / duration, "p50": lat[len(lat) // 2],
                 "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))], "reconnects": reconnects,
-                "censored": censored}
+                "censored": censored, "reply_bytes": reply_bytes}
 
     def respawn(self, s: System, samples: int) -> list[float]:
         out = []
@@ -715,8 +716,9 @@ class Bench:
             if t is None:
                 return
             time.sleep(a.settle)
-            self.record("pss", name, n, self.pss(s))
-            self.record("status_cli", name, n, self.status_cli(s, a.cli_runs))
+            if not a.polling_only:
+                self.record("pss", name, n, self.pss(s))
+                self.record("status_cli", name, n, self.status_cli(s, a.cli_runs))
             one = self.poll(s, 1, a.rpc_seconds)
             if one:
                 self.record("rpc1_p50", name, n, one["p50"])
@@ -729,6 +731,11 @@ class Bench:
                     self.record("poll_rps", name, n, None, f"{many['reconnects']} reconnects")
                 if many["censored"]:
                     self.record("poll_p50", name, n, None, f"{many['censored']} polls cut at 20 s")
+                if many["reply_bytes"]:
+                    self.record("poll_bytes", name, n, many["reply_bytes"])
+            if a.polling_only:
+                self.stop_all(s)
+                return
             for v in self.respawn(s, a.respawn_samples):
                 self.record("respawn", name, n, v)
             if isinstance(s, Ours) and not isinstance(s, OursGraph):
@@ -776,7 +783,7 @@ class Bench:
                 order = names[(r - 1) % len(names):] + names[:(r - 1) % len(names)]  # alternate who goes first
                 for name in order:
                     self.cell(name, n, r)
-                if r <= a.idle_rounds:
+                if r <= a.idle_rounds and not a.polling_only:
                     self.idle(n, r, [x for x in order if x != "ours-graph"])
             self.save()
         self.elapsed = time.time() - t0
@@ -849,6 +856,7 @@ METRICS = [
     ("poll_rps", "polling, 50 clients: requests/s", "req/s", 1, False, "{:.0f}"),
     ("poll_p50", "polling, 50 clients: p50", "ms", 1e3, True, "{:.1f}"),
     ("poll_p99", "polling, 50 clients: p99", "ms", 1e3, True, "{:.1f}"),
+    ("poll_bytes", "polling: size of one status reply", "bytes", 1, True, "{:.0f}"),
     ("respawn", "respawn: SIGKILL to replacement running", "ms", 1e3, True, "{:.1f}"),
     ("idle_cpu", "idle CPU", "s/min", 1, True, "{:.3f}"),
     ("pss", "memory: PSS of the supervisor's processes", "MiB", 1, True, "{:.1f}"),
@@ -943,6 +951,7 @@ def report(data: dict[str, Any], out: Path, quick: bool) -> str:
             lines.append("| " + " | ".join(row) + " |")
     lines += [""]
     lines += targets(res, ns)
+    lines += polling(res, ns, args["clients"])
     analysis = out / "analysis.md"
     if analysis.exists():
         lines += [analysis.read_text().rstrip(), ""]
@@ -996,6 +1005,36 @@ def targets(res: dict, ns: list[int]) -> list[str]:
             *rows, ""]
 
 
+def polling(res: dict, ns: list[int], clients: int) -> list[str]:
+    """Issue 17's polling targets, with the reply sizes that make the ratios fair."""
+    rows = []
+    peers = ("supervisord", "circus", "s6", "runit")
+    for n in ns:
+        o = _m(res, "poll_rps", "ours", n)
+        cells = []
+        for peer in peers:
+            q = _m(res, "poll_rps", peer, n)
+            cells.append("–" if o is None or q is None else "∞" if not q else f"{o / q:.1f}×")
+        sizes = [_m(res, "poll_bytes", x, n) for x in ("ours", *peers)]
+        met = [None if o is None or q is None else (q == 0 and o > 0) or (bool(q) and o / q >= want)
+               for q, want in ((_m(res, "poll_rps", "supervisord", n), 10), (_m(res, "poll_rps", "circus", n), 2))]
+        p, c = _m(res, "poll_p50", "ours", n), _m(res, "poll_p50", "circus", n)
+        p50 = "–" if p is None else f"{p * 1e3:.1f} ms" + ("" if c is None else f" (circus {c * 1e3:.1f} ms)")
+        rows.append(f"| {n} | {'–' if o is None else f'{o:.0f}'} | {' | '.join(cells)} | {p50} | "
+                    + " / ".join("–" if b is None else f"{b:,.0f}" for b in sizes) + " | "
+                    + ", ".join("–" if m is None else "met" if m else "**missed**" for m in met)
+                    + ("" if n != 1000 or p is None or c is None else
+                       (", p50 met" if p <= c else ", p50 **missed**")) + " |")
+    return ["## Polling (issue 17)", "",
+            f"{clients} clients ask for the full status back to back (see Method); ours on the read-only "
+            "socket. Reply sizes differ a lot: ours is the full SVC object of every service (about 450 bytes "
+            "each), supervisord's `getAllProcessInfo` about as rich in XML, circus's `status` one word per "
+            "watcher, s6/runit one line of text per service; compare requests per second with that in mind.",
+            "", "| N | ours req/s | ÷ supervisord | ÷ circus | ÷ s6 | ÷ runit | ours p50 | reply bytes: "
+            "ours / supervisord / circus / s6 / runit | targets: ≥ 10× supervisord, ≥ 2× circus, "
+            "N=1000 p50 ≤ circus |", "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
 def plot(data: dict[str, Any], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -1036,6 +1075,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description="Benchmark our supervisor against supervisord, circus, s6, runit.")
     p.add_argument("--quick", action="store_true", help="N = 10, 100; 1 round; short idle and polling")
+    p.add_argument("--polling-only", action="store_true",
+                   help="boot, then the status RPC and polling rows only (report in .cache/bench/polling/)")
     p.add_argument("--n", type=int, nargs="+", help="service counts (default 10 100 1000)")
     p.add_argument("--rounds", type=int, help="rounds (default 3)")
     p.add_argument("--idle-seconds", type=float, help="idle window (default 60)")
@@ -1061,7 +1102,7 @@ def main() -> int:
     a.idle_seconds = a.idle_seconds or (10.0 if quick else 60.0)
     a.idle_rounds = a.idle_rounds if a.idle_rounds is not None else 1
     a.poll_seconds = a.poll_seconds or (5.0 if quick else 10.0)
-    a.out = a.out or (CACHE / "quick" if quick else HERE)
+    a.out = a.out or (CACHE / "quick" if quick else CACHE / "polling" if a.polling_only else HERE)
     a.out.mkdir(parents=True, exist_ok=True)
     if quick and a.out != HERE and (HERE / "analysis.md").exists():
         shutil.copy(HERE / "analysis.md", a.out / "analysis.md")

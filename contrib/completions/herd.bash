@@ -30,14 +30,14 @@ _herd() {
         if [[ $cur == -* ]]; then
             COMPREPLY=($(compgen -W "-s --socket --host --json -h --help --version" -- "$cur"))
         else
-            COMPREPLY=($(compgen -W "status detailed-status start stop restart enable disable doc log graph events reload reexec ping spawn" -- "$cur"))
+            COMPREPLY=($(compgen -W "status detailed-status start stop restart enable disable doc log graph events metrics reload reexec ping spawn" -- "$cur"))
         fi
         return
     fi
     case $action in
         reload|reexec)
             if ((nargs == 0)); then COMPREPLY=($(compgen -W root -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
-        detailed-status|graph|events|ping|spawn) ;;
+        detailed-status|graph|events|metrics|ping|spawn) ;;
         *) COMPREPLY=($(compgen -W "$(_herd_services)" -- "$cur")) ;;
     esac
 }

@@ -49,9 +49,10 @@ complete -c herd -n 'not __herd_action' -a doc -d 'documentation of a service or
 complete -c herd -n 'not __herd_action' -a log -d 'recent log lines; -f follows until interrupted'
 complete -c herd -n 'not __herd_action' -a graph -d 'the dependency graph, in Graphviz DOT'
 complete -c herd -n 'not __herd_action' -a events -d 'state changes as JSON lines, until interrupted'
+complete -c herd -n 'not __herd_action' -a metrics -d 'the services figures, in the Prometheus text format'
 complete -c herd -n 'not __herd_action' -a reload -d 'reload the configuration (from FILE)'
 complete -c herd -n 'not __herd_action' -a reexec -d 're-execute the supervisor in place'
 complete -c herd -n 'not __herd_action' -a ping -d 'check that the supervisor answers'
 complete -c herd -n 'not __herd_action' -a spawn -d ''
 complete -c herd -n 'contains -- (__herd_action) reload reexec' -a root
-complete -c herd -n '__herd_action >/dev/null; and not contains -- (__herd_action) reload reexec detailed-status graph events ping spawn' -a '(__herd_services)'
+complete -c herd -n '__herd_action >/dev/null; and not contains -- (__herd_action) reload reexec detailed-status graph events metrics ping spawn' -a '(__herd_services)'
