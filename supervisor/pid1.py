@@ -25,15 +25,33 @@ log = structlog.get_logger("supervisor")
 
 async def reap_orphans() -> None:
     """Reap orphans re-parented to us (subreaper / PID 1), never an owned child,
-    and never a helper process before its owner had the chance to wait for it."""
+    and never a helper process before its owner had the chance to wait for it.
+
+    Each SIGCHLD costs O(1) (`_proc.reap_first_orphans`); only when a zombie
+    is left waiting (owned, or in its grace) is every child listed, once the
+    grace is over (`_proc.reap_orphans`), however many SIGCHLDs come meanwhile.
+    """
     seen: dict[int, float] = {}
     with trio.open_signal_receiver(signal.SIGCHLD) as sigchld:
+        reaped, waiting = _proc.reap_orphans(seen, trio.current_time(), _proc.ORPHAN_GRACE)
+        scan_at = trio.current_time() + _proc.ORPHAN_GRACE if waiting else math.inf
         while True:
-            reaped, waiting = _proc.reap_orphans(seen, trio.current_time(), _proc.ORPHAN_GRACE)
-            for pid, status in reaped:
-                log.debug("reaped orphan", pid=pid, status=status)
-            with trio.move_on_after(_proc.ORPHAN_GRACE if waiting else math.inf):
+            _log_reaped(reaped)
+            with trio.move_on_at(scan_at):
                 await sigchld.__anext__()
+            now = trio.current_time()
+            if now >= scan_at:
+                reaped, waiting = _proc.reap_orphans(seen, now, _proc.ORPHAN_GRACE)
+                scan_at = now + _proc.ORPHAN_GRACE if waiting else math.inf
+            else:
+                reaped, waiting = _proc.reap_first_orphans(seen, now, _proc.ORPHAN_GRACE)
+                if waiting:
+                    scan_at = min(scan_at, now + _proc.ORPHAN_GRACE)
+
+
+def _log_reaped(reaped: list[tuple[int, int]]) -> None:
+    for pid, status in reaped:
+        log.debug("reaped orphan", pid=pid, status=status)
 
 
 async def terminate_strays(grace: float = 5.0) -> None:
