@@ -450,18 +450,18 @@ def set_child_subreaper() -> bool:
 ORPHAN_GRACE: Final = 0.5
 
 
-def reap_first_orphans(seen: dict[int, float], now: float, grace: float) -> tuple[list[tuple[int, int]], bool]:
+def reap_first_orphans(seen: dict[int, float], now: float, grace: float) -> tuple[list[tuple[int, int]], int | None]:
     """Reap unowned zombies while the kernel names one first, in O(1) per exit.
 
     ``waitid(P_ALL, WNOWAIT)`` names the first waitable child without reaping
     it: no listing of every child (that is `reap_orphans`).  An unowned one
-    past its `grace` is reaped, and the next one asked for.  The pass stops
-    at one that is owned (its `Child` reaps it) or still in its grace;
-    ``True`` then says that zombies may wait behind it: call `reap_orphans`
-    once the grace is over.  `seen` is shared with `reap_orphans`, which
-    forgets the sightings of processes that are no longer zombies; with no
-    zombie left this forgets them all (a stale sighting of a reused pid
-    could steal a status).
+    past its `grace` is reaped, and the next one asked for.  Returns the
+    reaped (pid, raw status) pairs, and the pid of the zombie the pass
+    stopped at: one that is owned (its `Child` reaps it) or still in its
+    grace; None when no zombie is left.  `seen` is shared with
+    `reap_orphans`, which forgets the sightings of processes that are no
+    longer zombies; with no zombie left this forgets them all (a stale
+    sighting of a reused pid could steal a status).
     """
     reaped: list[tuple[int, int]] = []
     while True:
@@ -471,12 +471,12 @@ def reap_first_orphans(seen: dict[int, float], now: float, grace: float) -> tupl
             info = None
         if info is None:
             seen.clear()
-            return reaped, False
+            return reaped, None
         pid = info.si_pid
         if pid in _owned:
-            return reaped, True
+            return reaped, pid
         if now - seen.setdefault(pid, now) < grace:
-            return reaped, True
+            return reaped, pid
         del seen[pid]
         try:
             got, status = os.waitpid(pid, os.WNOHANG)
