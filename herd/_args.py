@@ -11,9 +11,13 @@ global options after the action word (``herd status --json``).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final
+
+# Plain classes, no `dataclasses`, `typing` or `collections` at run time:
+# this module is on `herd`'s fast path (see tests/test_herd_unit.py).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any, Final
 
 __all__ = [
     "Call",
@@ -79,21 +83,55 @@ class UsageError(Exception):
     """The command line is wrong; herd exits with status 2."""
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
-    """One request to send to the daemon."""
+class _Record:
+    """A small value class: keyword construction, equality and repr from ``__slots__``."""
 
+    __slots__: tuple[str, ...] = ()
+    _defaults: tuple[Any, ...] = ()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        values = dict(zip(self.__slots__, self._defaults))
+        if len(args) > len(self.__slots__):
+            raise TypeError(f"{type(self).__name__} takes at most {len(self.__slots__)} arguments")
+        values.update(zip(self.__slots__, args))
+        for key, value in kwargs.items():
+            if key not in values:
+                raise TypeError(f"{type(self).__name__} has no field {key!r}")
+            values[key] = value
+        for key, value in values.items():
+            setattr(self, key, value)
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, key) for key in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._values() == other._values()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{key}={value!r}" for key, value in zip(self.__slots__, self._values()))
+        return f"{type(self).__name__}({fields})"
+
+
+class Call(_Record):
+    """One request to send to the daemon: ``Call(action, service=None, args=())``."""
+
+    __slots__ = ("action", "service", "args")
+    _defaults = ("", None, ())
     action: str
-    service: str | None = None
-    args: tuple[Any, ...] = ()
+    service: str | None
+    args: tuple[Any, ...]
 
     def to_json(self, req_id: int) -> dict[str, Any]:
         """The request object, with ``req_id`` as its ``id``."""
         return {"id": req_id, "action": self.action, "service": self.service, "args": list(self.args)}
 
 
-@dataclass(frozen=True, slots=True)
-class Invocation:
+class Invocation(_Record):
     """What one ``herd`` command line asks for.
 
     ``kind`` names how the replies are shown: ``summary``, ``status``,
@@ -101,26 +139,30 @@ class Invocation:
     ``ping`` or ``custom``.
     """
 
-    action: str = ""
-    kind: str = ""
-    calls: tuple[Call, ...] = ()
-    socket: str | None = None
-    json: bool = False
-    follow: bool = False
-    hosts: tuple[str, ...] = ()
-    show_help: bool = False
-    show_version: bool = False
+    __slots__ = ("action", "kind", "calls", "socket", "json", "follow", "hosts", "show_help", "show_version")
+    _defaults = ("", "", (), None, False, False, (), False, False)
+    action: str
+    kind: str
+    calls: tuple[Call, ...]
+    socket: str | None
+    json: bool
+    follow: bool
+    hosts: tuple[str, ...]
+    show_help: bool
+    show_version: bool
 
 
-@dataclass(slots=True)
 class _Options:
-    socket: str | None = None
-    json: bool = False
-    help: bool = False
-    version: bool = False
-    lines: int | None = None
-    follow: bool = False
-    hosts: list[str] = field(default_factory=list)
+    __slots__ = ("socket", "json", "help", "version", "lines", "follow", "hosts")
+
+    def __init__(self) -> None:
+        self.socket: str | None = None
+        self.json = False
+        self.help = False
+        self.version = False
+        self.lines: int | None = None
+        self.follow = False
+        self.hosts: list[str] = []
 
 
 def _take_value(tokens: Sequence[str], i: int, short: str, longs: Sequence[str]) -> tuple[str, int] | None:
@@ -350,7 +392,7 @@ def socket_path(invocation: Invocation, env: dict[str, str] | None = None) -> st
     env = dict(os.environ) if env is None else env
     if env.get("SUPERVISOR_SOCKET"):
         return env["SUPERVISOR_SOCKET"]
-    from herd.protocol import default_paths
+    from herd.protocol import default_socket
 
-    return str(default_paths(env=env).socket)
+    return default_socket(env=env)
 

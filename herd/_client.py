@@ -7,20 +7,25 @@ connection and yields the replies in request order, matched by ``id``.
 
 from __future__ import annotations
 
-import json
-import socket
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Final
+# `_socket` and `herd._json`, not `socket` and `json`: those two modules
+# import `re`, `enum` and `selectors`, as long as the interpreter's own start.
+from _socket import AF_UNIX, SOCK_STREAM
+from _socket import socket as _Socket
 
+from herd._json import dumps, loads
 from herd.protocol import (
     ERROR_CODES,
     EXIT_FAILED,
     EXIT_UNREACHABLE,
     PROTOCOL_VERSION,
     MAX_IN_FLIGHT,
-    encode,
     exit_code_for,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+    from typing import Any, Final
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -84,7 +89,7 @@ def next_object(buf: bytearray) -> dict[str, Any] | None:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = loads(line)
         except ValueError:
             obj = None
         if not isinstance(obj, dict):
@@ -106,7 +111,7 @@ class Connection:
     Use :meth:`open`; the server's hello object is in :attr:`hello`.
     """
 
-    def __init__(self, path: str, sock: socket.socket) -> None:
+    def __init__(self, path: str, sock: _Socket) -> None:
         self.path = path
         self.hello: dict[str, Any] = {}
         self._sock = sock
@@ -121,7 +126,7 @@ class Connection:
             ServerError: the server refused the connection (``too-many-clients``).
             HerdError: the server speaks another protocol version.
         """
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _Socket(AF_UNIX, SOCK_STREAM)
         conn = cls(path, sock)
         try:
             sock.settimeout(timeout)
@@ -134,7 +139,7 @@ class Connection:
                     f"cannot connect to {path}: {exc.strerror}; the control socket is for root and the "
                     "members of the group named by 'socket-group' in the [supervisor] table "
                     "(the status socket serves read actions to the group 'status-socket-group')") from None
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 raise Unreachable(f"cannot connect to {path}: timed out") from None
             except OSError as exc:
                 raise Unreachable(f"cannot connect to {path}: {exc.strerror or exc}") from None
@@ -148,7 +153,7 @@ class Connection:
     def _read_hello(self) -> dict[str, Any]:
         try:
             obj = self.read()
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise Unreachable(f"no greeting from {self.path}: timed out") from None
         except Unreachable as exc:
             raise Unreachable(f"no greeting from {self.path}: {exc.message}") from None
@@ -186,7 +191,7 @@ class Connection:
         Raises:
             Unreachable: the connection is gone.
         """
-        data = b"".join(encode(r) for r in requests)
+        data = "".join(dumps(r) + "\n" for r in requests).encode("utf-8", "backslashreplace")
         try:
             self._sock.sendall(data)
         except OSError as exc:
@@ -208,7 +213,7 @@ class Connection:
                 return obj
             try:
                 chunk = self._sock.recv(_RECV_SIZE)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 raise
             except OSError as exc:
                 raise Unreachable(f"lost the connection to {self.path}: {exc.strerror or exc}") from None

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any, TextIO
 
+# The fast path (`herd status`, `herd start X`) imports only what it uses:
+# tests/test_herd_unit.py lists the modules and keeps it that way.  New
+# features go in modules imported where they are used.
 from herd import render
 from herd._args import HELP, Call, Invocation, UsageError, parse_args, socket_path
 from herd._client import Connection, HerdError, exchange
 from herd.protocol import ERROR_CODES, EXIT_FAILED, EXIT_OK, EXIT_USAGE, exit_code_for
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any, TextIO
 
 __all__ = ["main"]
 

@@ -20,12 +20,17 @@ Wire format: newline-delimited JSON objects over a Unix stream socket.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Final
+
+from herd._json import dumps
+
+# `herd` imports this module on its fast path: no json (it imports re),
+# dataclasses, pathlib or typing at import time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any, Final
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -50,6 +55,7 @@ __all__ = [
     "Request",
     "DefaultPaths",
     "default_paths",
+    "default_socket",
     "encode",
     "decode_request",
     "exit_code_for",
@@ -142,14 +148,26 @@ class ProtocolError(Exception):
         return {"code": self.code, "message": self.message}
 
 
-@dataclass(frozen=True, slots=True)
 class Request:
-    """A parsed request line."""
+    """A parsed request line (a plain class: `dataclasses` is slow to import)."""
 
-    id: Any
-    action: str
-    service: str | None = None
-    args: list[Any] = field(default_factory=list)
+    __slots__ = ("id", "action", "service", "args")
+
+    def __init__(self, id: Any, action: str, service: str | None = None, args: list[Any] | None = None) -> None:
+        self.id = id
+        self.action = action
+        self.service = service
+        self.args: list[Any] = [] if args is None else args
+
+    def __repr__(self) -> str:
+        return f"Request(id={self.id!r}, action={self.action!r}, service={self.service!r}, args={self.args!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Request):
+            return NotImplemented
+        return (self.id, self.action, self.service, self.args) == (other.id, other.action, other.service, other.args)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 def encode(obj: Any) -> bytes:
@@ -161,8 +179,7 @@ def encode(obj: Any) -> bytes:
     Raises:
         ValueError: `obj` holds a NaN or an infinity (JSON has no such numbers).
     """
-    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return text.encode("utf-8", "backslashreplace") + b"\n"
+    return dumps(obj).encode("utf-8", "backslashreplace") + b"\n"
 
 
 def _non_finite(obj: Any) -> str | None:
@@ -187,6 +204,8 @@ def decode_request(line: bytes) -> Request:
             an object with an ``id``, the caller can still address the reply:
             the id is attached as the ``request_id`` attribute.
     """
+    import json  # loaded by the daemon anyway; herd never decodes a request
+
     try:
         obj = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -232,37 +251,64 @@ def exit_code_for(error_code: str) -> int:
     return ERROR_CODES.get(error_code, (EXIT_FAILED, ""))[0]
 
 
-@dataclass(frozen=True, slots=True)
 class DefaultPaths:
-    config: Path
-    socket: Path
-    status_socket: Path
-    state_dir: Path
-    log_dir: Path
+    """The default locations of the configuration, the sockets, the state and the logs."""
+
+    __slots__ = ("config", "socket", "status_socket", "state_dir", "log_dir")
+
+    def __init__(self, config: Path, socket: Path, status_socket: Path, state_dir: Path, log_dir: Path) -> None:
+        self.config = config
+        self.socket = socket
+        self.status_socket = status_socket
+        self.state_dir = state_dir
+        self.log_dir = log_dir
+
+    def __repr__(self) -> str:
+        return "DefaultPaths(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DefaultPaths):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _default_dirs(uid: int | None, env: dict[str, str] | None) -> dict[str, str]:
+    """The default locations as strings: FHS paths for root, XDG paths for anyone else."""
+    uid = os.getuid() if uid is None else uid
+    env = os.environ if env is None else env  # type: ignore[assignment]
+    if uid == 0:
+        run = "/run/supervisor"
+        return {
+            "config": "/etc/supervisor/init.toml",
+            "socket": f"{run}/control.sock",
+            "status_socket": f"{run}/status.sock",
+            "state_dir": "/var/lib/supervisor",
+            "log_dir": "/var/log/supervisor",
+        }
+    join = os.path.join
+    home = env.get("HOME") or "/"
+    config_home = env.get("XDG_CONFIG_HOME") or join(home, ".config")
+    state_home = env.get("XDG_STATE_HOME") or join(home, ".local", "state")
+    runtime = env.get("XDG_RUNTIME_DIR")
+    run = join(runtime, "supervisor") if runtime else f"/tmp/supervisor-{uid}"
+    return {
+        "config": join(config_home, "supervisor", "init.toml"),
+        "socket": join(run, "control.sock"),
+        "status_socket": join(run, "status.sock"),
+        "state_dir": join(state_home, "supervisor"),
+        "log_dir": join(state_home, "supervisor", "log"),
+    }
+
+
+def default_socket(uid: int | None = None, env: dict[str, str] | None = None) -> str:
+    """The default control socket (`herd`'s fast path: no :mod:`pathlib`)."""
+    return _default_dirs(uid, env)["socket"]
 
 
 def default_paths(uid: int | None = None, env: dict[str, str] | None = None) -> DefaultPaths:
     """Default locations: FHS paths for root, XDG paths for anyone else."""
-    uid = os.getuid() if uid is None else uid
-    env = dict(os.environ) if env is None else env
-    if uid == 0:
-        run = Path("/run/supervisor")
-        return DefaultPaths(
-            config=Path("/etc/supervisor/init.toml"),
-            socket=run / "control.sock",
-            status_socket=run / "status.sock",
-            state_dir=Path("/var/lib/supervisor"),
-            log_dir=Path("/var/log/supervisor"),
-        )
-    home = Path(env.get("HOME") or "/")
-    config_home = Path(env.get("XDG_CONFIG_HOME") or home / ".config")
-    state_home = Path(env.get("XDG_STATE_HOME") or home / ".local" / "state")
-    runtime = env.get("XDG_RUNTIME_DIR")
-    run = Path(runtime) / "supervisor" if runtime else Path(f"/tmp/supervisor-{uid}")
-    return DefaultPaths(
-        config=config_home / "supervisor" / "init.toml",
-        socket=run / "control.sock",
-        status_socket=run / "status.sock",
-        state_dir=state_home / "supervisor",
-        log_dir=state_home / "supervisor" / "log",
-    )
+    from pathlib import Path
+
+    return DefaultPaths(**{key: Path(value) for key, value in _default_dirs(uid, env).items()})

@@ -16,11 +16,16 @@ needed (``running``, ``Disabled``) so that it cannot break the rule.
 
 from __future__ import annotations
 
-import json
-import shlex
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+
+from herd._json import dumps
+
+# On `herd status`'s fast path: json and shlex (both import re) load where
+# they are used; the abstract types are for annotations only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from typing import Any
 
 __all__ = [
     "Style",
@@ -39,7 +44,7 @@ __all__ = [
     "json_line",
 ]
 
-SVC = Mapping[str, Any]
+SVC = "Mapping[str, Any]"
 
 _BOLD = "\x1b[1m"
 _WARN = "\x1b[1;35m"  # bold magenta
@@ -159,6 +164,19 @@ def _tame(text: str, *, running: bool, disabled: bool) -> str:
     return text
 
 
+#: What :func:`shlex.quote` leaves unquoted (``[\\w@%+=:,./-]``, ASCII).
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_@%+=:,./-")
+
+
+def _quote(arg: str) -> str:
+    """:func:`shlex.quote` without importing :mod:`shlex` (and :mod:`re`)."""
+    if not arg:
+        return "''"
+    if _SAFE.issuperset(arg):
+        return arg
+    return "'" + arg.replace("'", "'\"'\"'") + "'"
+
+
 def _sentence(text: str) -> str:
     text = text.strip()
     return text if text.endswith((".", "!", "?")) else text + "."
@@ -232,7 +250,7 @@ def render_service(svc: SVC, *, now: float | None = None, color: bool = False) -
         lines.append(f"  Main PID: {pid}.")
     command = svc.get("command")
     if command:
-        lines.append(f"  Command: {tame(shlex.join(str(a) for a in command))}")
+        lines.append(f"  Command: {tame(' '.join(_quote(str(a)) for a in command))}")
     if svc.get("status-text"):
         lines.append(f"  Status: {tame(svc['status-text'])}")
     if enabled:
@@ -255,7 +273,7 @@ def render_service(svc: SVC, *, now: float | None = None, color: bool = False) -
     if respawns:
         lines.append(f"  Last respawned on {when(respawns[-1])}.")
     last_exit = svc.get("last-exit")
-    if isinstance(last_exit, Mapping):
+    if isinstance(last_exit, dict):
         at = f" at {when(last_exit['time'])}" if last_exit.get("time") else ""
         if last_exit.get("signal"):
             lines.append(f"  Last exit: signal {last_exit['signal']}{at}.")
@@ -265,7 +283,7 @@ def render_service(svc: SVC, *, now: float | None = None, color: bool = False) -
         lines.append(f"  Failed to start at {when(failures[-1])}.")
     if svc.get("last-failure"):
         lines.append(f"  Last failure: {_sentence(tame(svc['last-failure']))}")
-    if isinstance(svc.get("health"), Mapping):
+    if isinstance(svc.get("health"), dict):
         lines.extend("  " + tame(line) for line in render_health(svc["health"], when))
     lines.extend("  " + line for line in render_processes(svc.get("processes")))
     if svc.get("log-file"):
@@ -311,7 +329,7 @@ def _size(n: float) -> str:
 
 def render_processes(procs: Any) -> list[str]:
     """The live figures of a service's processes (one-service status)."""
-    if not isinstance(procs, Mapping):
+    if not isinstance(procs, dict):
         return []
     if procs.get("containment") != "cgroup":
         return ["Processes are tracked by process group and tree (no cgroup)."]
@@ -379,7 +397,7 @@ def render_doc(result: Mapping[str, Any]) -> str:
         out.append("")
         out.append("Actions:" if result.get("service") == "root" else "Custom actions:")
         for action in actions:
-            if isinstance(action, Mapping):
+            if isinstance(action, dict):
                 adoc = str(action.get("documentation") or "").strip()
                 out.append(f"  {action.get('name')}: {adoc}" if adoc else f"  {action.get('name')}")
             else:
@@ -394,7 +412,7 @@ def render_ping(result: Mapping[str, Any]) -> str:
 
 def render_change(action: str, service: str, result: Any) -> str:
     """Fallback text for start/stop/restart/enable/disable when the daemon sent no messages."""
-    if not isinstance(result, Mapping):
+    if not isinstance(result, dict):
         return ""
     name = str(result.get("service") or service)
     out: list[str] = []
@@ -419,9 +437,16 @@ def render_value(result: Any) -> str:
         return ""
     if isinstance(result, str):
         return result
+    import json
+
     return json.dumps(result, indent=2, ensure_ascii=False)
 
 
 def json_line(obj: Any) -> str:
     """One compact JSON line (``--json`` output)."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return dumps(obj)
+    except ValueError:  # a NaN or an infinity: json writes them as NaN, Infinity
+        import json
+
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))

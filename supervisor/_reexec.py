@@ -33,7 +33,7 @@ import trio
 
 from herd.protocol import ProtocolError
 
-from . import _proc
+from . import _proc, _samecode, _threads
 from ._state import REEXEC_ENV, read_toml, write_atomic
 
 __all__ = ["HELD_SIGNALS", "check_new_image", "exec_self", "take_handover"]
@@ -73,11 +73,26 @@ def config_in_force(handover: dict[str, Any] | None, *, check: bool) -> bytes | 
 
 async def check_new_image(source: bytes | None = None, state_dir: Path | None = None) -> None:
     """Run the new code with ``--check`` in a child process, on the
-    configuration in force (`source`), not the file as edited since.
+    configuration in force (`source`), not the file as edited since.  When
+    not one file of the code changed since this image started
+    (`_samecode`), the new image is this one: the same checks run here, in a
+    worker thread, and no interpreter is started.
 
     Raises:
         ProtocolError: ``action-failed`` with what the check printed.
     """
+    if _samecode.unchanged():
+        # The new image is this one: check the configuration here, not in a
+        # child that would start an interpreter and import everything again.
+        from .cli import preflight
+
+        problems = await _threads.run_sync(preflight, source)
+        if problems:
+            detail = " | ".join(problems[-5:])
+            log.error("re-exec refused: the new image failed its check", output=detail)
+            raise ProtocolError("action-failed", f"re-exec refused: the new image failed its check: {detail}")
+        log.info("re-exec: the code is unchanged; its check ran in this process")
+        return
     argv = [*_argv(), "--check"]
     env = dict(os.environ)
     held = None

@@ -22,7 +22,7 @@ import trio
 
 from herd.protocol import default_paths
 
-from . import __version__, _limits, _proc, pid1, takeover
+from . import __version__, _limits, _proc, _samecode, pid1, takeover
 from ._cgroup import CgroupUnavailable, Hierarchy
 from ._control_sockets import SocketInUse, bind_unix_socket, prepare_socket_dir
 from ._hostcheck import check_host, log_findings
@@ -67,16 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.no_host_checks and not args.check:
         parser.error("--no-host-checks needs --check")
-    explicit = args.config is not None
-    config_path = Path(args.config) if explicit else default_paths().config
-    overrides = {
-        "socket": Path(args.socket) if args.socket else None,
-        "status_socket": Path(args.status_socket) if args.status_socket else None,
-        "state_dir": Path(args.state_dir) if args.state_dir else None,
-        "log_dir": Path(args.log_dir) if args.log_dir else None,
-        "log_format": args.log_format,
-        "log_level": args.log_level,
-    }
+    explicit, config_path, overrides = _where(args)
     # A re-exec runs the configuration in force, not the file as edited since;
     # so does the re-exec's check of the new image (see _reexec).
     handover = None if args.check else take_handover()
@@ -97,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = config.settings
     if args.check:
         return _check(config, config_path, host=not args.no_host_checks)
+    _samecode.remember()  # what this image runs: a re-exec into the same code checks it here
     configure_logging(settings.log_format, settings.log_level)
     log_findings(config, log)
     if config.path is None:
@@ -105,6 +97,40 @@ def main(argv: list[str] | None = None) -> int:
         return trio.run(_run, config, settings, overrides, not args.no_cgroups, handover)
     except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled inside
         return 130
+
+
+def _where(args: argparse.Namespace) -> tuple[bool, Path, dict[str, Any]]:
+    """(whether -c was given, the configuration file, the command line's overrides)."""
+    explicit = args.config is not None
+    config_path = Path(args.config) if explicit else default_paths().config
+    overrides = {
+        "socket": Path(args.socket) if args.socket else None,
+        "status_socket": Path(args.status_socket) if args.status_socket else None,
+        "state_dir": Path(args.state_dir) if args.state_dir else None,
+        "log_dir": Path(args.log_dir) if args.log_dir else None,
+        "log_format": args.log_format,
+        "log_level": args.log_level,
+    }
+    return explicit, config_path, overrides
+
+
+def preflight(source: bytes | None) -> list[str]:
+    """What ``supervisor ARGS --check`` would refuse in the configuration
+    `source`, checked in this process (a re-exec into unchanged code, see
+    `_samecode`); empty when it passes.  The same checks as `main` and
+    `_check`, without their output or their raising of our open-files limit."""
+    args = _parser().parse_args([*sys.argv[1:], "--check"])
+    explicit, config_path, overrides = _where(args)
+    try:
+        config = load_config(config_path, missing_ok=not explicit, overrides=overrides,
+                             host_checks=True, data=source)
+    except ConfigErrors as exc:
+        return [str(err) for err in exc.errors] + [f"{config_path}: {len(exc.errors)} error(s)"]
+    findings = check_host(config)
+    errors = sum(not f.warning for f in findings)
+    if errors:
+        return [str(f) for f in findings if not f.warning] + [f"{config_path}: {errors} error(s) on this host"]
+    return []
 
 
 def _check(config: Config, config_path: Path, *, host: bool) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+from typing import Final
 
 import structlog
 import trio
@@ -23,17 +24,50 @@ __all__ = ["reap_orphans", "reboot", "terminate_strays"]
 log = structlog.get_logger("supervisor")
 
 
+#: How soon the first zombie is asked for again while one blocks the way
+#: (its owner reaps it within milliseconds; a helper's grace runs out).
+_RECHECK: Final = 0.05
+
+
 async def reap_orphans() -> None:
     """Reap orphans re-parented to us (subreaper / PID 1), never an owned child,
-    and never a helper process before its owner had the chance to wait for it."""
+    and never a helper process before its owner had the chance to wait for it.
+
+    Each SIGCHLD costs O(1) (`_proc.reap_first_orphans`), and so does each
+    look again while a zombie blocks the way (owned, or in its grace).  Only
+    a zombie that still blocks it after the grace (an owner that does not
+    reap) makes us list every child (`_proc.reap_orphans`), to reap what
+    waits behind it.
+    """
     seen: dict[int, float] = {}
+    blocker: int | None = None
+    blocked_since = 0.0
     with trio.open_signal_receiver(signal.SIGCHLD) as sigchld:
+        reaped, waiting = _proc.reap_orphans(seen, trio.current_time(), _proc.ORPHAN_GRACE)
+        again = trio.current_time() + _proc.ORPHAN_GRACE if waiting else math.inf
         while True:
-            reaped, waiting = _proc.reap_orphans(seen, trio.current_time(), _proc.ORPHAN_GRACE)
-            for pid, status in reaped:
-                log.debug("reaped orphan", pid=pid, status=status)
-            with trio.move_on_after(_proc.ORPHAN_GRACE if waiting else math.inf):
+            _log_reaped(reaped)
+            with trio.move_on_at(again):
                 await sigchld.__anext__()
+            now = trio.current_time()
+            reaped, first = _proc.reap_first_orphans(seen, now, _proc.ORPHAN_GRACE)
+            if first is None:
+                blocker, again = None, math.inf
+                continue
+            if first != blocker:
+                blocker, blocked_since = first, now
+            if now - blocked_since < _proc.ORPHAN_GRACE:
+                again = now + _RECHECK
+                continue
+            more, waiting = _proc.reap_orphans(seen, now, _proc.ORPHAN_GRACE)
+            reaped.extend(more)
+            # behind it, helpers still in their grace; else the next SIGCHLD
+            again = now + _proc.ORPHAN_GRACE if waiting else math.inf
+
+
+def _log_reaped(reaped: list[tuple[int, int]]) -> None:
+    for pid, status in reaped:
+        log.debug("reaped orphan", pid=pid, status=status)
 
 
 async def terminate_strays(grace: float = 5.0) -> None:

@@ -1017,14 +1017,19 @@ class Service:
 
     def save(self) -> None:
         """The record changed: have the store write it, soon and off this path;
-        at once when the main process changed (crash recovery adopts by it)."""
+        at once when a new main process runs (crash recovery adopts by it).
+        A process gone is written off the path too: until then the record
+        names a PID whose start time no longer matches, which recovery
+        never adopts."""
         if self.store is None:
             return
         pid = self.child.pid if self.child is not None and self.child.alive else None
-        if pid != self._saved_pid:
+        if pid is not None and pid != self._saved_pid:
             self._saved_pid = pid
             self.store.write_now(self.name, _service_record.record(self))
         else:
+            if pid is None:
+                self._saved_pid = None  # a reused PID is a new process: written at once
             self.store.mark(self.name, partial(_service_record.record, self))
 
     def recent_log(self, n: int) -> list[LogLine]:

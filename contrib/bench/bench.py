@@ -37,8 +37,10 @@ import psutil
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CACHE = Path(os.environ.get("BENCH_CACHE", ROOT / ".cache" / "bench"))
-OURS_PY = ROOT / ".venv" / "bin" / "python"
-OURS_HERD = ROOT / ".venv" / "bin" / "herd"
+# Ours as installed by `run` (a regular install, not the editable one of .venv).
+OURS_VENV = Path(os.environ.get("BENCH_OURS", CACHE / "venv-ours"))
+OURS_PY = OURS_VENV / "bin" / "python"
+OURS_HERD = OURS_VENV / "bin" / "herd"
 SV_VENV = CACHE / "venv-supervisord"
 CIRCUS_VENV = CACHE / "venv-circus"
 SLEEP = shutil.which("sleep") or "/bin/sleep"
@@ -294,7 +296,7 @@ class Ours(System):
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT)
+        env.pop("PYTHONPATH", None)  # the installed package, not the source tree
         env.pop("NOTIFY_SOCKET", None)
         return env
 
@@ -571,6 +573,21 @@ class Bench:
                 times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
+    def status_cli_vs_python(self, s: System, runs: int) -> tuple[float, float, float]:
+        """`herd status` and `python -c pass` of herd's interpreter, in turn:
+        (median herd, median python, median of the pairwise ratios)."""
+        herd, bare = s.status_cli(), [str(OURS_PY), "-c", "pass"]
+        times: dict[int, list[float]] = {0: [], 1: []}
+        for k in range(runs + 1):
+            for which, argv in enumerate((herd, bare)):
+                t0 = time.perf_counter()
+                subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                               timeout=300, check=False)
+                if k:  # the first pair warms the caches
+                    times[which].append(time.perf_counter() - t0)
+        ratios = [h / b for h, b in zip(times[0], times[1]) if b > 0]
+        return statistics.median(times[0]), statistics.median(times[1]), statistics.median(ratios)
+
     def poll(self, s: System, clients: int, duration: float) -> dict[str, Any] | None:
         py, target = s.poll_target()
         workers = max(1, min(5, clients // 10 or 1))
@@ -624,13 +641,18 @@ class Bench:
                 continue
             parent = int(st[1])
             arg = s.svc.arg(i)
+            # Only processes new under the parent are read: reading the command
+            # line of every child on each pass would cost the bench O(N) per
+            # pass under a parent of N services (ours, supervisord, circus) and
+            # O(1) under one of one (s6-supervise, runsv).
+            known = set(children(parent))
             t0 = time.perf_counter()
             os.kill(old, signal.SIGKILL)
             deadline = t0 + 15
             got = None
             while time.perf_counter() < deadline and got is None:
                 for c in children(parent):
-                    if c != old:
+                    if c not in known:  # read again until it has executed `sleep`
                         cmd = cmdline(c)
                         if cmd and len(cmd) >= 2 and cmd[1] == arg and os.path.basename(cmd[0]) == "sleep":
                             got = time.perf_counter() - t0
@@ -718,7 +740,13 @@ class Bench:
             time.sleep(a.settle)
             if not a.polling_only:
                 self.record("pss", name, n, self.pss(s))
-                self.record("status_cli", name, n, self.status_cli(s, a.cli_runs))
+                if isinstance(s, Ours) and not isinstance(s, OursGraph):
+                    herd, bare, ratio = self.status_cli_vs_python(s, max(a.cli_runs, 10))
+                    self.record("status_cli", name, n, herd)
+                    self.record("py_start", name, n, bare)
+                    self.record("herd_vs_python", name, n, ratio)
+                else:
+                    self.record("status_cli", name, n, self.status_cli(s, a.cli_runs))
             one = self.poll(s, 1, a.rpc_seconds)
             if one:
                 self.record("rpc1_p50", name, n, one["p50"])
@@ -852,6 +880,8 @@ METRICS = [
     # key, title, unit, scale, lower is better, format
     ("boot", "boot: start to all N running", "s", 1, True, "{:.3f}"),
     ("status_cli", "status: one CLI call", "ms", 1e3, True, "{:.1f}"),
+    ("py_start", "ours' interpreter: `python -c pass`", "ms", 1e3, True, "{:.1f}"),
+    ("herd_vs_python", "`herd status` / `python -c pass`, paired", "×", 1, True, "{:.2f}"),
     ("rpc1_p50", "status RPC, 1 client, p50", "ms", 1e3, True, "{:.2f}"),
     ("poll_rps", "polling, 50 clients: requests/s", "req/s", 1, False, "{:.0f}"),
     ("poll_p50", "polling, 50 clients: p50", "ms", 1e3, True, "{:.1f}"),
@@ -951,6 +981,7 @@ def report(data: dict[str, Any], out: Path, quick: bool) -> str:
             lines.append("| " + " | ".join(row) + " |")
     lines += [""]
     lines += targets(res, ns)
+    lines += targets19(res, ns)
     lines += polling(res, ns, args["clients"])
     analysis = out / "analysis.md"
     if analysis.exists():
@@ -1033,6 +1064,54 @@ def polling(res: dict, ns: list[int], clients: int) -> list[str]:
             "", "| N | ours req/s | ÷ supervisord | ÷ circus | ÷ s6 | ÷ runit | ours p50 | reply bytes: "
             "ours / supervisord / circus / s6 / runit | targets: ≥ 10× supervisord, ≥ 2× circus, "
             "N=1000 p50 ≤ circus |", "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
+def targets19(res: dict, ns: list[int]) -> list[str]:
+    """Issue 19's targets: ours against the best peer, row by row, from this run."""
+    rows = []
+
+    def row(what: str, target: str, shown: str, ok: bool | None) -> None:
+        rows.append(f"| {what} | {target} | {shown} | {'–' if ok is None else ('met' if ok else '**missed**')} |")
+
+    def versus(key: str, n: int, peers: tuple[str, ...], fmt: str, scale: float = 1) -> None:
+        o = _m(res, key, "ours", n)
+        qs = {p: _m(res, key, p, n) for p in peers}
+        if o is None or any(q is None for q in qs.values()):
+            row(f"{key} N={n}", " and ".join(f"≤ {p}" for p in peers), "not measured", None)
+            return
+        shown = f"ours {fmt.format(o * scale)}; " + ", ".join(f"{p} {fmt.format(q * scale)} ({o / q:.2f}×)"
+                                                                for p, q in qs.items() if q)
+        row(f"{key} N={n}", " and ".join(f"≤ {p}" for p in peers), shown, all(o <= q for q in qs.values()))
+
+    for n, limit in ((10, 1.5), (1000, 2.0)):
+        if n in ns:
+            v = _m(res, "herd_vs_python", "ours", n)
+            row(f"`herd status` / `python -c pass`, N={n}", f"≤ {limit}×",
+                "not measured" if v is None else f"{v:.2f}×", None if v is None else v <= limit)
+    for n in (100, 1000):
+        if n in ns:
+            versus("respawn", n, ("runit",), "{:.1f} ms", 1e3)
+    if 1000 in ns:
+        versus("boot", 1000, ("s6", "circus"), "{:.2f} s")
+        versus("stop_all", 1000, ("s6", "circus"), "{:.2f} s")
+        versus("pss", 1000, ("supervisord",), "{:.1f} MiB")
+    lo, hi = (100, 1000) if 100 in ns and 1000 in ns else (None, None)
+    if lo is not None:
+        slope = {}
+        for sname in ("ours", "supervisord"):
+            a, b = _m(res, "pss", sname, lo), _m(res, "pss", sname, hi)
+            slope[sname] = None if a is None or b is None else (b - a) * 1024 / (hi - lo)
+        o, q = slope["ours"], slope["supervisord"]
+        row(f"memory per service (PSS, N={lo}→{hi})", "< supervisord",
+            "not measured" if o is None or q is None else f"ours {o:.1f} KiB, supervisord {q:.1f} KiB",
+            None if o is None or q is None else o < q)
+    for n, limit in ((100, 0.5), (1000, 1.0)):
+        if n in ns:
+            v = _m(res, "reexec", "ours", n)
+            row(f"re-exec, N={n}", f"≤ {limit:g} s", "not measured" if v is None else f"{v:.2f} s",
+                None if v is None else v <= limit)
+    return ["## Issue 19 targets", "", "| target | wanted | measured (medians of this run) | |",
+            "|---|---|---|---|", *rows, ""]
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
