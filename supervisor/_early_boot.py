@@ -47,6 +47,10 @@ API_MOUNTS: Final = (
     ("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, "nsdelegate"),
 )
 
+#: As init, how long the re-exec's check of the new image may take (seconds):
+#: a machine booting on an emulated CPU imports the supervisor slowly.
+REEXEC_CHECK_TIMEOUT: Final = 600.0
+
 #: A PATH for the services when the kernel gave none.
 DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 

@@ -22,7 +22,7 @@ import trio
 
 from herd.protocol import default_paths
 
-from . import __version__, _boot_console, _early_boot, _limits, _proc, pid1, takeover
+from . import __version__, _boot_console, _early_boot, _limits, _reexec, _proc, pid1, takeover
 from ._cgroup import CgroupUnavailable, Hierarchy
 from ._control_sockets import SocketInUse, bind_unix_socket, prepare_socket_dir
 from ._hostcheck import check_host, log_findings
@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
 
         configure_logging(args.log_format or "console", args.log_level or "info")
         _early_boot.prepare()
+        # a machine's init may run on a slow CPU (an emulated one): give the
+        # re-exec's check of the new image time
+        _reexec.CHECK_TIMEOUT = _early_boot.REEXEC_CHECK_TIMEOUT
         run_as_init(partial(_main, args, boot=True))
     return _main(args)
 
