@@ -26,14 +26,14 @@ QEMU = "qemu-system-x86_64"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def build_image() -> Path:
-    """The image's directory (built, or taken from the cache).
+def build_image(cache: Path | None = None) -> Path:
+    """The image's directory (built, or taken from the cache: `cache`, else .cache/guest).
 
     Raises:
         AssertionError: the build failed (with its output).
     """
-    p = subprocess.run([sys.executable, str(REPO / "contrib/guest/build-init")], capture_output=True, text=True,
-                       timeout=1800)
+    argv = [sys.executable, str(REPO / "contrib/guest/build-init"), *([str(cache)] if cache else [])]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
     assert p.returncode == 0, f"contrib/guest/build-init failed:\n{p.stdout}\n{p.stderr}"
     return Path(p.stdout.strip().splitlines()[-1])
 
