@@ -138,3 +138,5 @@ def test_power_button_stops_every_service_in_order_and_powers_off(vm: InitVM) ->
     assert re.search(r"system going down .*how=power-off", went_down), went_down
     _stops_in_order(went_down)
     assert went_down.index("all services stopped") < went_down.index("reboot: Power down")
+    # kernel threads are no strays: nothing waits for them to die of SIGTERM
+    assert "stray processes survived SIGTERM" not in went_down, went_down
