@@ -46,6 +46,9 @@ MAX_LINE: Final = 64 * 1024
 STREAMS: Final = ("stdout", "stderr", "supervisor")
 #: After a log file could not be opened, the seconds before the next try.
 REOPEN_DELAY: Final = 1.0
+#: What a log file keeps, at most, of the lines it could not write yet (bytes;
+#: the oldest whole lines go first): written once the file can be opened.
+BACKLOG: Final = 1024 * 1024
 #: How much of the file's end is read back to find an unfinished last line.
 _TAIL: Final = MAX_LINE + 256
 
@@ -129,7 +132,9 @@ class LogFile:
 
     `feed` and `line` never raise: a file that cannot be written is reported
     through `on_error` (once per failure streak) and tried again after
-    `REOPEN_DELAY`; what could not be written is not in the file.
+    `REOPEN_DELAY`.  What could not be opened meanwhile (a log directory not
+    there yet, early in boot) is kept, up to `BACKLOG` bytes, and written
+    first when the file opens.
     """
 
     def __init__(self, path: Path, *, max_size: int = 2 * 1024 * 1024, max_backups: int = 3,
@@ -145,6 +150,8 @@ class LogFile:
         self._streams: dict[str, _Stream] = {}
         self._failed = False
         self._retry_at = 0.0  # after a failed open, the next try (monotonic clock)
+        self._backlog = bytearray()  # lines formatted while the file could not be opened
+        self._back_stream: str | None = None  # whose line the backlog ends with, unfinished
 
     # -- input ---------------------------------------------------------------------
 
@@ -199,7 +206,35 @@ class LogFile:
             return True
         if time.monotonic() < self._retry_at:
             return False
-        return self._in_dir(self._open_in)
+        if not self._in_dir(self._open_in):
+            return False
+        if self._backlog:
+            self._write_backlog()
+        return True
+
+    def _keep_back(self, stream: str, pieces: list[tuple[str, bool]], now: datetime) -> None:
+        """While the file cannot be opened: keep the lines (see `BACKLOG`)."""
+        prefix = f"{stamp(now)} {stream} ".encode()
+        buf = self._backlog
+        for text, ends in pieces:
+            if self._back_stream != stream:
+                buf += (b"\n" if self._back_stream is not None else b"") + prefix
+            buf += text.encode()
+            if ends:
+                buf += b"\n"
+            self._back_stream = None if ends else stream
+        if len(buf) > BACKLOG:
+            cut = buf.find(b"\n", len(buf) - BACKLOG)
+            del buf[:cut + 1 if cut >= 0 else len(buf)]
+            if cut < 0:
+                self._back_stream = None
+
+    def _write_backlog(self) -> None:
+        data = (b"\n" if self._open_stream is not None else b"") + self._backlog
+        if self._write(data):
+            self._open_stream = self._back_stream
+            self._backlog.clear()
+            self._back_stream = None
 
     def _in_dir(self, action: Callable[[int], None]) -> bool:
         """Run `action` on the log directory's descriptor (resolved safely)."""
@@ -241,9 +276,11 @@ class LogFile:
             st.text, st.since = [text], when
 
     def _put(self, stream: str, pieces: list[tuple[str, bool]], now: datetime) -> None:
-        if not pieces or self._fd < 0:
-            if self._fd < 0:
-                self._open_stream = None  # not known until the file is read again
+        if not pieces:
+            return
+        if self._fd < 0:
+            self._open_stream = None  # not known until the file is read again
+            self._keep_back(stream, pieces, now)
             return
         prefix = f"{stamp(now)} {stream} ".encode()
         buf = bytearray()

@@ -22,7 +22,7 @@ import trio
 
 from herd.protocol import default_paths
 
-from . import __version__, _limits, _proc, _samecode, pid1, takeover
+from . import __version__, _boot_console, _early_boot, _limits, _proc, _reexec, _samecode, pid1, takeover
 from ._cgroup import CgroupUnavailable, Hierarchy
 from ._control_sockets import SocketInUse, bind_unix_socket, prepare_socket_dir
 from ._hostcheck import check_host, log_findings
@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-host-checks", action="store_true",
                    help="with --check: skip the checks against this host (users, groups, programs, "
                         "directories), for a file meant for another host")
+    p.add_argument("--boot", action="store_true",
+                   help="run as the init of a machine (PID 1): early mounts, Ctrl-Alt-Del, never exit "
+                        "(docs/boot.md)")
     p.add_argument("--version", action="version", version=f"supervisor {__version__}")
     return p
 
@@ -67,6 +70,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.no_host_checks and not args.check:
         parser.error("--no-host-checks needs --check")
+    if args.boot and not args.check:
+        if os.getpid() != 1:
+            parser.error("--boot: only as PID 1 (the init of a machine)")
+        from ._init_guard import run_as_init
+
+        configure_logging(args.log_format or "console", args.log_level or "info")
+        _early_boot.prepare()
+        # a machine's init may run on a slow CPU (an emulated one): give the
+        # re-exec's check of the new image time
+        _reexec.CHECK_TIMEOUT = _early_boot.REEXEC_CHECK_TIMEOUT
+        run_as_init(partial(_main, args, boot=True))
+    return _main(args)
+
+
+def _main(args: argparse.Namespace, *, boot: bool = False) -> int:
     explicit, config_path, overrides = _where(args)
     # A re-exec runs the configuration in force, not the file as edited since;
     # so does the re-exec's check of the new image (see _reexec).
@@ -94,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.path is None:
         log.warning("no configuration file; running with no services", config=str(config_path))
     try:
-        return trio.run(_run, config, settings, overrides, not args.no_cgroups, handover)
+        return trio.run(partial(_run, as_init=boot), config, settings, overrides, not args.no_cgroups, handover)
     except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled inside
         return 130
 
@@ -194,7 +212,7 @@ def _open_cgroups(settings: Settings, wanted: bool) -> tuple[Hierarchy | None, s
 
 
 async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cgroups: bool = True,
-               handover: dict[str, Any] | None = None) -> int:
+               handover: dict[str, Any] | None = None, *, as_init: bool = False) -> int:
     nofile = _open_files(config, handover)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
         # Signals held across a re-exec are delivered now, to the receiver above;
@@ -204,7 +222,8 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cg
             # The lock comes first: a second supervisor touches no socket.
             lock = _instance_lock(settings.socket.parent, handover)
             settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
-            settings.log_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+            if not as_init:  # as init, the log directory may appear later (_boot_console)
+                settings.log_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
             if handover is not None:
                 fds = handover["sockets"]
                 rw, ro = _socket_from_fd(fds["control"]), _socket_from_fd(fds["status"])
@@ -253,6 +272,8 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cg
                 await nursery.start(partial(server.serve, resumed=[c for c in resumed
                                                                    if c.get("read-only") == server.read_only]))
             await nursery.start(engine.run)
+            if as_init:
+                await nursery.start(partial(_boot_console.mirror_until_writable, engine.hub, settings.log_dir))
             engine.keep_all()
             await nursery.start(keeper.run)
             nursery.start_soon(pid1.reap_orphans)
@@ -271,7 +292,13 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cg
 
             async def watch_signals() -> None:
                 async for signum in signals:
-                    if signum in (signal.SIGTERM, signal.SIGINT):
+                    if as_init and signum == signal.SIGINT:  # Ctrl-Alt-Del
+                        log.info("Ctrl-Alt-Del: rebooting")
+                        reexec.request_shutdown("reboot")
+                    elif as_init and signum == signal.SIGTERM:  # as systemd does: re-execute, never exit
+                        log.info("SIGTERM as init: re-executing (PID 1 never exits)")
+                        nursery.start_soon(reexec.on_signal)
+                    elif signum in (signal.SIGTERM, signal.SIGINT):
                         log.info("shutting down", signal=signal.Signals(signum).name)
                         reexec.request_shutdown("exit")
                     elif signum == signal.SIGHUP:
@@ -290,7 +317,10 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cg
             if os.getpid() == 1:
                 await pid1.terminate_strays()
             nursery.cancel_scope.cancel()
-    if os.getpid() == 1 and reexec.how in ("power-off", "reboot", "halt"):
+    if as_init:  # `herd stop root` too: PID 1 never exits
+        _early_boot.unmount_all()
+        pid1.reboot("power-off" if reexec.how == "exit" else reexec.how)
+    elif os.getpid() == 1 and reexec.how in ("power-off", "reboot", "halt"):
         pid1.reboot(reexec.how)
     return 0
 

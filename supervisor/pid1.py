@@ -19,7 +19,7 @@ import trio
 
 from . import _proc
 
-__all__ = ["reap_orphans", "reboot", "terminate_strays"]
+__all__ = ["kernel_thread", "reap_orphans", "reboot", "terminate_strays"]
 
 log = structlog.get_logger("supervisor")
 
@@ -73,7 +73,7 @@ def _log_reaped(reaped: list[tuple[int, int]]) -> None:
 async def terminate_strays(grace: float = 5.0) -> None:
     """As PID 1: SIGTERM every other process, wait `grace`, then SIGKILL."""
     def others() -> list[int]:
-        return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != 1]
+        return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != 1 and not kernel_thread(p)]
 
     if not others():
         return
@@ -90,6 +90,22 @@ async def terminate_strays(grace: float = 5.0) -> None:
             while others():
                 _proc.reap_orphans()
                 await trio.sleep(0.05)
+
+
+#: PF_KTHREAD in the flags of /proc/PID/stat.
+_PF_KTHREAD = 0x00200000
+
+
+def kernel_thread(pid: str) -> bool:
+    """Whether `pid` is a kernel thread (on a machine, not in a PID namespace):
+    no signal ends one, so it is no stray."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    fields = data[data.rfind(b")") + 2:].split()
+    return len(fields) > 6 and int(fields[6]) & _PF_KTHREAD != 0
 
 
 def reboot(how: str) -> None:
