@@ -67,7 +67,7 @@ def _section(name: str) -> list[str]:
     merged: list[str] = []
     for line in lines:  # a help text continued on the next line
         if merged and line.startswith(" " * 8) and not line.strip().startswith("-"):
-            merged[-1] += " " + line.strip()
+            merged[-1] += "  " + line.strip()  # (two spaces: a usage's help may begin on the next line)
         else:
             merged.append(line)
     return merged
@@ -76,7 +76,7 @@ def _section(name: str) -> list[str]:
 def herd_options() -> list[Option]:
     out = []
     for line in _section("Options"):
-        m = re.match(r"\s+(?:(-\w), )?(--[\w-]+)(?: ([A-Z]+))?\s+(.*)", line)
+        m = re.match(r"\s+(?:(-\w), )?(--[\w-]+)(?: ([A-Z\[]\S*))?\s+(.*)", line)
         if m:
             out.append(Option(m[1] or "", m[2], m[3] or "", " ".join(m[4].split())))
     return out
@@ -89,7 +89,7 @@ def herd_actions() -> list[Action]:
         m = re.match(r"\s+(\S+)\s?(.*?)(?:\s{2,}(.*))?$", line)
         if not m or m[1].isupper():
             continue
-        out.append(Action(tuple(m[1].split("|")), (m[2] or "").strip(), (m[3] or "").strip()))
+        out.append(Action(tuple(m[1].split("|")), (m[2] or "").strip(), " ".join((m[3] or "").split())))
     return out
 
 
@@ -169,14 +169,19 @@ complete -F _herd herd
 """
 
 
+def _zsh_text(text: str) -> str:
+    """A description inside a zsh spec: no quote, and brackets escaped (they end it)."""
+    return text.replace("'", "").replace("[", "\\[").replace("]", "\\]").replace(":", "\\:")
+
+
 def zsh_completion() -> str:
-    actions = "\n".join(f"    '{n}:{a.help.replace(chr(39), '')}'" for a in herd_actions() for n in a.names)
+    actions = "\n".join(f"    '{n}:{_zsh_text(a.help)}'" for a in herd_actions() for n in a.names)
     specs = []
     for opt in herd_options():
-        value = f":{opt.value.lower()}:_files" if opt.value else ""
+        value = (":host:_hosts" if opt.long == "--host" else f":{opt.value.lower()}:_files") if opt.value else ""
         flags = f"{{{opt.short},{opt.long}}}" if opt.short else opt.long
-        specs.append(f"'({opt.short} {opt.long})'{flags}'[{opt.help.replace(chr(39), '')}]{value}'"
-                     if opt.short else f"'{flags}[{opt.help.replace(chr(39), '')}]{value}'")
+        specs.append(f"'({opt.short} {opt.long})'{flags}'[{_zsh_text(opt.help)}]{value}'"
+                     if opt.short else f"'{flags}[{_zsh_text(opt.help)}]{value}'")
     return f"""#compdef herd
 # zsh completion for herd ({GENERATED})
 # Install: copy to a directory of $fpath (e.g. /usr/share/zsh/vendor-completions/_herd).

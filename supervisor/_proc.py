@@ -196,15 +196,6 @@ def _lookup_group(group: str | int) -> int:
 _LISTEN_PID_WRAPPER = ("/bin/sh", "-c", 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"')
 
 
-#: Fixed exec wrapper that joins a cgroup without a `preexec_fn` (which makes
-#: `subprocess` fork the whole daemon and run Python in the child: tens of
-#: milliseconds at 1000 services, against one exec of ``sh`` here).  Its
-#: stdin is the cgroup's ``cgroup.procs``; it writes 0 (itself) there, sets
-#: PWD back to what the environment had (``$1`` = 1: ``$2``; else none: sh
-#: would add it), then executes the command with /dev/null as stdin.  The
-#: values are arguments, never interpolated.
-_CGROUP_WRAPPER = ("/bin/sh", "-c", 'echo 0 >&0 || exit 126; if [ "$1" = 1 ]; then export PWD="$2"; '
-                   'else unset PWD; fi; shift 2; exec "$@" </dev/null', "sh")
 
 
 def guard_numbers(guard_fds: Sequence[int], listen_count: int) -> list[int]:
@@ -304,15 +295,8 @@ def spawn(spec: ServiceSpec, *, stdout: int, stderr: int, extra_env: dict[str, s
         argv = [*_LISTEN_PID_WRAPPER, *argv]
     nofile = _limits.child_nofile(spec.resource_limits)  # the open-files limit we were given
     stdin_fd: int = subprocess.DEVNULL if stdin is None else stdin
-    # (the wrapper's own stdin is cgroup.procs: not with an inetd connection as stdin)
-    if (stdin is None and cgroup_fd is not None and not spec.resource_limits and not listen_fds
-            and os.access("/bin/sh", os.X_OK)):
-        wrapper = _limits.restore_wrapper(nofile) if nofile is not None else ()
-        if wrapper is not None:  # join the cgroup (and restore the limit) by exec wrappers
-            _check_found(argv[0], env)
-            pwd = env.get("PWD")
-            argv = [*_CGROUP_WRAPPER, "0" if pwd is None else "1", pwd or "", *wrapper, *argv]
-            stdin_fd, cgroup_fd, nofile = cgroup_fd, None, None
+    # (The cgroup is joined between fork and exec, never by an exec wrapper:
+    # a process that runs before it joins escapes a stop that races its start.)
     if spec.resource_limits or listen_fds or cgroup_fd is not None:
         kwargs["preexec_fn"] = _child_setup([*spec.resource_limits, *filter(None, [nofile])],
                                             [*(fd for fd, _ in listen_fds), *guard_fds] if listen_fds else [],

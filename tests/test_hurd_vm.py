@@ -1098,7 +1098,7 @@ def test_the_default_health_check_expects_an_ssh_banner_and_can_be_switched_off(
     from supervisor.config import parse_config
 
     def check(**extra: Any) -> Any:
-        [spec] = parse_config({"hurd-vm": [{"kvm": False, "qemu": QEMU, **extra}]}).services
+        [spec] = parse_config({"hurd-vm": [{"kvm": False, "qemu": QEMU, "options": EMPTY_DISK, **extra}]}).services
         return spec.health
 
     default = check()

@@ -488,7 +488,11 @@ def test_signal_held_across_the_exec_is_handled_after(sup: Supervisor) -> None:
 
 
 def test_sigusr1_burst_is_merged(sup: Supervisor) -> None:
-    """SIGUSR1s that arrive while a re-exec is under way join it."""
+    """SIGUSR1s that arrive while a re-exec is under way join it: merged by
+    the daemon while it prepares, or, during the exec itself (signals
+    blocked), coalesced by the kernel into one more re-exec; never one
+    re-exec per signal.  (A re-exec into unchanged code checks in-process
+    and takes a few hundred ms, so a burst may see no "merged" at all.)"""
     sup.start({"services": {f"s{i}": sleeper(sup.marker(f"s{i}")) for i in range(3)}})
     daemon = sup.proc
     assert daemon is not None
@@ -502,8 +506,8 @@ def test_sigusr1_burst_is_merged(sup: Supervisor) -> None:
     wait_reexec_settled(sup, sent)
     kinds = [k for k, _ in reexec_kinds(sup)]
     assert "refused" not in kinds, sup.stderr_tail()
-    assert kinds.count("merged") >= 1, kinds
-    assert 1 <= kinds.count("exec") < signals and kinds.count("exec") == kinds.count("resumed"), kinds
+    assert signals >= 2, kinds
+    assert 1 <= kinds.count("exec") < signals and kinds.count("exec") == kinds.count("resumed"), (signals, kinds)
     assert ping_pid(sup) == daemon.pid
     assert wait_running(sup, ["s0", "s1", "s2"]) == pids
     assert_one_process_each(sup, pids)

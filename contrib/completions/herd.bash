@@ -17,11 +17,11 @@ _herd_services() {
 _herd() {
     local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]} action="" i nargs=0
     case $prev in
-        -s|--socket) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        -s|--socket|--host) COMPREPLY=($(compgen -f -- "$cur")); return ;;
     esac
     for ((i = 1; i < COMP_CWORD; i++)); do
         case ${COMP_WORDS[i]} in
-            -s|--socket) ((i++)) ;;
+            -s|--socket|--host) ((i++)) ;;
             -*) ;;
             *) if [[ -z $action ]]; then action=${COMP_WORDS[i]}; else ((nargs++)); fi ;;
         esac

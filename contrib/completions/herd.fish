@@ -11,7 +11,7 @@ function __herd_action --description 'the action word of the command line, if an
             continue
         end
         switch $t
-            case -s --socket
+            case -s --socket --host
                 set skip 1
             case '-*'
             case '*'
@@ -34,7 +34,7 @@ end
 
 complete -c herd -f
 complete -c herd -s s -l socket -r -F -d 'control socket (default: $SUPERVISOR_SOCKET, else the supervisors default socket)'
-complete -c herd -l host -d '[USER@]HOST[:SOCKET] act on the supervisor of HOST, through ssh (SOCKET: its socket there, else -s, else /run/supervisor/ control.sock); repeat for several hosts'
+complete -c herd -l host -r -F -d 'act on the supervisor of HOST, through ssh (SOCKET: its socket there, else -s, else /run/supervisor/ control.sock); repeat for several hosts'
 complete -c herd -l json -d 'print the daemons JSON results, one object per line'
 complete -c herd -s h -l help -d 'show this help and exit'
 complete -c herd -l version -d 'show the version and exit'
@@ -53,6 +53,6 @@ complete -c herd -n 'not __herd_action' -a metrics -d 'the services figures, in 
 complete -c herd -n 'not __herd_action' -a reload -d 'reload the configuration (from FILE)'
 complete -c herd -n 'not __herd_action' -a reexec -d 're-execute the supervisor in place'
 complete -c herd -n 'not __herd_action' -a ping -d 'check that the supervisor answers'
-complete -c herd -n 'not __herd_action' -a spawn -d ''
+complete -c herd -n 'not __herd_action' -a spawn -d 'run COMMAND as a transient service NAME (as you)'
 complete -c herd -n 'contains -- (__herd_action) reload reexec' -a root
 complete -c herd -n '__herd_action >/dev/null; and not contains -- (__herd_action) reload reexec detailed-status graph events metrics ping spawn' -a '(__herd_services)'
