@@ -34,7 +34,7 @@ from .spec import RLIMIT_NAMES, ServiceSpec
 
 __all__ = ["Child", "ExitStatus", "SpawnError", "spawn", "guard_numbers", "owned_pids", "reap_orphans",
            "descendants", "own_children", "process_group_members", "set_child_subreaper", "pidfd_or_none",
-           "reap_first_orphans",
+           "reap_first_orphans", "stat_fields",
            "wait_pidfds_gone"]
 
 #: pid → Child for every process we spawned and have not reaped yet.
@@ -378,25 +378,27 @@ def descendants(pid: int) -> list[int]:
     return seen
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, process group) of `pid`, or None when gone."""
+def stat_fields(pid: int | str) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (field 3 on), or
+    None when `pid` is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
-    rest = data[data.rfind(b")") + 2:].split()
-    return rest[0].decode(), int(rest[2])
+    return data[data.rfind(b")") + 2:].split()
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, process group) of `pid`, or None when gone."""
+    rest = stat_fields(pid)
+    return None if rest is None else (rest[0].decode(), int(rest[2]))
 
 
 def start_ticks(pid: int) -> int | None:
     """Field 22 of /proc/PID/stat: when the process started (clock ticks)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return int(data[data.rfind(b")") + 2:].split()[19])
+    rest = stat_fields(pid)
+    return None if rest is None else int(rest[19])
 
 
 def process_group_members(pgid: int, candidates: Iterable[int]) -> list[int]:

@@ -99,13 +99,8 @@ _PF_KTHREAD = 0x00200000
 def kernel_thread(pid: str) -> bool:
     """Whether `pid` is a kernel thread (on a machine, not in a PID namespace):
     no signal ends one, so it is no stray."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    fields = data[data.rfind(b")") + 2:].split()
-    return len(fields) > 6 and int(fields[6]) & _PF_KTHREAD != 0
+    fields = _proc.stat_fields(pid)
+    return fields is not None and len(fields) > 6 and int(fields[6]) & _PF_KTHREAD != 0
 
 
 def reboot(how: str) -> None:
