@@ -282,8 +282,8 @@ def _plan(action: str, rest: Sequence[str], opts: _Options) -> tuple[str, list[C
     """The rendering kind and the requests for ``action`` with words ``rest``."""
     if action == "status":
         pos = _scan(action, rest, opts, lines=True)
-        if pos in ([], ["root"]):
-            return "summary", [Call("status")]
+        if pos in ([], ["root"]):  # the sections alone (names only); --json prints every SVC object
+            return "summary", [Call("status" if opts.json else "summary")]
         n_args: tuple[Any, ...] = () if opts.lines is None else (opts.lines,)
         return "status", [Call("status", name, n_args) for name in pos]
     if action == "detailed-status":

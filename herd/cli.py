@@ -20,7 +20,7 @@ from herd.protocol import ERROR_CODES, EXIT_FAILED, EXIT_OK, EXIT_USAGE, exit_co
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
     from typing import Any, TextIO
 
 __all__ = ["main"]
@@ -80,7 +80,10 @@ class _Printer:
         res: dict[str, Any] = result if isinstance(result, dict) else {}
         parts = [messages]
         if kind == "summary":
-            parts.append(render.render_summary(res.get("services") or [], color=self.color))
+            if "services" in res:  # a `status` result (a daemon without `summary`)
+                parts.append(render.render_summary(res.get("services") or [], color=self.color))
+            else:
+                parts.append(render.render_sections(res, color=self.color))
         elif kind in ("status", "detailed"):
             services = res.get("services") or []
             text = render.render_services(services, color=self.color)
@@ -118,6 +121,21 @@ class _Printer:
             print(f"herd: warning: {render.render_overflow(event)}", file=sys.stderr, flush=True)
 
 
+def _summary_or_status(conn: Connection, replies: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The `summary` reply, or, from a daemon that predates it (upgraded but
+    not yet re-executed), the full `status` asked for in its place.
+
+    Raises:
+        HerdError: the connection broke or the server refused it.
+    """
+    reply = next(replies)
+    error = reply.get("error")
+    if reply.get("ok") is not True and isinstance(error, dict) and error.get("code") == "unknown-action":
+        yield from exchange(conn, [{"id": 2, "action": "status", "service": None, "args": []}])
+    else:
+        yield reply
+
+
 def run(invocation: Invocation, conn: Connection, out: TextIO, *, color: bool = False) -> int:
     """Send the invocation's requests on ``conn`` and print the replies.
 
@@ -132,6 +150,8 @@ def run(invocation: Invocation, conn: Connection, out: TextIO, *, color: bool = 
     early: list[dict[str, Any]] = []
     status = EXIT_OK
     replies = exchange(conn, requests, on_event=early.append if invocation.follow else None)
+    if invocation.kind == "summary" and invocation.calls[0].action == "summary":
+        replies = _summary_or_status(conn, replies)
     if invocation.kind == "metrics" and not invocation.json:
         from herd import _metrics  # only here: `herd status` never imports it
 

@@ -45,6 +45,8 @@ __all__ = [
     "HEARTBEAT_INTERVAL",
     "MAX_LOG_LINES",
     "READ_ACTIONS",
+    "SUMMARY_SECTIONS",
+    "summary_section",
     "WRITE_ACTIONS",
     "ERROR_CODES",
     "EXIT_OK",
@@ -93,7 +95,7 @@ MAX_LOG_LINES: Final = 10000
 #: each action once, in its action table (``supervisor/_actions.py``); these
 #: sets are that table's names for clients, which do not import the daemon.
 READ_ACTIONS: Final = frozenset(
-    {"status", "stats", "detailed-status", "doc", "log", "graph", "subscribe", "ping"}
+    {"status", "summary", "stats", "detailed-status", "doc", "log", "graph", "subscribe", "ping"}
 )
 #: Built-in actions that change something; refused on the read-only socket.
 #: (``trigger`` is every timer's action; a service type's own actions say
@@ -102,6 +104,30 @@ WRITE_ACTIONS: Final = frozenset(
     {"start", "stop", "restart", "enable", "disable", "spawn", "reload", "reexec",
      "power-off", "reboot", "halt", "trigger"}
 )
+
+#: The sections of ``herd status`` (Shepherd's summary), in its order: the
+#: keys of a `summary` result.  Every service is in exactly one of them.
+SUMMARY_SECTIONS: Final = ("running", "starting", "stopped", "stopping", "respawning", "one-shot",
+                           "disabled", "failed")
+
+
+def summary_section(svc: dict[str, Any]) -> str:
+    """The `SUMMARY_SECTIONS` key an SVC object belongs to (daemon and herd alike).
+
+    A stopped service waiting to be respawned is ``respawning``; a stopped,
+    disabled one is ``disabled`` whatever its failures; a stopped, enabled one
+    with startup failures is ``failed``.
+    """
+    state = svc.get("state", "stopped")
+    if state in ("running", "starting", "stopping"):
+        return str(state)
+    if svc.get("next-respawn") is not None:
+        return "respawning"
+    if svc.get("enabled", True) is False:
+        return "disabled"
+    if svc.get("startup-failures"):
+        return "failed"
+    return "one-shot" if svc.get("one-shot") else "stopped"
 
 # herd exit statuses.
 EXIT_OK: Final = 0

@@ -32,6 +32,7 @@ __all__ = [
     "relative_time",
     "format_time",
     "render_summary",
+    "render_sections",
     "render_service",
     "render_services",
     "render_logline",
@@ -112,44 +113,42 @@ def _failures(svc: SVC) -> list[float]:
     return list(svc.get("startup-failures") or [])
 
 
-def _stopped(svc: SVC) -> bool:
-    """Stopped, and not waiting to be respawned (that is its own section)."""
-    return bool(svc.get("state", "stopped") == "stopped") and svc.get("next-respawn") is None
-
-
-def _enabled(svc: SVC) -> bool:
-    return svc.get("enabled", True) is not False
-
-
-#: (header, bullet, membership test, header style) in Shepherd's order.
-_SECTIONS: tuple[tuple[str, str, Callable[[SVC], bool], str], ...] = (
-    ("Started:", "+", lambda s: s.get("state") == "running", "bold"),
-    ("Starting:", "^", lambda s: s.get("state") == "starting", "bold"),
-    ("Stopped:", "-", lambda s: _stopped(s) and _enabled(s) and not s.get("one-shot") and not _failures(s), "bold"),
-    ("Stopping:", "v", lambda s: s.get("state") == "stopping", "bold"),
-    ("Respawning:", "~", lambda s: s.get("next-respawn") is not None, "warn"),
-    ("One-shot:", "*", lambda s: _stopped(s) and _enabled(s) and bool(s.get("one-shot")) and not _failures(s),
-     "bold"),
-    ("Disabled:", "x", lambda s: _stopped(s) and not _enabled(s), "warn"),
-    ("Failed to start:", "!", lambda s: _stopped(s) and _enabled(s) and bool(_failures(s)), "error"),
+#: (section key, header, bullet, header style) in Shepherd's order; the keys
+#: are `herd.protocol.SUMMARY_SECTIONS`, the daemon's `summary` result.
+_SECTIONS: tuple[tuple[str, str, str, str], ...] = (
+    ("running", "Started:", "+", "bold"),
+    ("starting", "Starting:", "^", "bold"),
+    ("stopped", "Stopped:", "-", "bold"),
+    ("stopping", "Stopping:", "v", "bold"),
+    ("respawning", "Respawning:", "~", "warn"),
+    ("one-shot", "One-shot:", "*", "bold"),
+    ("disabled", "Disabled:", "x", "warn"),
+    ("failed", "Failed to start:", "!", "error"),
 )
 
 
-def render_summary(services: Iterable[SVC], *, color: bool = False) -> str:
-    """``herd status``: the sections of Shepherd's summary, each only if non-empty.
-
-    Each service is in exactly one section; a disabled one is under
-    ``Disabled:`` whatever its failures (they are in its status block).
-    """
+def render_sections(sections: Mapping[str, Any], *, color: bool = False) -> str:
+    """``herd status`` from a `summary` result (section key → names), each
+    section only if non-empty, names sorted."""
     style = Style(color)
-    services = list(services)
     out: list[str] = []
-    for header, bullet, member, header_style in _SECTIONS:
-        names = sorted(str(s.get("name", "?")) for s in services if member(s))
-        if names:
+    for key, header, bullet, header_style in _SECTIONS:
+        names = sections.get(key)
+        if names and isinstance(names, list):
             out.append(getattr(style, header_style)(header))
-            out.extend(f" {bullet} {name}" for name in names)
+            out.extend(f" {bullet} {name}" for name in sorted(str(n) for n in names))
     return "\n".join(out)
+
+
+def render_summary(services: Iterable[SVC], *, color: bool = False) -> str:
+    """``herd status`` from full SVC objects (a `status` result): the same
+    sections; each service is in exactly one (`herd.protocol.summary_section`)."""
+    from herd.protocol import summary_section
+
+    sections: dict[str, list[str]] = {}
+    for svc in services:
+        sections.setdefault(summary_section(dict(svc)), []).append(str(svc.get("name", "?")))
+    return render_sections(sections, color=color)
 
 
 # --- one service -----------------------------------------------------------

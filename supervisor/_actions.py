@@ -130,8 +130,12 @@ async def _ping(conn: _Connection, req: Request, _: None) -> Any:
 
 async def _status(conn: _Connection, req: Request, lines: int | None) -> Any:
     if lines is None:
-        return conn.engine.status()
-    return conn.engine.status(req.service, log_lines=lines)
+        return await conn.engine.status()
+    return await conn.engine.status(req.service, log_lines=lines)
+
+
+async def _summary(conn: _Connection, req: Request, _: None) -> Any:
+    return await conn.engine.summary()
 
 
 async def _stats(conn: _Connection, req: Request, _: None) -> Any:
@@ -256,6 +260,7 @@ async def _reexec(conn: _Connection, req: Request, _: None) -> Any:
 ACTIONS: Final[tuple[Action, ...]] = (
     Action("ping", _ping, read_only=True, args=no_args),
     Action("status", _status, read_only=True, args=_status_args),
+    Action("summary", _summary, read_only=True, args=no_args, root="default"),
     Action("stats", _stats, read_only=True, args=no_args),
     Action("detailed-status", _detailed_status, read_only=True, args=count_arg),
     Action("doc", _doc, read_only=True, args=_raw_args),
@@ -293,6 +298,7 @@ def find_action(action: str, service: str | None) -> Action | None:
 #: What `doc root` says of the supervisor's own actions (Shepherd's root service).
 _ROOT_DOCS: Final = {
     "status": "List every service in Shepherd's sections (the summary).",
+    "summary": "The summary's sections alone: each service's name under its state (what herd status prints).",
     "detailed-status": "Show the status of every service, with recent log lines.",
     "doc": "Show the documentation of a service or of one of its actions.",
     "log": "Show recent log lines of every service.",

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
+
+from herd.protocol import SUMMARY_SECTIONS, summary_section
 
 from . import _threads
 from ._service_record import live_fields, process_stats, snapshot
@@ -34,6 +37,8 @@ __all__ = ["Encoded", "StatusCache", "STATS_INTERVAL", "dumps"]
 
 #: Live figures (process count, CPU, memory) are read at most this often per service (seconds).
 STATS_INTERVAL: Final = 1.0
+#: Services encoded between two chances for other tasks to run, in a build from scratch.
+SLICE: Final = 200
 
 
 def dumps(obj: Any) -> bytes:
@@ -54,12 +59,15 @@ class Encoded:
 
 
 class StatusCache:
-    """Encoded SVC objects per service, and the full `status` result."""
+    """Encoded SVC objects per service, and the full `status` and `summary` results."""
 
     def __init__(self, services: dict[str, Service]) -> None:
         self._services = services  # the engine's own dict: services added or removed show
         self._entries: dict[str, bytes] = {}
+        self._sections: dict[str, str] = {}  # name → its `summary` section, kept with its entry
         self._full: bytes | None = None
+        self._summary: bytes | None = None
+        self._generation = 0  # bumped at every change: a build that saw one is not kept
         self.sampler = Sampler()
         self._sampling = trio.Lock()
         self.builds = 0  # SVC objects encoded so far (for tests and the bench)
@@ -67,7 +75,8 @@ class StatusCache:
     def changed(self, name: str) -> None:
         """`name` changed (or was added or removed): encode it again when next asked."""
         self._entries.pop(name, None)
-        self._full = None
+        self._full = self._summary = None
+        self._generation += 1
 
     def state_changed(self, name: str) -> None:
         """A state change: the live figures are read again too."""
@@ -77,17 +86,48 @@ class StatusCache:
     def entry(self, service: Service) -> bytes:
         data = self._entries.get(service.name)
         if data is None:
-            data = self._entries[service.name] = dumps(snapshot(service))
+            svc = snapshot(service)
+            data = self._entries[service.name] = dumps(svc)
+            self._sections[service.name] = summary_section(svc)
             self.builds += 1
         return data
 
-    def full(self) -> Encoded:
+    async def _each(self) -> AsyncIterator[Service]:
+        """Every service by name, letting other tasks run every `SLICE` of them:
+        at thousands of services, a build from scratch (a mass start changes
+        them all) must not hold a `ping` up for its whole length."""
+        for i, name in enumerate(sorted(self._services)):
+            if i and i % SLICE == 0:
+                await trio.lowlevel.checkpoint()
+            service = self._services.get(name)
+            if service is not None:  # (removed meanwhile)
+                yield service
+
+    async def full(self) -> Encoded:
         """``{"services": [SVC, ...]}``, sorted by name."""
-        if self._full is None:
-            services = self._services
-            self._full = (b'{"services":['
-                          + b",".join(self.entry(services[n]) for n in sorted(services)) + b"]}")
-        return Encoded(self._full)
+        if self._full is not None:
+            return Encoded(self._full)
+        generation = self._generation
+        pieces = [self.entry(service) async for service in self._each()]
+        data = b'{"services":[' + b",".join(pieces) + b"]}"
+        if generation == self._generation:
+            self._full = data
+        return Encoded(data)
+
+    async def summary(self) -> Encoded:
+        """``{SECTION: [NAME, ...], ...}`` (`herd.protocol.SUMMARY_SECTIONS`, each
+        sorted): what ``herd status`` prints, without the rest of each SVC."""
+        if self._summary is not None:
+            return Encoded(self._summary)
+        generation = self._generation
+        sections: dict[str, list[str]] = {key: [] for key in SUMMARY_SECTIONS}
+        async for service in self._each():
+            self.entry(service)
+            sections[self._sections[service.name]].append(service.name)
+        data = dumps(sections)
+        if generation == self._generation:
+            self._summary = data
+        return Encoded(data)
 
     def one(self, service: Service, log_lines: int) -> Encoded:
         """``{"services": [SVC]}`` for one service, with its recent log and live figures."""

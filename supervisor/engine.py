@@ -538,7 +538,7 @@ class Engine:
 
     # -- reads ---------------------------------------------------------------------------
 
-    def status(self, name: str | None = None, *, log_lines: int = 10) -> Encoded:
+    async def status(self, name: str | None = None, *, log_lines: int = 10) -> Encoded:
         """The `status` result, encoded (see `_status_cache`).
 
         Raises:
@@ -546,7 +546,11 @@ class Engine:
         """
         if name is not None:
             return self.status_cache.one(self.lookup(name), log_lines)
-        return self.status_cache.full()
+        return await self.status_cache.full()
+
+    async def summary(self) -> Encoded:
+        """The `summary` result (``herd status``'s sections), encoded."""
+        return await self.status_cache.summary()
 
     async def stats(self) -> Encoded:
         """Every service's live figures (`stats`), read at most once a second."""

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from helpers import Client, Supervisor, py_service, sleeper, wait_until
+from helpers import Client, Supervisor, py_service, sleeper, wait_running, wait_until
 
 #: Exits at once: with no respawn delay, an endless storm of state changes.
 FLAP = "import sys; sys.exit(3)"
@@ -144,3 +144,48 @@ def test_the_cache_follows_services_added_and_removed_by_reload(sup: Supervisor)
     sup.write_config(config)
     assert sup.request({"action": "reload", "service": "root"})["ok"]
     assert set(sup.rstatus()) == {"b"}
+
+
+def test_summary_gives_each_service_once_in_its_section_and_follows_changes(sup: Supervisor) -> None:
+    """`summary` is `herd status`'s sections alone (names only): every service
+    in exactly the section its full SVC puts it in, on the read-only socket,
+    and never stale once a change was acknowledged."""
+    from herd.protocol import SUMMARY_SECTIONS, summary_section
+
+    sup.start({"services": {
+        "up": sleeper(sup.marker("up")),
+        "idle": sleeper(sup.marker("idle"), **{"auto-start": False}),
+        "off": sleeper(sup.marker("off"), **{"auto-start": False}),
+        "once": py_service("pass", sup.marker("once"), **{"one-shot": True}),
+    }})
+    wait_running(sup, ["up"])
+    sup.herd("disable", "off", check=0)
+    ro = Client(sup.status_socket, timeout=30)
+    try:
+        def both() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+            summary = ro.call("summary")
+            assert summary["ok"], summary
+            expected: dict[str, list[str]] = {key: [] for key in SUMMARY_SECTIONS}
+            for svc in ro.call("status")["result"]["services"]:
+                expected[summary_section(svc)].append(svc["name"])
+            return summary["result"], expected
+
+        wait_until(lambda: both()[0]["one-shot"] == ["once"], timeout=20, what="the one-shot done")
+        got, expected = both()
+        assert got == expected
+        assert (got["running"], got["stopped"], got["disabled"]) == (["up"], ["idle"], ["off"])
+        assert sorted(n for names in got.values() for n in names) == ["idle", "off", "once", "up"]
+
+        rw = Client(sup.socket, timeout=30)
+        try:
+            for action, section in (("start", "running"), ("stop", "stopped")):
+                assert rw.call(action, "idle")["ok"]
+                assert "idle" in ro.call("summary")["result"][section], (action, section)
+        finally:
+            rw.close()
+        assert ro.call("summary", "up")["error"]["code"] == "unknown-action"
+        assert ro.call("summary", args=[1])["error"]["code"] == "bad-arguments"
+    finally:
+        ro.close()
+    out = sup.herd("status", check=0).stdout
+    assert out == "Started:\n + up\nStopped:\n - idle\nOne-shot:\n * once\nDisabled:\n x off\n"

@@ -333,7 +333,9 @@ def test_exit_code_mapping() -> None:
 
 def test_parse_status_forms() -> None:
     inv = parse_args(["status"])
-    assert (inv.kind, inv.calls) == ("summary", (Call("status"),))
+    assert (inv.kind, inv.calls) == ("summary", (Call("summary"),))
+    # --json prints every SVC object, as before `summary` existed
+    assert parse_args(["--json", "status"]).calls == (Call("status"),)
     assert parse_args(["status", "root"]).kind == "summary"
     inv = parse_args(["status", "libvirtd", "-n", "5"])
     assert (inv.kind, inv.calls) == ("status", (Call("status", "libvirtd", (5,)),))
@@ -612,14 +614,36 @@ def test_status_via_env_socket(
     fake_server: Callable[..., FakeServer], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def handler(req: dict[str, Any]) -> list[dict[str, Any]]:
-        assert (req["action"], req["service"]) == ("status", None)
-        return [{"id": req["id"], "ok": True, "result": {"services": [RUNNING, STOPPED]}, "messages": []}]
+        assert (req["action"], req["service"]) == ("summary", None)
+        result = {"running": ["libvirtd"], "stopped": ["virtlogd"], "failed": []}
+        return [{"id": req["id"], "ok": True, "result": result, "messages": []}]
 
     server = fake_server(handler)
     monkeypatch.setenv("SUPERVISOR_SOCKET", str(server.path))
     status, out, _ = run_herd(capsys, ["status"])
     assert status == EXIT_OK
     assert out == "Started:\n + libvirtd\nStopped:\n - virtlogd\n"
+
+
+def test_status_from_a_daemon_without_summary(
+    fake_server: Callable[..., FakeServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A daemon upgraded on disk but not yet re-executed knows no `summary`:
+    # herd asks it for the full status on the same connection and prints the same.
+    asked: list[str] = []
+
+    def handler(req: dict[str, Any]) -> list[dict[str, Any]]:
+        asked.append(req["action"])
+        if req["action"] == "summary":
+            error = {"code": "unknown-action", "message": "no action 'summary'"}
+            return [{"id": req["id"], "ok": False, "error": error, "messages": []}]
+        return [{"id": req["id"], "ok": True, "result": {"services": [RUNNING, STOPPED]}, "messages": []}]
+
+    server = fake_server(handler)
+    status, out, err = run_herd(capsys, ["-s", str(server.path), "status"])
+    assert (status, err) == (EXIT_OK, "")
+    assert out == "Started:\n + libvirtd\nStopped:\n - virtlogd\n"
+    assert asked == ["summary", "status"]
 
 
 def test_status_service_block(fake_server: Callable[..., FakeServer], capsys: pytest.CaptureFixture[str]) -> None:
