@@ -23,7 +23,7 @@ import trio
 from herd.protocol import default_paths
 
 from . import __version__, _boot_console, _early_boot, _limits, _proc, _reexec, _samecode, pid1, takeover
-from . import _memdebug  # memory: a debug aid
+from . import _memdebug, _memory  # memory: a debug aid; giving it back
 from ._cgroup import CgroupUnavailable, Hierarchy
 from ._control_sockets import SocketInUse, bind_unix_socket, prepare_socket_dir
 from ._hostcheck import check_host, log_findings
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace, *, boot: bool = False) -> int:
     explicit, config_path, overrides = _where(args)
     _memdebug.start()  # SUPERVISOR_MEMDEBUG only: a debug aid
+    _memory.configure()  # big buffers mmapped, unmapped when freed
     # A re-exec runs the configuration in force, not the file as edited since;
     # so does the re-exec's check of the new image (see _reexec).
     handover = None if args.check else take_handover()
