@@ -40,7 +40,7 @@ from herd.protocol import (
     encode,
 )
 
-from . import __version__
+from . import __version__, _memory
 from ._actions import STREAMED, find_action
 from ._backlog import Backlog, Overflow
 from ._messages import MESSAGES
@@ -107,14 +107,14 @@ class _Connection:
                     self.send({"hello": "supervisor", "protocol": PROTOCOL_VERSION, "version": __version__,
                                "read-only": self.server.read_only})
                 else:
-                    self._send_raw(bytes.fromhex(self.resumed.get("output", "")))
+                    self._send_raw(self._take_resumed("output"))
                 async with trio.open_nursery() as requests:
                     self.requests = requests
                     if self.resumed is not None:
                         for stream in self._resumed_streams:
                             self.in_flight += 1
                             requests.start_soon(self._resume_stream, *stream)
-                        self.buf += bytes.fromhex(self.resumed.get("input", ""))
+                        self.buf += self._take_resumed("input")
                         self.dispatch_buffered()
                     await self._reader()
                     for scope in list(self._streams):  # the client is gone: end its streams
@@ -125,6 +125,26 @@ class _Connection:
             budget.connections.discard(self)
             budget.release(self.queued)
             self.queued = 0
+            self._drop_output()
+
+    def _take_resumed(self, key: str) -> bytes:
+        """The hand-over's `input` or `output`, taken out of it: its hex text
+        is freed now (and its memory given back), not kept for the
+        connection's life by whoever holds the hand-over."""
+        text = self.resumed.pop(key, "") if self.resumed is not None else ""
+        size = len(text)
+        data = bytes.fromhex(text)
+        del text
+        _memory.released(size)
+        return data
+
+    def _drop_output(self) -> None:
+        """The connection is over: free what was still queued for it now
+        (an aborted client's replies), and give that memory back."""
+        dropped = len(self._chunk or b"") + sum(len(data) for data in self._out)
+        self._chunk = None
+        self._out.clear()
+        _memory.released(dropped)
 
     # -- output --------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ import trio
 
 from herd.protocol import ProtocolError
 
-from . import _proc, _samecode, _threads
+from . import _memdebug, _proc, _samecode, _threads
 from ._state import REEXEC_ENV, read_toml, write_atomic
 
 __all__ = ["HELD_SIGNALS", "check_new_image", "exec_self", "take_handover"]
@@ -158,6 +158,7 @@ def exec_self(state_dir: Path, handover: dict[str, Any], fds: list[int],
         raise ProtocolError("action-failed", f"re-exec failed: cannot write {path}: {exc}") from None
     os.environ[REEXEC_ENV] = str(path)
     log.info("re-executing", argv=_argv(), kept_fds=len(fds))
+    _memdebug.dump("reexec")
     sys.stdout.flush()
     sys.stderr.flush()
     try:

@@ -23,6 +23,7 @@ import trio
 from herd.protocol import default_paths
 
 from . import __version__, _boot_console, _early_boot, _limits, _proc, _reexec, _samecode, pid1, takeover
+from . import _memdebug, _memory  # memory: a debug aid; giving it back
 from ._cgroup import CgroupUnavailable, Hierarchy
 from ._control_sockets import SocketInUse, bind_unix_socket, prepare_socket_dir
 from ._hostcheck import check_host, log_findings
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace, *, boot: bool = False) -> int:
     explicit, config_path, overrides = _where(args)
+    _memdebug.start()  # SUPERVISOR_MEMDEBUG only: a debug aid
+    _memory.configure()  # big buffers mmapped, unmapped when freed
     # A re-exec runs the configuration in force, not the file as edited since;
     # so does the re-exec's check of the new image (see _reexec).
     handover = None if args.check else take_handover()
@@ -279,6 +282,8 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cg
             nursery.start_soon(pid1.reap_orphans)
             log.info("ready", version=__version__, pid=os.getpid(), services=len(engine.services),
                      socket=str(settings.socket), status_socket=str(settings.status_socket))
+            if handover is not None:
+                _memdebug.dump("resumed")
             sd_notify(f"READY=1\nSTATUS=supervising {len(engine.services)} services\nMAINPID={os.getpid()}")
             boot = trio.CancelScope()
 
@@ -309,6 +314,7 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cg
 
             nursery.start_soon(watch_signals)
             await reexec.shutdown.wait()
+            _memdebug.dump("shutdown")
             sd_notify("STOPPING=1")
             boot.cancel()
             stopped = await engine.shutdown()

@@ -4,9 +4,9 @@ The soak starts its own daemon (random SIGKILLs, start/stop/restart storms from
 many clients, misbehaving clients, non-reading followers, NaN and 5000-digit
 ids, and as root: a loopback port squatter, symlink swaps of a log file and a
 notify flood from user nobody), then checks its invariants (state matches the
-processes, no zombie or duplicate, fds and memory back near the start, the
-decoy behind the symlinks untouched, no lost log line, clean SIGTERM, nothing
-left) and prints `soak: PASS …` or `soak: FAIL …`.
+processes, no zombie or duplicate, fds and RSS back within 10 % of the
+baseline, the decoy behind the symlinks untouched, no lost log line, clean
+SIGTERM, nothing left) and prints `soak: PASS …` or `soak: FAIL …`.
 
 The first run has no re-execs (one probe `reexec root` at the start when it is
 supported) but SIGKILLs the supervisor every few seconds, in settled moments,
