@@ -250,28 +250,36 @@ class _Connection:
         with trio.CancelScope() as scope:
             self._streams.add(scope)
             self.stream_info[scope] = (kind, req.id, service, backlog, render, source)
-            if reply:
-                self.send({"id": req.id, "ok": True, "result": result, "messages": []})
-            async with trio.open_nursery() as nursery:
-                if source is not None:
-                    nursery.start_soon(backlog.pump, source)
-                while True:
-                    while self.queued > STREAM_HIGH_WATER:
-                        await self._written.park()
-                    with trio.move_on_after(math.inf if heartbeat is None else heartbeat) as idle:
-                        item = await backlog.get()
-                    if idle.cancelled_caught:
-                        if not self.queued:
-                            self.send({"event": "heartbeat", "time": time.time()})
-                        continue
-                    if isinstance(item, Overflow):
-                        log.debug("client fell behind; events dropped", stream=kind, lost=item.lost,
-                                  uid=self.peer_uid)
-                        self.send({"event": "overflow", "stream": kind, "lost": item.lost})
-                    else:
-                        self.send(render(item))
-        self._streams.discard(scope)
-        self.stream_info.pop(scope, None)
+            try:
+                await self._stream(req, result, backlog, source, kind, render, heartbeat, reply)
+            finally:  # also when the whole connection is cancelled (aborted): a stale entry
+                # would make `ControlServer.busy` count one request less than are in flight
+                self._streams.discard(scope)
+                self.stream_info.pop(scope, None)
+
+    async def _stream(self, req: Request, result: Any, backlog: Backlog[Any], source: Any, kind: str,
+                      render: Any, heartbeat: float | None, reply: bool) -> None:
+        """The reply, then the events, until cancelled (the client went, or the connection ends)."""
+        if reply:
+            self.send({"id": req.id, "ok": True, "result": result, "messages": []})
+        async with trio.open_nursery() as nursery:
+            if source is not None:
+                nursery.start_soon(backlog.pump, source)
+            while True:
+                while self.queued > STREAM_HIGH_WATER:
+                    await self._written.park()
+                with trio.move_on_after(math.inf if heartbeat is None else heartbeat) as idle:
+                    item = await backlog.get()
+                if idle.cancelled_caught:
+                    if not self.queued:
+                        self.send({"event": "heartbeat", "time": time.time()})
+                    continue
+                if isinstance(item, Overflow):
+                    log.debug("client fell behind; events dropped", stream=kind, lost=item.lost,
+                              uid=self.peer_uid)
+                    self.send({"event": "overflow", "stream": kind, "lost": item.lost})
+                else:
+                    self.send(render(item))
 
     def _error(self, req_id: Any, code: str, message: str) -> None:
         self.send({"id": req_id, "ok": False, "error": {"code": code, "message": message}, "messages": []})

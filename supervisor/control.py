@@ -120,8 +120,12 @@ class ControlServer:
                 conn.dispatch_buffered()
 
     def busy(self, requester: Any = None) -> int:
-        """Requests being served (not counting event streams, nor `requester`'s own)."""
-        return sum(conn.in_flight - len(conn.stream_info) - (conn is requester) for conn in self.connections)
+        """Requests being served (not counting event streams, nor `requester`'s own).
+
+        Per connection, never below 0: one connection's count cannot hide
+        another's request in flight."""
+        return sum(max(0, conn.in_flight - len(conn.stream_info) - (conn is requester))
+                   for conn in self.connections)
 
     def handover(self) -> list[dict[str, Any]]:
         """Each connection's descriptor and state, for the next image (made inheritable)."""
