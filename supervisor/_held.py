@@ -20,17 +20,24 @@ arguments, never part of it.  Where a shell would change what the command
 sees, `usable` says no and the caller keeps the ``preexec_fn``: names in the
 environment that are not shell names (``sh`` drops them).  ``sh`` sets
 ``PWD``: the script puts back the value the command was given, or unsets it.
+
+A user, group or supplementary groups would make Popen fork the daemon
+(CPython uses vfork only when the child keeps our credentials): the command
+is run through util-linux ``setpriv`` instead (`credentials`), with numeric
+ids, its environment untouched, the saved ids set too, as Popen would.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import resource
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import Final
 
-__all__ = ["EXIT_ABANDONED", "usable", "stub_argv", "release"]
+__all__ = ["EXIT_ABANDONED", "usable", "stub_argv", "release", "credentials"]
 
 #: How the stub exits when it is never released (s6's "system" exit code).
 EXIT_ABANDONED: Final = 111
@@ -77,3 +84,29 @@ def release(pid: int, pipe: int, cgroup_procs: int | None,
     except BrokenPipeError:
         pass  # the stub was killed meanwhile: its exit is seen on its pidfd
 
+
+@functools.cache
+def _setpriv() -> str | None:
+    return shutil.which("setpriv", path=os.defpath + ":/usr/sbin:/sbin")
+
+
+def credentials(*, user: int | None = None, group: int | None = None,
+                extra_groups: Sequence[int] | None = None) -> list[str] | None:
+    """An exec wrapper that takes Popen's `user`, `group` and `extra_groups`
+    (numbers; an absent one is kept), then executes the command; None where
+    there is no ``setpriv``."""
+    path = _setpriv()
+    if path is None:
+        return None
+    argv = [path]
+    if user is not None:
+        argv.append(f"--reuid={int(user)}")
+    if group is not None:
+        argv.append(f"--regid={int(group)}")
+    if extra_groups is None:
+        argv.append("--keep-groups")
+    elif extra_groups:
+        argv.append("--groups=" + ",".join(str(int(g)) for g in extra_groups))
+    else:
+        argv.append("--clear-groups")
+    return [*argv, "--"]

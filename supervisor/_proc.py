@@ -313,6 +313,9 @@ def spawn(spec: ServiceSpec, *, stdout: int, stderr: int, extra_env: dict[str, s
     held = (not listen_fds and bool(limits or cgroup_fd is not None) and stdin in (None, stdout)
             and _held.usable(env))
     forks = bool(listen_fds) or (not held and bool(spec.resource_limits or cgroup_fd is not None))
+    if ids and not forks and (wrapper := _held.credentials(**ids)) is not None:
+        _check_found(argv[0], env)  # Popen would switch them in a fork, not a vfork, of the daemon
+        argv, ids = [*wrapper, *argv], {}
     hold: tuple[int, int] | None = None  # the stub's pipe (read, write)
     if held:
         _check_found(argv[0], env)

@@ -25,7 +25,8 @@ def _minor_faults(pid: int) -> int:
     return int(data[data.rfind(")") + 2:].split()[7])
 
 
-@pytest.mark.parametrize("keys", [{"resource-limits": {"core": 0}}], ids=["limits"])
+@pytest.mark.parametrize("keys", [{"resource-limits": {"core": 0}}, {"user": "nobody", "group": "nogroup"}],
+                         ids=["limits", "user"])
 def test_spawn_does_not_fork_the_supervisor(sup: Supervisor, keys: dict[str, Any]) -> None:
     """A fork leaves every page of the daemon copy-on-write: it then takes a
     fault on each page it writes (about 1400 per start and stop at 100
