@@ -9,6 +9,9 @@ Rules this module keeps (see docs/design-brief.md and style.md):
   PID 1) are reaped by `reap_orphans`, which skips every pid we own.
 * `subprocess.Popen` does the fork/exec (it is fast and closes fds); its
   `returncode` is set at once so that it never waits on the pid itself.
+* No ``preexec_fn`` where it can be helped (it forks the whole daemon): a
+  child for a cgroup or with limits is held in a stub that we move and
+  release (`_held`), and another user is taken on by ``setpriv``.
 """
 
 from __future__ import annotations
