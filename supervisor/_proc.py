@@ -17,6 +17,7 @@ Rules this module keeps (see docs/design-brief.md and style.md):
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import grp
 import os
@@ -311,16 +312,27 @@ def spawn(spec: ServiceSpec, *, stdout: int, stderr: int, extra_env: dict[str, s
     stdin_fd: int = subprocess.DEVNULL if stdin is None else stdin
     # The cgroup is joined before the command runs, never by the command's
     # own wrapper: a process that runs before it joins escapes a stop that
-    # races its start.  Held in a stub that the supervisor moves (docs in
-    # _held), else between fork and exec (preexec_fn: a fork of the daemon).
-    held = (not listen_fds and bool(limits or cgroup_fd is not None) and stdin in (None, stdout)
+    # races its start.  Born there by the helper, or held in a stub that the
+    # supervisor moves (see _held), else moved between fork and exec
+    # (preexec_fn: a fork of the daemon).
+    born = not listen_fds and cgroup_fd is not None and _held.Birth.available()
+    held = (not born and not listen_fds and bool(limits or cgroup_fd is not None) and stdin in (None, stdout)
             and _held.usable(env))
-    forks = bool(listen_fds) or (not held and bool(spec.resource_limits or cgroup_fd is not None))
+    forks = bool(listen_fds) or (not born and not held and bool(spec.resource_limits or cgroup_fd is not None))
     if ids and not forks and (wrapper := _held.credentials(**ids)) is not None:
         _check_found(argv[0], env)  # Popen would switch them in a fork, not a vfork, of the daemon
         argv, ids = [*wrapper, *argv], {}
     hold: tuple[int, int] | None = None  # the stub's pipe (read, write)
-    if held:
+    birth: _held.Birth | None = None
+    passed = tuple(guard_fds)
+    if born:
+        assert cgroup_fd is not None
+        try:
+            birth = _held.Birth(cgroup_fd)
+        except OSError as exc:
+            raise SpawnError(f"cannot open the cgroup: {exc.strerror or exc}") from None
+        argv, passed = birth.argv(argv, _resolve(limits)), (*passed, birth.dir, birth.write)
+    elif held:
         _check_found(argv[0], env)
         argv = _held.stub_argv(argv, env, stdin_is_stdout=stdin is not None)
         hold = os.pipe2(os.O_CLOEXEC)
@@ -336,8 +348,8 @@ def spawn(spec: ServiceSpec, *, stdout: int, stderr: int, extra_env: dict[str, s
             _check_found(argv[0], env)
             argv = [*wrapper, *argv]
     try:
-        popen = _popen(argv, hold, stdin=stdin_fd, stdout=stdout, stderr=stderr, close_fds=not listen_fds,
-                       pass_fds=() if listen_fds else tuple(guard_fds), cwd=spec.directory, env=env,
+        popen = _popen(argv, hold, birth, stdin=stdin_fd, stdout=stdout, stderr=stderr, close_fds=not listen_fds,
+                       pass_fds=() if listen_fds else passed, cwd=spec.directory, env=env,
                        start_new_session=True, umask=spec.umask, **ids, **kwargs)
     except FileNotFoundError as exc:
         missing = exc.filename or spec.command[0]
@@ -350,27 +362,26 @@ def spawn(spec: ServiceSpec, *, stdout: int, stderr: int, extra_env: dict[str, s
         raise SpawnError(f"could not set up the process: {exc}") from None
     except OSError as exc:
         raise SpawnError(f"could not start {spec.command[0]}: {exc.strerror or exc}") from None
-    if hold is not None:
-        try:
-            _held.release(popen.pid, hold[1], cgroup_fd, _resolve(limits))
-        except OSError as exc:
-            os.close(hold[1])  # the stub exits without running the command
-            popen.wait()
-            raise SpawnError(f"could not set up the process: {exc.strerror or exc}") from None
-        os.close(hold[1])
+    if birth is not None:
+        pid = _born(popen, birth, spec.command[0])
+    elif hold is not None:
+        pid = _release(popen, hold[1], cgroup_fd, _resolve(limits))
+    else:
+        pid = popen.pid
     # We reap this pid ourselves through its pidfd: tell Popen hands off, so its
     # __del__/_cleanup never waitpid()s a pid that may be reused later.
     popen.returncode = 0
     try:
-        pidfd = os.pidfd_open(popen.pid)
+        pidfd = os.pidfd_open(pid)
     except OSError as exc:  # pragma: no cover - the pid is our unreaped child
         raise SpawnError(f"pidfd_open failed: {exc}") from None
-    return Child(popen.pid, pidfd)
+    return Child(pid, pidfd)
 
 
-def _popen(argv: list[str], hold: tuple[int, int] | None, **kwargs: object) -> subprocess.Popen[bytes]:
+def _popen(argv: list[str], hold: tuple[int, int] | None, birth: _held.Birth | None,
+           **kwargs: object) -> subprocess.Popen[bytes]:
     """`subprocess.Popen`; with `hold`, its read end is closed after the start,
-    and on a failed start its write end too.
+    and on a failed start its write end and the `birth`'s descriptors too.
 
     Raises:
         OSError, subprocess.SubprocessError: as Popen does.
@@ -380,10 +391,54 @@ def _popen(argv: list[str], hold: tuple[int, int] | None, **kwargs: object) -> s
     except BaseException:
         if hold is not None:
             os.close(hold[1])
+        if birth is not None:
+            birth.close()
         raise
     finally:
         if hold is not None:
             os.close(hold[0])
+
+
+def _born(helper: subprocess.Popen[bytes], birth: _held.Birth, command: str) -> int:
+    """The pid of the child the helper started in the cgroup (`birth`, closed here).
+
+    Raises:
+        SpawnError: the helper failed, or the child could not set a limit or
+            execute `command` (it has been reaped).
+    """
+    try:
+        return birth.child_pid(helper)
+    except _held.BornFailed as exc:
+        if exc.step == "limit":
+            raise SpawnError(f"could not set up the process: {exc.strerror}") from None
+        if exc.errno == errno.ENOENT:
+            raise SpawnError(f"command not found: {command}") from None
+        if exc.errno == errno.EACCES:
+            raise SpawnError(f"permission denied: {command}") from None
+        raise SpawnError(f"could not start {command}: {exc.strerror}") from None
+    except OSError as exc:
+        raise SpawnError(f"could not start {command}: {exc.strerror or exc}") from None
+    finally:
+        birth.close()
+
+
+def _release(popen: subprocess.Popen[bytes], hold: int, cgroup_fd: int | None,
+             limits: Sequence[tuple[int, int, int]]) -> int:
+    """Move the held stub into its cgroup and let it run the command
+    (`_held.release`); return its pid.  `hold` (the pipe's write end) is closed.
+
+    Raises:
+        SpawnError: the move or a limit failed (the stub, closed out, exits
+            without running the command, and is reaped).
+    """
+    try:
+        _held.release(popen.pid, hold, cgroup_fd, limits)
+    except OSError as exc:
+        os.close(hold)
+        popen.wait()
+        raise SpawnError(f"could not set up the process: {exc.strerror or exc}") from None
+    os.close(hold)
+    return popen.pid
 
 
 # -- process trees -------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""Issue 19: a spawn is a vfork+exec of a stub that the supervisor moves into
-the service's cgroup and releases (supervisor/_held.py), never a fork of the
-daemon; what the command sees is what a direct exec would give it."""
+"""Issue 19: a spawn never forks the daemon.  Into a cgroup the process is
+born there by the helper (supervisor/_cgspawn.c), or, without it
+(SUPERVISOR_CGSPAWN=0 here), is a vfork+exec'd stub that the supervisor
+moves into the cgroup and releases (supervisor/_held.py); what the command
+sees is what a direct exec would give it.  Each test runs both ways."""
 
 from __future__ import annotations
 
@@ -17,6 +19,23 @@ from typing import Any
 import pytest
 
 from helpers import PY_PROBE, REPO, Supervisor, base_env, find_pids, need, py_service, sleeper, wait_until
+from test_core_stop import test_stop_racing_start_leaves_no_stray_process as _racing
+
+
+HELPER = REPO / "supervisor" / "_cgspawn"
+
+
+@pytest.fixture(params=["born", "moved"])
+def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, containment: str) -> str:
+    """How a process gets into its cgroup: born there by the helper, or moved."""
+    if request.param == "born":
+        if containment == "fallback":
+            pytest.skip("no cgroup to be born in")
+        if not os.access(HELPER, os.X_OK):
+            need("supervisor/_cgspawn (contrib/dev compiles it)")
+    else:
+        monkeypatch.setenv("SUPERVISOR_CGSPAWN", "0")  # the daemon inherits it
+    return str(request.param)
 
 
 def _minor_faults(pid: int) -> int:
@@ -27,7 +46,7 @@ def _minor_faults(pid: int) -> int:
 
 @pytest.mark.parametrize("keys", [{"resource-limits": {"core": 0}}, {"user": "nobody", "group": "nogroup"}],
                          ids=["limits", "user"])
-def test_spawn_does_not_fork_the_supervisor(sup: Supervisor, keys: dict[str, Any]) -> None:
+def test_spawn_does_not_fork_the_supervisor(sup: Supervisor, way: str, keys: dict[str, Any]) -> None:
     """A fork leaves every page of the daemon copy-on-write: it then takes a
     fault on each page it writes (about 1400 per start and stop at 100
     services, measured); a vfork+exec leaves it none.  (In its cgroup, with
@@ -53,7 +72,7 @@ def test_spawn_does_not_fork_the_supervisor(sup: Supervisor, keys: dict[str, Any
     assert per_round < 300, f"{per_round:.0f} page faults in the daemon per start and stop: does it fork?"
 
 
-def test_environment_kept_exactly(sup: Supervisor) -> None:
+def test_environment_kept_exactly(sup: Supervisor, way: str) -> None:
     """The stub is a shell, which drops names that are not shell names and
     sets PWD: the command sees neither change."""
     env = {"FOO": "bar", "A-B": "dash", "1X": "digit"}
@@ -67,10 +86,29 @@ def test_environment_kept_exactly(sup: Supervisor) -> None:
     assert sup.probe("plain")["env"] == {"FOO": "bar"}
 
 
-def test_missing_command_fails_the_start(sup: Supervisor) -> None:
-    sup.start({"services": {"gone": {"command": ["/nonexistent/prog"], "auto-start": False}}})
-    rep = sup.request({"action": "start", "service": "gone"})
-    assert not rep["ok"] and "command not found: /nonexistent/prog" in json.dumps(rep), rep
+def test_missing_command_fails_the_start(sup: Supervisor, way: str) -> None:
+    sup.start({"services": {"gone": {"command": ["/nonexistent/prog"], "auto-start": False},
+                            "bare": {"command": ["no-such-program-here"], "auto-start": False}}})
+    for name, command in (("gone", "/nonexistent/prog"), ("bare", "no-such-program-here")):
+        rep = sup.request({"action": "start", "service": name})
+        assert not rep["ok"] and f"command not found: {command}" in json.dumps(rep), rep
+
+
+#: Prints the cgroup it runs in, first thing, then sleeps.
+_WHERE = "import sys, time; print('CGROUP ' + open('/proc/self/cgroup').read().split('::')[-1].strip(), flush=True); time.sleep(1e6)"
+
+
+@pytest.mark.cgroup_only
+def test_command_runs_only_in_its_cgroup(sup: Supervisor, way: str) -> None:
+    sup.start({"services": {"where": py_service(_WHERE, sup.marker("where"), **{"resource-limits": {"core": 0}})}})
+    line = sup.wait_log("where", lambda text: text.startswith("CGROUP "))[2]
+    assert line.endswith("/where.service"), line
+    assert sup.rstatus("where")["state"] == "running"
+
+
+def test_stop_racing_start_leaves_no_stray_process(sup: Supervisor, way: str) -> None:
+    """tests/test_core_stop.py's, each way."""
+    _racing(sup)
 
 
 #: A supervisor that starts a held child and is SIGKILLed before it releases it.
