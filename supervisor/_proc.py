@@ -9,11 +9,15 @@ Rules this module keeps (see docs/design-brief.md and style.md):
   PID 1) are reaped by `reap_orphans`, which skips every pid we own.
 * `subprocess.Popen` does the fork/exec (it is fast and closes fds); its
   `returncode` is set at once so that it never waits on the pid itself.
+* No ``preexec_fn`` where it can be helped (it forks the whole daemon): a
+  child for a cgroup or with limits is held in a stub that we move and
+  release (`_held`), and another user is taken on by ``setpriv``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import grp
 import os
@@ -29,7 +33,7 @@ from typing import Final, final
 
 import trio
 
-from . import _limits
+from . import _held, _limits
 from .spec import RLIMIT_NAMES, ServiceSpec
 
 __all__ = ["Child", "ExitStatus", "SpawnError", "spawn", "guard_numbers", "owned_pids", "reap_orphans",
@@ -213,7 +217,7 @@ def _child_setup(limits: Sequence[tuple[str, int, int]], listen_fds: Sequence[in
     joins its cgroup first, so that nothing it ever runs starts outside it.
     `listen_fds` (the sockets, then the guards) are moved to 3, 4, ….
     """
-    resolved = [(getattr(resource, RLIMIT_NAMES[name]), soft, hard) for name, soft, hard in limits]
+    resolved = _resolve(limits)
     n = len(listen_fds)
     upper = os.sysconf("SC_OPEN_MAX")  # ours: no fd of ours is above it (rlimits may lower the child's)
 
@@ -233,6 +237,32 @@ def _child_setup(limits: Sequence[tuple[str, int, int]], listen_fds: Sequence[in
             resource.setrlimit(res, (inf if soft < 0 else soft, inf if hard < 0 else hard))
 
     return apply
+
+
+def _resolve(limits: Iterable[tuple[str, int, int]]) -> list[tuple[int, int, int]]:
+    """(resource constant, soft, hard) for each (name, soft, hard)."""
+    return [(getattr(resource, RLIMIT_NAMES[name]), soft, hard) for name, soft, hard in limits]
+
+
+def _credentials(spec: ServiceSpec, env: dict[str, str]) -> dict[str, object]:
+    """Popen's `user`, `group` and `extra_groups` for the spec (only those it
+    sets); a user's HOME, USER and LOGNAME go into `env` unless it is cleared.
+
+    Raises:
+        SpawnError: a user or group does not exist.
+    """
+    ids: dict[str, object] = {}
+    if spec.user is not None:
+        pw = _lookup_user(spec.user)
+        gid = _lookup_group(spec.group) if spec.group is not None else pw.pw_gid
+        ids.update(user=pw.pw_uid, group=gid, extra_groups=os.getgrouplist(pw.pw_name, gid))
+        if not spec.clear_environment:
+            env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
+    elif spec.group is not None:
+        ids["group"] = _lookup_group(spec.group)
+    if spec.supplementary_groups is not None:
+        ids["extra_groups"] = [_lookup_group(g) for g in spec.supplementary_groups]
+    return ids
 
 
 def _check_found(command: str, env: dict[str, str]) -> None:
@@ -265,28 +295,12 @@ def spawn(spec: ServiceSpec, *, stdout: int, stderr: int, extra_env: dict[str, s
     """
     assert spec.command, "spawn() needs a command"
     env = {} if spec.clear_environment else dict(os.environ)
-    kwargs: dict[str, object] = {}
-    if spec.user is not None:
-        pw = _lookup_user(spec.user)
-        gid = _lookup_group(spec.group) if spec.group is not None else pw.pw_gid
-        kwargs["user"] = pw.pw_uid
-        kwargs["group"] = gid
-        if spec.supplementary_groups is not None:
-            kwargs["extra_groups"] = [_lookup_group(g) for g in spec.supplementary_groups]
-        else:
-            kwargs["extra_groups"] = os.getgrouplist(pw.pw_name, gid)
-        if not spec.clear_environment:
-            env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
-    elif spec.group is not None:
-        kwargs["group"] = _lookup_group(spec.group)
-        if spec.supplementary_groups is not None:
-            kwargs["extra_groups"] = [_lookup_group(g) for g in spec.supplementary_groups]
-    elif spec.supplementary_groups is not None:
-        kwargs["extra_groups"] = [_lookup_group(g) for g in spec.supplementary_groups]
+    ids = _credentials(spec, env)  # Popen's user, group, extra_groups
     env.update(spec.environment)
     if extra_env:
         env.update(extra_env)
     argv = list(spec.command)
+    kwargs: dict[str, object] = {}
     if listen_fds:
         env["LISTEN_FDS"] = str(len(listen_fds))
         env["LISTEN_FDNAMES"] = ":".join(name for _, name in listen_fds)
@@ -294,11 +308,37 @@ def spawn(spec: ServiceSpec, *, stdout: int, stderr: int, extra_env: dict[str, s
         _check_found(argv[0], env)
         argv = [*_LISTEN_PID_WRAPPER, *argv]
     nofile = _limits.child_nofile(spec.resource_limits)  # the open-files limit we were given
+    limits = [*spec.resource_limits, *filter(None, [nofile])]
     stdin_fd: int = subprocess.DEVNULL if stdin is None else stdin
-    # (The cgroup is joined between fork and exec, never by an exec wrapper:
-    # a process that runs before it joins escapes a stop that races its start.)
-    if spec.resource_limits or listen_fds or cgroup_fd is not None:
-        kwargs["preexec_fn"] = _child_setup([*spec.resource_limits, *filter(None, [nofile])],
+    # The cgroup is joined before the command runs, never by the command's
+    # own wrapper: a process that runs before it joins escapes a stop that
+    # races its start.  Born there by the helper, or held in a stub that the
+    # supervisor moves (see _held), else moved between fork and exec
+    # (preexec_fn: a fork of the daemon).
+    born = not listen_fds and cgroup_fd is not None and _held.Birth.available()
+    held = (not born and not listen_fds and bool(limits or cgroup_fd is not None) and stdin in (None, stdout)
+            and _held.usable(env))
+    forks = bool(listen_fds) or (not born and not held and bool(spec.resource_limits or cgroup_fd is not None))
+    if ids and not forks and (wrapper := _held.credentials(**ids)) is not None:
+        _check_found(argv[0], env)  # Popen would switch them in a fork, not a vfork, of the daemon
+        argv, ids = [*wrapper, *argv], {}
+    hold: tuple[int, int] | None = None  # the stub's pipe (read, write)
+    birth: _held.Birth | None = None
+    passed = tuple(guard_fds)
+    if born:
+        assert cgroup_fd is not None
+        try:
+            birth = _held.Birth(cgroup_fd)
+        except OSError as exc:
+            raise SpawnError(f"cannot open the cgroup: {exc.strerror or exc}") from None
+        argv, passed = birth.argv(argv, _resolve(limits)), (*passed, birth.dir, birth.write)
+    elif held:
+        _check_found(argv[0], env)
+        argv = _held.stub_argv(argv, env, stdin_is_stdout=stdin is not None)
+        hold = os.pipe2(os.O_CLOEXEC)
+        stdin_fd = hold[0]
+    elif forks:
+        kwargs["preexec_fn"] = _child_setup(limits,
                                             [*(fd for fd, _ in listen_fds), *guard_fds] if listen_fds else [],
                                             cgroup_fd)
     elif nofile is not None:  # a wrapper, not a preexec_fn: that would cost a full fork
@@ -308,19 +348,9 @@ def spawn(spec: ServiceSpec, *, stdout: int, stderr: int, extra_env: dict[str, s
             _check_found(argv[0], env)
             argv = [*wrapper, *argv]
     try:
-        popen = subprocess.Popen(
-            argv,
-            stdin=stdin_fd,
-            stdout=stdout,
-            stderr=stderr,
-            close_fds=not listen_fds,
-            pass_fds=() if listen_fds else tuple(guard_fds),
-            cwd=spec.directory,
-            env=env,
-            start_new_session=True,
-            umask=spec.umask,
-            **kwargs,  # type: ignore[arg-type]
-        )
+        popen = _popen(argv, hold, birth, stdin=stdin_fd, stdout=stdout, stderr=stderr, close_fds=not listen_fds,
+                       pass_fds=() if listen_fds else passed, cwd=spec.directory, env=env,
+                       start_new_session=True, umask=spec.umask, **ids, **kwargs)
     except FileNotFoundError as exc:
         missing = exc.filename or spec.command[0]
         if missing == spec.directory:
@@ -332,14 +362,83 @@ def spawn(spec: ServiceSpec, *, stdout: int, stderr: int, extra_env: dict[str, s
         raise SpawnError(f"could not set up the process: {exc}") from None
     except OSError as exc:
         raise SpawnError(f"could not start {spec.command[0]}: {exc.strerror or exc}") from None
+    if birth is not None:
+        pid = _born(popen, birth, spec.command[0])
+    elif hold is not None:
+        pid = _release(popen, hold[1], cgroup_fd, _resolve(limits))
+    else:
+        pid = popen.pid
     # We reap this pid ourselves through its pidfd: tell Popen hands off, so its
     # __del__/_cleanup never waitpid()s a pid that may be reused later.
     popen.returncode = 0
     try:
-        pidfd = os.pidfd_open(popen.pid)
+        pidfd = os.pidfd_open(pid)
     except OSError as exc:  # pragma: no cover - the pid is our unreaped child
         raise SpawnError(f"pidfd_open failed: {exc}") from None
-    return Child(popen.pid, pidfd)
+    return Child(pid, pidfd)
+
+
+def _popen(argv: list[str], hold: tuple[int, int] | None, birth: _held.Birth | None,
+           **kwargs: object) -> subprocess.Popen[bytes]:
+    """`subprocess.Popen`; with `hold`, its read end is closed after the start,
+    and on a failed start its write end and the `birth`'s descriptors too.
+
+    Raises:
+        OSError, subprocess.SubprocessError: as Popen does.
+    """
+    try:
+        return subprocess.Popen(argv, **kwargs)  # type: ignore[call-overload]
+    except BaseException:
+        if hold is not None:
+            os.close(hold[1])
+        if birth is not None:
+            birth.close()
+        raise
+    finally:
+        if hold is not None:
+            os.close(hold[0])
+
+
+def _born(helper: subprocess.Popen[bytes], birth: _held.Birth, command: str) -> int:
+    """The pid of the child the helper started in the cgroup (`birth`, closed here).
+
+    Raises:
+        SpawnError: the helper failed, or the child could not set a limit or
+            execute `command` (it has been reaped).
+    """
+    try:
+        return birth.child_pid(helper)
+    except _held.BornFailed as exc:
+        if exc.step == "limit":
+            raise SpawnError(f"could not set up the process: {exc.strerror}") from None
+        if exc.errno == errno.ENOENT:
+            raise SpawnError(f"command not found: {command}") from None
+        if exc.errno == errno.EACCES:
+            raise SpawnError(f"permission denied: {command}") from None
+        raise SpawnError(f"could not start {command}: {exc.strerror}") from None
+    except OSError as exc:
+        raise SpawnError(f"could not start {command}: {exc.strerror or exc}") from None
+    finally:
+        birth.close()
+
+
+def _release(popen: subprocess.Popen[bytes], hold: int, cgroup_fd: int | None,
+             limits: Sequence[tuple[int, int, int]]) -> int:
+    """Move the held stub into its cgroup and let it run the command
+    (`_held.release`); return its pid.  `hold` (the pipe's write end) is closed.
+
+    Raises:
+        SpawnError: the move or a limit failed (the stub, closed out, exits
+            without running the command, and is reaped).
+    """
+    try:
+        _held.release(popen.pid, hold, cgroup_fd, limits)
+    except OSError as exc:
+        os.close(hold)
+        popen.wait()
+        raise SpawnError(f"could not set up the process: {exc.strerror or exc}") from None
+    os.close(hold)
+    return popen.pid
 
 
 # -- process trees -------------------------------------------------------------------
