@@ -229,15 +229,15 @@ class KeeperLink:
         for key in list(self._stale):
             self.drop(key)
 
-    def keep_pipe(self, service: str, stream: str, fds: tuple[int, int] | None, path: Path,
+    def keep_pipe(self, service: str, stream: str, fd: int | None, path: Path,
                   max_size: int, max_backups: int) -> None:
-        """A service's pipe (read end, write end) was made (None: closed)."""
+        """A service's pipe (its read end) was made (None: closed)."""
         key = pipe_key(service, stream)
-        if fds is None:
+        if fd is None:
             self.drop(key)
             return
         self.put(key, {"kind": "pipe", "service": service, "stream": stream, "path": str(path),
-                       "max-size": max_size, "max-backups": max_backups}, fds)
+                       "max-size": max_size, "max-backups": max_backups}, (fd,))
 
     def keep_sockets(self, service: str, sockets: list[tuple[str, int]]) -> None:
         """A service's listening sockets now are these (name, fd)."""
