@@ -10,7 +10,10 @@ it; the connection is how each learns of the other's death.
 * While a supervisor is connected, the keeper only receives duplicates of
   descriptors (``put``, ``drop``) and reads nothing else: it costs no CPU.
   It holds a pipe's read end only.  At start it raises its soft open-files
-  limit to the hard one.
+  limit to the hard one; a descriptor it cannot take all the same (its table
+  is full: the message arrives with MSG_CTRUNC) is never lost silently: it
+  says so on its stderr (the supervisor's log) and answers
+  ``{"op": "refused", "key": K, "error": ...}``, which the supervisor logs.
 * When the connection ends without a ``bye`` (the supervisor was killed), it
   drains every pipe it holds into the services' log files, through
   `_logfile` (the same format, rotation and symlink protections as the
@@ -49,13 +52,38 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
-__all__ = ["MAX_MESSAGE", "MAX_FDS", "send", "receive", "main"]
+__all__ = ["MAX_MESSAGE", "MAX_FDS", "DescriptorsLost", "send", "receive", "table", "loud", "main"]
 
 #: The largest message (bytes) and the most descriptors one carries.
 MAX_MESSAGE: Final = 65536
 MAX_FDS: Final = 16
 #: How much is read from one pipe at a time while draining.
 READ_SIZE: Final = 65536
+
+
+class DescriptorsLost(ValueError):
+    """A message arrived without its descriptors (MSG_CTRUNC: the receiver's
+    table was full); `msg` is the message, when it could be read."""
+
+    def __init__(self, msg: dict[str, Any] | None, why: str) -> None:
+        super().__init__(why)
+        self.msg = msg
+
+
+def loud(count: int) -> bool:
+    """Whether the `count`-th of a repeated failure is logged: the 1st, 10th, 100th …"""
+    while count % 10 == 0:
+        count //= 10
+    return count == 1
+
+
+def table() -> str:
+    """This process's descriptors in use and its limit, for a message."""
+    try:
+        used = str(len(os.listdir("/proc/self/fd")))
+    except OSError:
+        used = "?"
+    return f"{used} descriptors open, open-files limit {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}"
 
 
 def send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
@@ -76,9 +104,20 @@ def receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
 
     Raises:
         OSError: the connection broke (reset), or nothing is there (non-blocking).
+        DescriptorsLost: the message came without (all) its descriptors (those
+            that came are closed).
         ValueError: not a message of ours (descriptors received are closed).
     """
-    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+    data, fds, flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        try:
+            msg = json.loads(data)
+        except ValueError:
+            msg = None
+        raise DescriptorsLost(msg if isinstance(msg, dict) else None,
+                              f"descriptors sent were lost (MSG_CTRUNC; {table()})")
     if not data:
         for fd in fds:
             os.close(fd)
@@ -122,6 +161,7 @@ class Keeper:
         self.files: dict[str, Any] = {}  # log path → LogFile (only while draining)
         self.open_files: Any = None  # `_logfile.OpenFiles`, once a file is written
         self.ended: set[int] = set()  # pipes at their end (no writer left): not polled
+        self.refused = 0  # descriptors that could not be taken (see `_refuse`)
         self._logfile: types.ModuleType | None = None
 
     # -- the connection -----------------------------------------------------------
@@ -146,6 +186,9 @@ class Keeper:
         try:
             msg, fds = receive(self.peer)
         except BlockingIOError:
+            return True
+        except DescriptorsLost as exc:
+            self._refuse(exc)
             return True
         except ConnectionResetError:
             msg, fds = None, []
@@ -179,6 +222,22 @@ class Keeper:
                 self._close(key)
             raise SystemExit(0)  # the supervisor removes the socket
         return True
+
+    def _refuse(self, exc: DescriptorsLost) -> None:
+        """A `put` whose descriptors did not come: say so, loudly (the
+        supervisor logs the answer); what the key held before is let go."""
+        assert self.peer is not None
+        key = exc.msg.get("key") if exc.msg is not None else None
+        if isinstance(key, str):
+            self._close(key)
+        self.refused += 1
+        if loud(self.refused):
+            _warn("cannot hold a descriptor: the supervisor is told (raise the hard open-files limit)",
+                  key=key, error=str(exc), refused=self.refused)
+        try:
+            send(self.peer, {"op": "refused", "key": key, "error": str(exc)})
+        except OSError:
+            pass
 
     def _close(self, key: str) -> None:
         item = self.items.pop(key, None)

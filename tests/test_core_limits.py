@@ -171,6 +171,26 @@ def test_services_fit_a_hard_limit_the_old_layout_did_not_and_the_keeper_takes_e
     wait_until(lambda: printed(2), 60, "the new supervisor to read every pipe the keeper handed back")
 
 
+def test_a_keeper_that_cannot_take_a_pipe_says_so(sup: Supervisor) -> None:
+    services = sleepers(2)
+    services["extra"] = {"command": [SLEEP, "1000"], "auto-start": False}
+    sup.start({"services": services})
+    wait_until(lambda: running(sup) == 2, 20, "2 services running")
+    (keeper,) = wait_until(lambda: keeper_pids(sup) or None, 10, "the keeper")
+    used = len(os.listdir(f"/proc/{keeper}/fd"))
+    resource.prlimit(keeper, resource.RLIMIT_NOFILE, (used, used))  # its table is full
+    sup.herd("start", "extra", check=True)  # the service runs all the same
+
+    def said() -> list[dict[str, object]]:
+        return [e for e in all_events(sup) if str(e["event"]).startswith("the keeper cannot hold")]
+
+    (line,) = wait_until(said, 20, "the supervisor to say the keeper could not take extra's pipes")
+    assert line["key"] == "extra/stdout" and "MSG_CTRUNC" in str(line["error"]), line
+    assert any(str(e["event"]).startswith("cannot hold a descriptor") and e.get("key") == "extra/stdout"
+               for e in all_events(sup)), "the keeper itself said nothing"
+    assert running(sup) == 3
+
+
 def test_a_full_descriptor_table_does_not_lock_clients_out(sup: Supervisor) -> None:
     services = sleepers(3)
     services["extra"] = {"command": [SLEEP, "1000"], "auto-start": False}
