@@ -10,7 +10,9 @@ pipe is full (64 KiB) it blocks until a reader is back, and loses nothing.
 The service's record says where its guards are (`record`).  A supervisor
 started after such a crash, finding no keeper, takes each pipe back from the
 service itself (`reclaim`): ``pidfd_getfd(2)`` on the service's pidfd, the
-guard's number, checked to be the same pipe (its inode) before it is used.
+guard's number, checked to be the same pipe (its inode) before it is used;
+only a read end is kept (the next spawn opens write ends of its own,
+`reopen`).
 A service that closed its guards (a daemon that closes every descriptor
 above 2) may still have the pipe as its stdout or stderr: that is tried
 next.  See docs/keeper.md, "The guard".
@@ -24,7 +26,7 @@ import os
 import stat
 from typing import Any, Final
 
-__all__ = ["pidfd_getfd", "record", "reclaim", "STREAM_FDS"]
+__all__ = ["pidfd_getfd", "record", "reclaim", "reopen", "STREAM_FDS"]
 
 #: pidfd_getfd(2): the same number on every architecture with the generic table (alpha aside).
 _SYS_PIDFD_GETFD: Final = 438
@@ -58,9 +60,9 @@ def record(read_fd: int, number: int) -> dict[str, int]:
     return {"fd": number, "inode": os.fstat(read_fd).st_ino}
 
 
-def reclaim(pidfd: int, stream: str, guard: Any) -> tuple[int, int]:
-    """The pipe (read end, write end) `stream` of the service behind `pidfd`
-    writes to, taken from the service: its guard, else its own `stream`.
+def reclaim(pidfd: int, stream: str, guard: Any) -> int:
+    """A read end of the pipe `stream` of the service behind `pidfd` writes
+    to, taken from the service: its guard, else its own `stream`.
 
     Raises:
         OSError: neither is that pipe any more (the reason of the guard's failure).
@@ -79,7 +81,7 @@ def reclaim(pidfd: int, stream: str, guard: Any) -> tuple[int, int]:
     raise first
 
 
-def _pipe_from(pidfd: int, number: int, inode: int) -> tuple[int, int]:
+def _pipe_from(pidfd: int, number: int, inode: int) -> int:
     """Raises:
         OSError: descriptor `number` of the service is not an end of pipe `inode`.
     """
@@ -92,19 +94,18 @@ def _pipe_from(pidfd: int, number: int, inode: int) -> tuple[int, int]:
         if mode not in (os.O_RDONLY, os.O_WRONLY):
             raise OSError(0, f"descriptor {number} is open for reading and writing")
         if mode == os.O_WRONLY:  # the service's own end: a read end of our own instead
-            fd, theirs = _reopen(fd, os.O_RDONLY), fd
+            fd, theirs = reopen(fd, os.O_RDONLY), fd
             os.close(theirs)
-        # A write end of our own (never the service's, whose flags it may
-        # have changed), for the next runs of the service.
-        return fd, _reopen(fd, os.O_WRONLY)
+        return fd
     except BaseException:
         os.close(fd)
         raise
 
 
-def _reopen(fd: int, mode: int) -> int:
-    """The pipe behind `fd` opened again, as a FIFO, through /proc: one end
-    is open (ours), so this never blocks.
+def reopen(fd: int, mode: int) -> int:
+    """The pipe behind `fd` opened again, as a FIFO, through /proc (close-on-
+    exec): a new end of the same pipe, with flags of its own.  One end is
+    open (ours), so this never blocks.
 
     Raises:
         OSError: it cannot be opened.

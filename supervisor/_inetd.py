@@ -100,14 +100,14 @@ class Inetd:
             env = {"REMOTE_ADDR": str(peer[0]), "REMOTE_PORT": str(peer[1])}
         assert svc._nursery is not None
         try:
-            _out, err = svc.output.writers(svc._nursery)
             try:
                 cgroup_fd = svc.containment.open_for_spawn()
             except OSError as exc:
                 raise _proc.SpawnError(f"cannot use the cgroup: {exc.strerror or exc}") from None
             try:
-                child = _proc.spawn(svc.spec, stdin=conn.fileno(), stdout=conn.fileno(), stderr=err,
-                                    extra_env=env, cgroup_fd=cgroup_fd)
+                with svc.output.writers(svc._nursery) as (_out, err):
+                    child = _proc.spawn(svc.spec, stdin=conn.fileno(), stdout=conn.fileno(), stderr=err,
+                                        extra_env=env, cgroup_fd=cgroup_fd)
             finally:
                 if cgroup_fd is not None:
                     os.close(cgroup_fd)

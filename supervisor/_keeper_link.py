@@ -10,6 +10,12 @@ everything anew.  `close` (the orderly shutdown) tells it to exit.
 
 Sending never blocks: a keeper that does not take a message at once is
 killed and replaced, so the keeper can never hold the supervisor up.
+
+A descriptor that does not reach the other side (a full descriptor table:
+the message comes with MSG_CTRUNC) is never lost silently: a `put` the
+keeper could not take is answered ``refused`` and logged here, one error
+line (then again at the 10th, the 100th … with the count); so is one not
+taken back at start.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import structlog
 import trio
 
 from . import _fs, _proc
-from ._keeper import receive, send
+from ._keeper import DescriptorsLost, loud, receive, send, table
 
 __all__ = ["KeeperLink", "Held"]
 
@@ -63,6 +69,7 @@ class KeeperLink:
         self._stale: set[str] = set()  # taken back at start, not put again yet
         self.closing = False
         self._gone = trio.Event()  # set by `run` when the keeper has left after `close`
+        self.refused = 0  # `put`s the current keeper could not take
 
     # -- start-up -------------------------------------------------------------------
 
@@ -131,9 +138,19 @@ class KeeperLink:
         self.sock.settimeout(ANSWER_TIMEOUT)
         send(self.sock, {"op": "take"})
         taken: Held = {}
+        lost = 0
         try:
             while True:
-                msg, fds = receive(self.sock)
+                try:
+                    msg, fds = receive(self.sock)
+                except DescriptorsLost as exc:
+                    lost += 1
+                    if loud(lost):
+                        log.error("cannot take back what the keeper held: a pipe is taken from the service's "
+                                  "guard, a socket bound anew; raise the hard open-files limit",
+                                  key=(exc.msg or {}).get("key"),
+                                  lost=lost, error=str(exc))
+                    continue
                 if msg is None:
                     raise ConnectionResetError("the keeper closed the connection")
                 if msg.get("op") == "end":
@@ -185,6 +202,7 @@ class KeeperLink:
                 listener.close()
         self._attach(conn, popen.pid)
         conn.setblocking(False)
+        self.refused = 0
         log.info("keeper started", keeper=self.pid)
 
     # -- telling it ----------------------------------------------------------------
@@ -212,13 +230,17 @@ class KeeperLink:
         try:
             self.sock.settimeout(ANSWER_TIMEOUT)
             while True:
-                msg, fds = receive(self.sock)
+                try:
+                    msg, fds = receive(self.sock)
+                except DescriptorsLost:  # nothing is sent with descriptors now
+                    continue
                 for fd in fds:
                     os.close(fd)
                 if msg is None:
                     raise ConnectionResetError("the keeper is gone")
                 if msg.get("op") == "dropped" and msg.get("key") == key:
                     break
+                self._answer(msg)
             self.sock.setblocking(False)
         except (OSError, ValueError):
             log.error("the keeper did not answer; replacing it", keeper=self.pid)
@@ -229,15 +251,15 @@ class KeeperLink:
         for key in list(self._stale):
             self.drop(key)
 
-    def keep_pipe(self, service: str, stream: str, fds: tuple[int, int] | None, path: Path,
+    def keep_pipe(self, service: str, stream: str, fd: int | None, path: Path,
                   max_size: int, max_backups: int) -> None:
-        """A service's pipe (read end, write end) was made (None: closed)."""
+        """A service's pipe (its read end) was made (None: closed)."""
         key = pipe_key(service, stream)
-        if fds is None:
+        if fd is None:
             self.drop(key)
             return
         self.put(key, {"kind": "pipe", "service": service, "stream": stream, "path": str(path),
-                       "max-size": max_size, "max-backups": max_backups}, fds)
+                       "max-size": max_size, "max-backups": max_backups}, (fd,))
 
     def keep_sockets(self, service: str, sockets: list[tuple[str, int]]) -> None:
         """A service's listening sockets now are these (name, fd)."""
@@ -259,6 +281,17 @@ class KeeperLink:
         except OSError:
             pass  # gone: `run` sees the connection end
 
+    def _answer(self, msg: dict[str, Any]) -> None:
+        """A message from the keeper other than the one awaited."""
+        if msg.get("op") != "refused":
+            return
+        self.refused += 1
+        if loud(self.refused):
+            log.error("the keeper cannot hold every pipe and socket: if this supervisor is killed, a pipe it "
+                      "lacks is taken from the service's guard, a socket bound anew; raise the hard "
+                      "open-files limit", keeper=self.pid,
+                      refused=self.refused, key=msg.get("key"), error=msg.get("error"), supervisor=table())
+
     # -- watching it ---------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -269,13 +302,14 @@ class KeeperLink:
                 try:
                     await trio.lowlevel.wait_readable(self.sock)
                     msg, fds = receive(self.sock)
-                except BlockingIOError:
+                except (BlockingIOError, DescriptorsLost):  # nothing is sent with descriptors now
                     continue
                 except (OSError, ValueError, trio.ClosedResourceError):
                     msg, fds = None, []
                 for fd in fds:
                     os.close(fd)
                 if msg is not None:
+                    self._answer(msg)
                     continue
                 if self.closing:
                     self._gone.set()

@@ -2,14 +2,20 @@
 
 Descriptors the daemon holds:
 
-* per service with a command: both ends of its stdout and stderr pipes
-  (the keeper holds duplicates of them too, docs/keeper.md), its log file
+* per service with a command: the read ends of its stdout and stderr pipes
   and the pidfd of its running process: `PER_SERVICE`; plus one per
-  listening socket (`sockets`); the guards (`_guard`) are in the service's
-  table, not in ours;
+  listening socket (`sockets`).  The write ends are opened for each spawn
+  and closed once the child has them; the guards (`_guard`) are in the
+  service's table, not in ours;
+* log files: `_logfile.MAX_OPEN` at most, however many services (the least
+  recently written one is closed);
 * the supervisor itself (`BASE`: its own files, sockets, event loop, the
   reserve kept for clients when the table is full) and its clients
   (`MAX_CLIENTS` per control socket).
+
+The keeper (docs/keeper.md) holds the read ends and the listening sockets
+again, in its own table: 2 per service, with the same hard limit (it raises
+its soft limit to it).
 
 At start the soft limit is raised to the hard limit and, as root, the hard
 limit too when the configuration needs more (up to ``fs.nr_open``).
@@ -31,12 +37,13 @@ from typing import Final
 
 from herd.protocol import MAX_CLIENTS
 
+from ._logfile import MAX_OPEN
 from .spec import ServiceSpec
 
 __all__ = ["PER_SERVICE", "BASE", "needed", "raise_nofile", "shortfall", "child_nofile", "set_child_nofile",
            "restore_wrapper"]
 
-PER_SERVICE: Final = 6
+PER_SERVICE: Final = 3
 #: The supervisor's own descriptors (standard streams, event loop, control,
 #: status and notify sockets, lock, state files being written, helper
 #: processes' pipes, the reserve for clients): measured about 20, kept at 64.
@@ -49,7 +56,7 @@ _child_nofile: tuple[int, int] | None = None
 
 def needed(services: Iterable[ServiceSpec]) -> int:
     """Descriptors the daemon needs for these services, its clients and itself."""
-    total = BASE + 2 * MAX_CLIENTS
+    total = BASE + 2 * MAX_CLIENTS + MAX_OPEN
     for spec in services:
         total += (PER_SERVICE if spec.command is not None else 0) + len(spec.sockets)
     return total

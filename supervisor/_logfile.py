@@ -31,6 +31,7 @@ from __future__ import annotations
 import codecs
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -38,12 +39,14 @@ from typing import Final
 
 from . import _fs
 
-__all__ = ["LogFile", "MAX_LINE", "STREAMS", "parse_line", "char_boundary"]
+__all__ = ["LogFile", "OpenFiles", "MAX_LINE", "MAX_OPEN", "STREAMS", "parse_line", "char_boundary"]
 
 #: The longest line kept whole (bytes); a longer one becomes several lines.
 MAX_LINE: Final = 64 * 1024
 #: The streams a log line can name.
 STREAMS: Final = ("stdout", "stderr", "supervisor")
+#: The log files a process keeps open at once (`OpenFiles`), however many services.
+MAX_OPEN: Final = 128
 #: After a log file could not be opened, the seconds before the next try.
 REOPEN_DELAY: Final = 1.0
 #: What a log file keeps, at most, of the lines it could not write yet (bytes;
@@ -152,6 +155,7 @@ class LogFile:
         self._retry_at = 0.0  # after a failed open, the next try (monotonic clock)
         self._backlog = bytearray()  # lines formatted while the file could not be opened
         self._back_stream: str | None = None  # whose line the backlog ends with, unfinished
+        self._left: tuple[int, int, str | None] | None = None  # closed by `close`: (inode, size, open stream)
 
     # -- input ---------------------------------------------------------------------
 
@@ -183,6 +187,12 @@ class LogFile:
         self._ready()
         self._put(stream, [(text, True)], now)
 
+    def unfinished(self, stream: str) -> bool:
+        """`stream` has an unfinished line (or bytes held back): a final
+        `feed` would end it."""
+        st = self._streams.get(stream)
+        return st is not None and not st.pristine()
+
     def held(self, stream: str) -> bytes:
         st = self._streams.get(stream)
         return st.held() if st is not None else b""
@@ -194,8 +204,18 @@ class LogFile:
             st.decoder.decode(data.rstrip(b"\r"))
             st.cr = data.endswith(b"\r")
 
+    @property
+    def is_open(self) -> bool:
+        return self._fd >= 0
+
     def close(self) -> None:
+        """Close the file (opened again by the next write, which goes on
+        with an unfinished line of ours if nobody wrote meanwhile)."""
         if self._fd >= 0:
+            try:
+                self._left = (os.fstat(self._fd).st_ino, self._size, self._open_stream)
+            except OSError:
+                self._left = None
             os.close(self._fd)
             self._fd = -1
 
@@ -248,7 +268,12 @@ class LogFile:
 
     def _open_in(self, dfd: int) -> None:
         self._fd = _fs.open_append(dfd, self.path.name, self.path, read=True)
-        self._size = os.fstat(self._fd).st_size
+        st = os.fstat(self._fd)
+        self._size = st.st_size
+        left, self._left = self._left, None
+        if left is not None and left[:2] == (st.st_ino, st.st_size):  # as we left it
+            self._open_stream = left[2]
+            return
         self._open_stream = None
         if self._size:
             self._adopt(os.pread(self._fd, min(self._size, _TAIL), max(0, self._size - _TAIL)))
@@ -326,7 +351,7 @@ class LogFile:
         directory descriptor: a symlink planted meanwhile is moved, never
         followed."""
         self.close()
-        self._size = 0
+        self._size, self._left = 0, None
         return self._in_dir(self._rotate_in)
 
     def _rotate_in(self, dfd: int) -> None:
@@ -351,3 +376,26 @@ class LogFile:
             self._failed = True
             if self.on_error is not None:
                 self.on_error(exc)
+
+
+class OpenFiles:
+    """At most `limit` log files open at once: when one more is written, the
+    least recently written one is closed (and opened again when next written)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: OrderedDict[LogFile, None] = OrderedDict()
+
+    def used(self, f: LogFile) -> None:
+        """`f` was just written (or closed)."""
+        if not f.is_open:
+            self._open.pop(f, None)
+            return
+        self._open[f] = None
+        self._open.move_to_end(f)
+        while len(self._open) > self.limit:
+            self._open.popitem(last=False)[0].close()
+
+    def close_all(self) -> None:
+        while self._open:
+            self._open.popitem(last=False)[0].close()

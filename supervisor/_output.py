@@ -3,9 +3,15 @@
 Each service has one pipe for stdout and one for stderr, created once and
 kept across restarts, so nothing a service writes between two runs is lost,
 a re-exec hands the read ends over, and the keeper (docs/keeper.md) holds
-duplicates that a supervisor started after a crash takes back.  The file
-format, line cutting (`MAX_LINE`) and rotation are `_logfile`'s; what is
-read is written to the file at once, an unfinished line too.
+duplicates that a supervisor started after a crash takes back.  Only the
+read ends are kept (by us, by the keeper, and by the service: its guards):
+each spawn gets new write ends of the same pipes (`writers`), which the
+daemon closes once the child has them.  So a pipe reaches its end when the
+service and everything it left running are gone: its reader writes out the
+last, unfinished line and stops, until the next spawn starts it again.  The
+file format, line cutting (`MAX_LINE`) and rotation are `_logfile`'s; what
+is read is written to the file at once, an unfinished line too.  At most
+`_logfile.MAX_OPEN` log files are open at once.
 
 The recent lines kept in memory are bounded in lines *and* in bytes: per
 service `RING_LINES` / `RING_BYTES`, for all services together (`herd log`
@@ -34,8 +40,9 @@ from typing import Any, Final
 import structlog
 import trio
 
-from . import _fs
-from ._logfile import MAX_LINE, LogFile, parse_line
+from . import _fs, _guard
+from ._logfile import MAX_LINE, MAX_OPEN, LogFile, OpenFiles, parse_line
+from ._proc import SpawnError
 
 __all__ = ["LogLine", "LogHub", "ServiceOutput", "MAX_LINE", "note", "CURRENT"]
 
@@ -61,6 +68,13 @@ HUB_LINES: Final = 5000
 HUB_BYTES: Final = 8 * 1024 * 1024
 #: What one kept line costs beyond its text (the objects around it), roughly.
 _LINE_OVERHEAD: Final = 200
+#: The streams with a pipe, in the order `ServiceOutput.writers` gives them.
+STREAMS: Final = ("stdout", "stderr")
+#: How much is read from a pipe at a time.
+READ_SIZE: Final = 65536
+#: The log files open at once (`MAX_OPEN`): the least recently written one
+#: is closed (and opened again when next written).
+_OPEN_LOGS = OpenFiles(MAX_OPEN)
 
 log = structlog.get_logger("supervisor.output")
 
@@ -160,11 +174,12 @@ class ServiceOutput:
         self.file = LogFile(path, max_size=max_size, max_backups=max_backups, on_error=self._report)
         self.hub = hub
         self.ring = Ring(ring, RING_BYTES)
-        self._pipes: dict[str, tuple[int, int]] = {}
+        self._pipes: dict[str, int] = {}  # stream → read end
+        self._pumps: set[str] = set()  # the streams being read
         self._seed_pending = False  # read the ring back from the file first (see reload_history)
         self._resting = False  # the service is stopped: the file is closed after each write
-        #: told of every pipe made or closed (the keeper: see _keeper_link)
-        self.on_pipe: Callable[[ServiceOutput, str, tuple[int, int] | None], None] | None = None
+        #: told of every pipe made (its read end) or closed (None) (the keeper: see _keeper_link)
+        self.on_pipe: Callable[[ServiceOutput, str, int | None], None] | None = None
 
     @property
     def max_size(self) -> int:
@@ -184,66 +199,128 @@ class ServiceOutput:
 
     # -- pipes ---------------------------------------------------------------------
 
-    def writers(self, nursery: trio.Nursery) -> tuple[int, int]:
-        """Write ends for a child's stdout and stderr (pipes made on first use)."""
+    @contextmanager
+    def writers(self, nursery: trio.Nursery) -> Iterator[tuple[int, int]]:
+        """Write ends for a child's stdout and stderr, closed on leaving: pass
+        them to the child in the block.  The pipes are made on first use and
+        kept (their read ends only); each call opens new write ends of the
+        same pipes, and starts reading them again if every earlier writer is
+        gone.
+
+        Raises:
+            _proc.SpawnError: a pipe cannot be made or opened (out of descriptors).
+        """
         self._resting = False
-        for stream in ("stdout", "stderr"):
-            if stream not in self._pipes:
-                r, w = os.pipe2(os.O_CLOEXEC)
-                self._pipes[stream] = (r, w)
-                if self.on_pipe is not None:
-                    self.on_pipe(self, stream, (r, w))
-                nursery.start_soon(self._pump, stream, r)
-        return self._pipes["stdout"][1], self._pipes["stderr"][1]
+        ends: list[int] = []
+        try:
+            for stream in STREAMS:
+                ends.append(self._writer(stream))
+                self._read(nursery, stream)
+            yield ends[0], ends[1]
+        finally:
+            for fd in ends:
+                os.close(fd)
+
+    def _writer(self, stream: str) -> int:
+        """A new write end of `stream`'s pipe (made now if there is none).
+
+        Raises:
+            _proc.SpawnError: it cannot be made or opened.
+        """
+        try:
+            r = self._pipes.get(stream)
+            if r is not None:
+                return _guard.reopen(r, os.O_WRONLY)
+            r, w = os.pipe2(os.O_CLOEXEC)
+        except OSError as exc:
+            raise SpawnError(f"cannot open the {stream} pipe of {self.service}: {exc.strerror or exc}") from None
+        os.set_blocking(r, False)  # the write end, the child's, stays blocking
+        self._pipes[stream] = r
+        if self.on_pipe is not None:
+            self.on_pipe(self, stream, r)
+        return w
 
     @property
-    def pipes(self) -> dict[str, tuple[int, int]]:
-        """stream → (read end, write end), for the pipes made so far."""
+    def pipes(self) -> dict[str, int]:
+        """stream → read end, for the pipes made so far."""
         return dict(self._pipes)
+
+    @property
+    def reading(self) -> bool:
+        """A pipe still has a writer (or unread data): its reader runs."""
+        return bool(self._pumps)
 
     def resume(self, nursery: trio.Nursery) -> None:
         """Start reading pipes taken over (re-exec, or from the keeper after a crash)."""
-        for stream, (r, _w) in self._pipes.items():
-            nursery.start_soon(self._pump, stream, r)
+        for stream in self._pipes:
+            self._read(nursery, stream)
 
     def handover(self) -> dict[str, object]:
-        """The pipes and the bytes read but not yet written, for the next image (re-exec)."""
+        """The pipes' read ends and the bytes read but not yet written, for the next image (re-exec)."""
         return {
-            "pipes": {stream: [r, w] for stream, (r, w) in self._pipes.items()},
+            "pipes": {stream: [r] for stream, r in self._pipes.items()},
             "partial": {stream: held.hex() for stream in self._pipes if (held := self.file.held(stream))},
         }
 
     def take_over(self, data: dict[str, object]) -> None:
-        """Pipes (and held bytes) from a previous image or the keeper, before `resume`."""
+        """Pipes (and held bytes) from a previous image, the keeper or the
+        service itself, before `resume`: stream → [read end, …] (a write end
+        after it, as an image before this one kept, is closed)."""
         pipes = data.get("pipes") or {}
         partial = data.get("partial") or {}
         assert isinstance(pipes, dict) and isinstance(partial, dict)
-        for stream, (r, w) in pipes.items():
+        for stream, (r, *older) in pipes.items():
+            for fd in older:
+                os.close(fd)
             os.set_inheritable(r, False)
-            os.set_inheritable(w, False)
-            self._pipes[stream] = (r, w)
+            os.set_blocking(r, False)
+            self._pipes[stream] = r
         for stream, hexed in partial.items():
             self.file.hold(stream, bytes.fromhex(hexed))
 
+    def _read(self, nursery: trio.Nursery, stream: str) -> None:
+        """Read `stream`'s pipe, unless it is read already (one reader per pipe)."""
+        if stream in self._pipes and stream not in self._pumps:
+            self._pumps.add(stream)
+            nursery.start_soon(self._pump, stream, self._pipes[stream])
+
     async def _pump(self, stream: str, fd: int) -> None:
-        async with trio.lowlevel.FdStream(fd) as pipe:
+        """Read the pipe until every writer is gone (the service and whatever
+        it left running): then write out the last, unfinished line and stop;
+        the next spawn starts reading again.  The read end stays ours (`close`)."""
+        try:
             while True:
+                if self._pipes.get(stream) != fd:  # closed meanwhile (`close`)
+                    return
                 try:
-                    data = await pipe.receive_some(65536)
-                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    data = os.read(fd, READ_SIZE)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(fd)
+                    continue
+                except OSError as exc:  # not expected of a pipe's read end
+                    log.error("cannot read a pipe", service=self.service, stream=stream, error=str(exc))
                     break
-                if not data:
+                if not data:  # every writer is gone
                     break
                 # written at once (an unfinished line too): a crash of ours
                 # loses at most what this call has in hand
-                for when, text in self.file.feed(stream, data):
-                    self._keep(when, stream, text)
-                if self._resting:  # a stopped service's last words (or a left-over process's)
-                    self.file.close()
-        for when, text in self.file.feed(stream, b"", final=True):
+                self._feed(stream, data)
+            if self.file.unfinished(stream):
+                self._feed(stream, b"", final=True)
+        except trio.ClosedResourceError:  # closed under us (`close`)
+            pass
+        finally:
+            self._pumps.discard(stream)
+
+    def _feed(self, stream: str, data: bytes, *, final: bool = False) -> None:
+        for when, text in self.file.feed(stream, data, final=final):
             self._keep(when, stream, text)
-        if self._resting:
+        self._written()
+
+    def _written(self) -> None:
+        if self._resting:  # a stopped service's last words (or a left-over process's)
             self.file.close()
+        _OPEN_LOGS.used(self.file)
 
     def rest(self) -> None:
         """The service stopped: close its log file (reopened for each later line,
@@ -252,12 +329,18 @@ class ServiceOutput:
         self.file.close()
 
     def close(self) -> None:
-        for stream, (r, w) in self._pipes.items():
-            os.close(w)
+        """The service is gone: close its pipes (their readers stop) and its log file."""
+        for stream, r in self._pipes.items():
+            try:
+                trio.lowlevel.notify_closing(r)
+            except RuntimeError:  # outside trio
+                pass
+            os.close(r)
             if self.on_pipe is not None:
                 self.on_pipe(self, stream, None)
         self._pipes.clear()
         self.file.close()
+        _OPEN_LOGS.used(self.file)
 
     # -- lines ---------------------------------------------------------------------
 
@@ -265,8 +348,7 @@ class ServiceOutput:
         """A line from the supervisor about this service (start, exit, …)."""
         now = datetime.now().astimezone()
         self.file.line("supervisor", text, now)
-        if self._resting:
-            self.file.close()
+        self._written()
         self._keep(now, "supervisor", text)
 
     def _keep(self, now: datetime, stream: str, text: str) -> None:

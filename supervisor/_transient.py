@@ -25,7 +25,6 @@ from herd.protocol import ProtocolError
 from ._actor import State
 from ._messages import say
 from ._output import LogLine, ServiceOutput
-from ._probes import has_pending
 from .spec import ServiceSpec
 
 if TYPE_CHECKING:
@@ -121,7 +120,7 @@ class Transients:
     async def _forget_soon(self, service: Service) -> None:
         """Once what the process wrote last is read (at most `DRAIN` s), forget it."""
         with trio.move_on_after(DRAIN):
-            while any(has_pending(r) for r, _w in service.output.pipes.values()):
+            while service.output.reading:  # a pipe has data or a writer left
                 await trio.sleep(0.01)
         await trio.lowlevel.checkpoint()
         if service.state is State.STOPPED and service.name in self.running:

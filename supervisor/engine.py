@@ -118,9 +118,9 @@ class Engine:
 
     # -- the keeper (docs/keeper.md) -----------------------------------------------------
 
-    def _keep_pipe(self, output: ServiceOutput, stream: str, fds: tuple[int, int] | None) -> None:
+    def _keep_pipe(self, output: ServiceOutput, stream: str, fd: int | None) -> None:
         assert self.keeper is not None
-        self.keeper.keep_pipe(output.service, stream, fds, output.path, output.max_size, output.max_backups)
+        self.keeper.keep_pipe(output.service, stream, fd, output.path, output.max_size, output.max_backups)
 
     def _keep_listeners(self, service: Service) -> None:
         assert self.keeper is not None
@@ -134,8 +134,8 @@ class Engine:
         if self.keeper is None:
             return
         for service in self.services.values():
-            for stream, fds in service.output.pipes.items():
-                self._keep_pipe(service.output, stream, fds)
+            for stream, fd in service.output.pipes.items():
+                self._keep_pipe(service.output, stream, fd)
         self.keeper.forget_stale()
 
     def busy(self) -> list[str]:

@@ -222,13 +222,13 @@ async def _udp_check(health: HealthSpec) -> tuple[bool, str]:
 async def _exec_check(service: Service, health: HealthSpec, run: int) -> tuple[bool, str]:
     assert health.command is not None and service._nursery is not None
     spec = replace(service.spec, command=health.command)
-    out, err = service.output.writers(service._nursery)
     try:
         cgroup_fd = service.containment.open_for_spawn()
     except OSError as exc:
         return False, f"cannot use the cgroup of {service.name}: {exc.strerror or exc}"
     try:
-        child = _proc.spawn(spec, stdout=out, stderr=err, cgroup_fd=cgroup_fd)
+        with service.output.writers(service._nursery) as (out, err):
+            child = _proc.spawn(spec, stdout=out, stderr=err, cgroup_fd=cgroup_fd)
     except _proc.SpawnError as exc:
         return False, str(exc)
     finally:

@@ -515,7 +515,6 @@ class Service:
                 # A stop may have cancelled this attempt before it ever ran: a
                 # cancelled scope only acts at a checkpoint, so take one now.
                 await trio.lowlevel.checkpoint_if_cancelled()
-                out, err = self.output.writers(self._nursery)
                 if spec.prepare_hook is not None:
                     await spec.prepare_hook(spec)
                     await trio.lowlevel.checkpoint_if_cancelled()
@@ -531,7 +530,8 @@ class Service:
                     # start must not find its port taken
                     await self.containment.sweep(spec.stop_signal, spec.stop_timeout, self.output.note)
                 before = self.containment.pids()
-                child, guards = spawn_process(self, spec, out, err)
+                with self.output.writers(self._nursery) as (out, err):
+                    child, guards = spawn_process(self, spec, out, err)
                 mine.append(child)
                 self._post(_Spawned(gen, child, guards))
                 log.debug("spawned", pid=child.pid, command=list(spec.command))

@@ -37,7 +37,7 @@ def spawn_process(service: Service, spec: ServiceSpec, out: int,
     except OSError as exc:
         raise _proc.SpawnError(f"cannot use the cgroup of {service.name}: {exc.strerror or exc}") from None
     listen_fds = [(sock.fileno(), s.name) for sock, s in zip(service.listeners, spec.sockets)]
-    readers = {stream: r for stream, (r, _w) in service.output.pipes.items()}  # its guards
+    readers = service.output.pipes  # its guards
     try:
         child = _proc.spawn(spec, stdout=out, stderr=err, extra_env=extra_env(service),
                             listen_fds=listen_fds, cgroup_fd=cgroup_fd, guard_fds=[*readers.values()])

@@ -109,9 +109,9 @@ def _take_kept(service: Service, kept: Held) -> None:
 
     Sockets are taken only when the keeper holds every one the service's
     definition names (else they are all bound anew)."""
-    pipes = {stream: tuple(fds) for stream in ("stdout", "stderr")
+    pipes = {stream: fds for stream in ("stdout", "stderr")  # the read end (an older keeper has the write end after it)
              if (item := kept.pop(pipe_key(service.name, stream), None)) is not None
-             and len(fds := item[1]) == 2}
+             and 1 <= len(fds := item[1]) <= 2}
     if pipes:
         service.output.take_over({"pipes": pipes})
     wanted = [socket_key(service.name, _sockets.describe(spec)) for spec in service.spec.sockets]
@@ -122,12 +122,12 @@ def _take_kept(service: Service, kept: Held) -> None:
 def _reclaim_pipes(service: Service, child: _proc.Child, record: dict[str, Any]) -> None:
     """Crash recovery with no keeper (it was killed too): take the pipes the
     keeper did not hand back from the adopted service itself (`_guard`)."""
-    taken: dict[str, tuple[int, int]] = {}
+    taken: dict[str, list[int]] = {}
     failed: dict[str, str] = {}
     guards = record.get("guards") if isinstance(record.get("guards"), dict) else {}
     for stream in [s for s in _guard.STREAM_FDS if s not in service.output.pipes]:
         try:
-            taken[stream] = _guard.reclaim(child.pidfd, stream, guards.get(stream))
+            taken[stream] = [_guard.reclaim(child.pidfd, stream, guards.get(stream))]
         except OSError as exc:
             failed[stream] = exc.strerror or str(exc)
     if failed:

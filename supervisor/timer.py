@@ -108,8 +108,8 @@ class Timer:
         assert svc._nursery is not None
         started = time.time()
         try:
-            out, err = svc.output.writers(svc._nursery)
-            child, svc.guards = spawn_process(svc, svc.spec, out, err)
+            with svc.output.writers(svc._nursery) as (out, err):
+                child, svc.guards = spawn_process(svc, svc.spec, out, err)
         except _proc.SpawnError as exc:
             self.last_run = {"start": started, "end": started, "error": str(exc)}
             svc.output.note(f"Run of {svc.name} failed to start: {exc}")

@@ -17,6 +17,7 @@ import ctypes
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import threading
@@ -26,7 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor._limits import PER_SERVICE
+from supervisor._limits import BASE, PER_SERVICE
+from supervisor._logfile import MAX_OPEN
 
 from helpers import (
     PY_PROBE,
@@ -34,9 +36,12 @@ from helpers import (
     Client,
     Supervisor,
     base_env,
+    crash,
     py_service,
+    restart,
     wait_until,
 )
+from test_lifecycle_crash import keeper_pids
 
 SOFT = 1024
 HARD = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -65,14 +70,21 @@ def running(sup: Supervisor) -> int:
     return sum(1 for s in sup.rstatus().values() if s["state"] == "running")
 
 
-def daemon_events(sup: Supervisor) -> list[str]:
+def all_events(sup: Supervisor) -> list[dict[str, object]]:
+    """The daemon's log (and the keeper's, on the same stderr), as JSON objects."""
     out = []
     for line in sup.stderr_path.read_text(errors="replace").splitlines():
         try:
-            out.append(json.loads(line)["event"])
-        except (ValueError, KeyError, TypeError):
+            obj = json.loads(line)
+        except ValueError:
             continue
+        if isinstance(obj, dict) and "event" in obj:
+            out.append(obj)
     return out
+
+
+def daemon_events(sup: Supervisor) -> list[str]:
+    return [str(e["event"]) for e in all_events(sup)]
 
 
 @pytest.mark.skipif(HARD < 4 * SOFT, reason=f"the hard open-files limit here ({HARD}) leaves nothing to raise")
@@ -99,6 +111,84 @@ def test_four_hundred_services_under_a_soft_limit_of_1024_and_children_keep_it(s
     reports = wait_until(lambda: (r := [t for _, _, t in sup.log_lines("probe") if t.startswith("PROBE ")])
                          and len(r) == 2 and r, 10, "the restarted probe's report")
     assert json.loads(reports[-1][len("PROBE "):])["nofile"] == [SOFT, HARD]
+
+
+#: Prints "before-NAME", then "after-NAME" at each SIGUSR1 (argv: NAME).
+TALKER = 'trap "echo after-$1" USR1; echo before-$1; sleep 1000000 & s=$!; while :; do wait $s && break; done'
+
+
+def pipe_inodes(pid: int, fds: list[str] | None = None) -> set[str]:
+    """The pipes (``pipe:[N]``) among a process's descriptors (or those `fds` of them)."""
+    out = set()
+    for fd in fds if fds is not None else os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("pipe:"):
+            out.add(target)
+    return out
+
+
+def test_services_fit_a_hard_limit_the_old_layout_did_not_and_the_keeper_takes_every_pipe(sup: Supervisor) -> None:
+    # Both ends of both pipes, the pidfd and the log file (6 per service)
+    # needed 2100 descriptors for 350 services; the read ends and the pidfd,
+    # with at most MAX_OPEN log files, fit in 1800.  The keeper holds the
+    # read ends again (2 per service) under the same hard limit.
+    n, hard = 350, 1800
+    names = [f"t{i:03d}" for i in range(n)]
+    sup.start({"services": {name: {"command": ["/bin/sh", "-c", TALKER, "sh", name]} for name in names}},
+              preexec=limited(SOFT, hard, raising=False))
+    wait_until(lambda: running(sup) == n, 240, f"all {n} services running")
+    assert sup.proc is not None
+    fds = len(os.listdir(f"/proc/{sup.proc.pid}/fd"))
+    assert fds <= PER_SERVICE * n + MAX_OPEN + BASE, f"{fds} descriptors for {n} services"
+
+    (keeper,) = wait_until(lambda: keeper_pids(sup) or None, 10, "the keeper")
+    assert resource.prlimit(keeper, resource.RLIMIT_NOFILE) == (hard, hard)
+    pids = {name: s["pid"] for name, s in sup.rstatus().items()}
+    theirs = set().union(*(pipe_inodes(pid, ["1", "2"]) for pid in pids.values()))
+    assert len(theirs) == 2 * n
+    held = pipe_inodes(keeper)
+    assert theirs <= held, f"the keeper lacks {len(theirs - held)} of the services' {2 * n} pipes"
+
+    # The supervisor is killed; every service prints; a new one starts: no line lost.
+    for name in names:
+        sup.wait_log(name, lambda t, name=name: t == f"before-{name}", timeout=30)
+    crash(sup)
+    for pid in pids.values():
+        os.kill(pid, signal.SIGUSR1)
+
+    def printed(count: int) -> bool:
+        return all([t for _, s, t in sup.log_lines(name) if s == "stdout"] == [f"before-{name}"] + [f"after-{name}"]
+                   * count for name in names)
+
+    wait_until(lambda: printed(1), 60, "the keeper to write every service's line")
+    restart(sup)
+    assert {name: s["pid"] for name, s in sup.rstatus().items()} == pids
+    for pid in pids.values():
+        os.kill(pid, signal.SIGUSR1)
+    wait_until(lambda: printed(2), 60, "the new supervisor to read every pipe the keeper handed back")
+
+
+def test_a_keeper_that_cannot_take_a_pipe_says_so(sup: Supervisor) -> None:
+    services = sleepers(2)
+    services["extra"] = {"command": [SLEEP, "1000"], "auto-start": False}
+    sup.start({"services": services})
+    wait_until(lambda: running(sup) == 2, 20, "2 services running")
+    (keeper,) = wait_until(lambda: keeper_pids(sup) or None, 10, "the keeper")
+    used = len(os.listdir(f"/proc/{keeper}/fd"))
+    resource.prlimit(keeper, resource.RLIMIT_NOFILE, (used, used))  # its table is full
+    sup.herd("start", "extra", check=True)  # the service runs all the same
+
+    def said() -> list[dict[str, object]]:
+        return [e for e in all_events(sup) if str(e["event"]).startswith("the keeper cannot hold")]
+
+    (line,) = wait_until(said, 20, "the supervisor to say the keeper could not take extra's pipes")
+    assert line["key"] == "extra/stdout" and "MSG_CTRUNC" in str(line["error"]), line
+    assert any(str(e["event"]).startswith("cannot hold a descriptor") and e.get("key") == "extra/stdout"
+               for e in all_events(sup)), "the keeper itself said nothing"
+    assert running(sup) == 3
 
 
 def test_a_full_descriptor_table_does_not_lock_clients_out(sup: Supervisor) -> None:

@@ -77,6 +77,23 @@ class Pinger(threading.Thread):
             time.sleep(0.01)
 
 
+def keeper_fds(daemon: int) -> int | None:
+    """The descriptors the daemon's keeper holds (docs/keeper.md), or None if it has none."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            if ppid == daemon and any(c.endswith(b"supervisor/_keeper.py") for c in cmd):
+                return len(os.listdir(f"/proc/{entry}/fd"))
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
 def proc_times(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -129,6 +146,7 @@ def run(n: int, soft: int, timeout: float, status_every: float) -> dict[str, Any
         pinger.join(60)
         cpu = proc_times(daemon.pid) - cpu0
         fds = len(os.listdir(f"/proc/{daemon.pid}/fd"))
+        kept = keeper_fds(daemon.pid)
         failed = [s["name"] for s in services if s["state"] != "running"]
         kids = children(daemon.pid)
         t = time.monotonic()
@@ -153,7 +171,7 @@ def run(n: int, soft: int, timeout: float, status_every: float) -> dict[str, Any
         "ping_p99_ms": 1000 * pct(lat, 0.99), "ping_max_ms": 1000 * max(lat),
         "status_calls": len(status_lat), "status_p50_ms": 1000 * statistics.median(status_lat),
         "status_max_ms": 1000 * max(status_lat), "daemon_cpu_s": cpu, "fds_ready": fds0, "fds": fds,
-        "fds_per_service": (fds - fds0) / n, "stop_s": stopped,
+        "fds_per_service": (fds - fds0) / n, "keeper_fds": kept, "stop_s": stopped,
         "load_before": os.getloadavg()[0], "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
@@ -172,11 +190,12 @@ def markdown(results: list[dict[str, Any]]) -> str:
         "to back from READY=1 until every service runs; another asks for the full status every S seconds "
         "(the column S), which is also how the end is seen. "
         "Latency is per reply, on the client. Descriptors per service: the growth from READY to all "
-        "running, divided by N (log files are a pool of 128, shared).",
+        "running, divided by N (log files are a pool of 128, shared); the keeper's: what it holds once all run "
+        "(2 per service: the pipes' read ends).",
         "",
         "| S | running | boot (s) | pings | ping p50 (ms) | p90 | p99 | max | status p50 (ms) | status max "
-        "| daemon CPU (s) | descriptors at READY → all running | per service | stop-all (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| daemon CPU (s) | descriptors at READY → all running | per service | keeper's descriptors | stop-all (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(results, 1):
         lines.append(
@@ -184,7 +203,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
             f"| {r['ping_p90_ms']:.1f} | {r['ping_p99_ms']:.1f} | {r['ping_max_ms']:.0f} "
             f"| {r['status_p50_ms']:.0f} | {r['status_max_ms']:.0f} | {r['daemon_cpu_s']:.1f} "
             f"| {r['fds_ready']} → {r['fds']} "
-            f"| {r['fds_per_service']:.2f} | {r['stop_s']:.1f} |")
+            f"| {r['fds_per_service']:.2f} | {r.get('keeper_fds') or '-'} | {r['stop_s']:.1f} |")
     p99 = max(r["ping_p99_ms"] for r in results)
     lines += [
         "",
