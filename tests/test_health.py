@@ -410,9 +410,12 @@ def test_tls_checks_speak_through_tls_and_count_a_refusal_for_want_of_a_certific
     plain, picky = free_port(), free_port()
     check = {"type": "tcp", "tls": True, "interval": 0.3, "timeout": 5, "failures": 1000}
     sup.start({"services": {
+        # ready once listening: a check before the bind would be refused
         "plain": py_service(PY_TLS_PONG, str(plain), str(cert), str(key), "-",
+                            ready={"type": "tcp", "address": f"127.0.0.1:{plain}"},
                             health={**check, "address": f"127.0.0.1:{plain}", "send": "ping", "expect": "pong"}),
         "picky": py_service(PY_TLS_PONG, str(picky), str(cert), str(key), "client-cert",
+                            ready={"type": "tcp", "address": f"127.0.0.1:{picky}"},
                             health={**check, "address": f"127.0.0.1:{picky}"}),
     }})
     wait_running(sup, ["plain", "picky"])
