@@ -127,14 +127,18 @@ class ServiceCgroup:
             return False
         return False
 
-    def signal(self, sig: int, *, spare: int | None = None) -> int:
-        """Send `sig` to every process in the cgroup (but `spare`); how many."""
+    def signal(self, sig: int, *, spare: int | None = None, cont: bool = False) -> int:
+        """Send `sig` to every process in the cgroup (but `spare`), then with
+        `cont` SIGCONT (a stopped process must run to act on `sig`), in one
+        reading of cgroup.procs; how many were signalled."""
         n = 0
         for pid in self.pids():
             if pid == spare:
                 continue
             try:
                 os.kill(pid, sig)
+                if cont:
+                    os.kill(pid, signal.SIGCONT)
                 n += 1
             except ProcessLookupError:
                 pass

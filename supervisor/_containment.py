@@ -105,9 +105,9 @@ class Containment:
                 while self.cgroup.populated():
                     await trio.sleep(0.05)
             return not self.cgroup.populated()
-        with trio.move_on_after(timeout):
-            await self.watcher.wait_empty(self.cgroup)
-        return not self.cgroup.populated()
+        with trio.move_on_after(timeout) as scope:
+            await self.watcher.wait_empty(self.cgroup)  # returns once it read "not populated"
+        return not scope.cancelled_caught or not self.cgroup.populated()
 
     async def kill_all(self) -> bool:
         """SIGKILL whatever is in the cgroup; wait until it is empty."""
@@ -132,8 +132,7 @@ class Containment:
         if only is not None:
             await _signal_wait_kill(pids, stop_signal, timeout)
             return
-        self.cgroup.signal(stop_signal)
-        self.cgroup.signal(signal.SIGCONT)
+        self.cgroup.signal(stop_signal, cont=True)
         if not await self.wait_empty(timeout):
             note(f"Processes of {self.name} still there after {timeout:g} s; sending SIGKILL.")
             await self.kill_all()

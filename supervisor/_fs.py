@@ -32,8 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
-__all__ = ["UnsafePath", "chown_file", "opened_dir", "open_append", "replace_file", "read_small",
-           "unlink_file", "writable_by_others"]
+__all__ = ["UnsafePath", "chown_file", "opened_dir", "open_append", "open_in", "replace_file", "replace_in",
+           "read_small", "unlink_file", "writable_by_others", "write_all"]
 
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_LINKS: Final = 40  # as the kernel's own limit (MAXSYMLINKS)
@@ -165,6 +165,17 @@ def _open_file(dir_fd: int, name: str, flags: int, mode: int, path: str | os.Pat
     return fd
 
 
+def open_in(dir_fd: int, name: str, flags: int, path: str | os.PathLike[str]) -> int:
+    """Open the existing regular file `name` in the directory `dir_fd` with
+    `flags` (``O_RDONLY``, say), never through a symlink; `path` is for messages.
+
+    Raises:
+        UnsafePath: `name` is a symlink, not a regular file, or hard-linked.
+        OSError: it cannot be opened.
+    """
+    return _open_file(dir_fd, name, flags, 0, path)
+
+
 def open_append(dir_fd: int, name: str, path: str | os.PathLike[str], mode: int = 0o640, *,
                 read: bool = False) -> int:
     """Open (create) `name` in the directory `dir_fd` for appending (and, with
@@ -178,7 +189,12 @@ def open_append(dir_fd: int, name: str, path: str | os.PathLike[str], mode: int 
     return _open_file(dir_fd, name, access | os.O_APPEND | os.O_CREAT, mode, path)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd`.
+
+    Raises:
+        OSError: a write failed (part of `data` may be written).
+    """
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
@@ -197,25 +213,36 @@ def replace_file(path: str | os.PathLike[str], data: bytes, mode: int = 0o600, *
     """
     path = Path(path)
     with opened_dir(path.parent, create=True, mode=dir_mode) as dfd:
-        tmp = f".{path.name}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
+        replace_in(dfd, path.name, data, mode, path, sync=sync)
+
+
+def replace_in(dir_fd: int, name: str, data: bytes, mode: int, path: str | os.PathLike[str], *,
+               sync: bool = False) -> None:
+    """`replace_file` in the directory `dir_fd`, already resolved safely
+    (`opened_dir`); `path` is for messages.
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    tmp = f".{name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    try:
         try:
-            try:
-                os.fchmod(fd, mode)  # whatever the umask
-                _write_all(fd, data)
-                if sync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        except BaseException:
-            try:
-                os.unlink(tmp, dir_fd=dfd)
-            except OSError:
-                pass
-            raise
-        if sync:
-            os.fsync(dfd)
+            os.fchmod(fd, mode)  # whatever the umask
+            write_all(fd, data)
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
+    if sync:
+        os.fsync(dir_fd)
 
 
 def read_small(path: str | os.PathLike[str], limit: int = 65536) -> bytes:

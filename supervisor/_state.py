@@ -1,18 +1,18 @@
-"""What outlives the supervisor process: per-service records and the re-exec hand-over.
+"""What outlives the supervisor process: the service records and the re-exec hand-over.
 
-* ``STATE_DIR/services/NAME.toml``: one small file per service, rewritten
-  atomically (temp + rename, never through a symlink: see `_fs`) when the
-  service changes.  It keeps the
-  operator's intent (``herd stop``/``disable``) across a supervisor restart,
-  and the main PID with its start time, so a supervisor started after a
-  crash re-adopts running services and never mistakes a reused PID.
+* ``STATE_DIR/services/``: each service's record, a journal of changes and
+  a snapshot (`_journal`).  It keeps the operator's intent
+  (``herd stop``/``disable``) across a supervisor restart, and the main PID
+  with its start time, so a supervisor started after a crash re-adopts
+  running services and never mistakes a reused PID.
 * ``STATE_DIR/reexec.toml``: written just before a re-exec; the new image
   reads it (its path arrives in ``SUPERVISOR_REEXEC_STATE``) to take over the
-  open descriptors (sockets, pipes, pidfds) and the runtime history.
+  open descriptors (sockets, pipes, pidfds) and the runtime history.  TOML,
+  written with tomli-w and read with tomllib.
 
-Both are TOML, written with tomli-w and read with tomllib.  Records in a
-directory that another user could write are ignored (with a warning): such a
-user could make the supervisor adopt, and later signal, any process.
+Records in a directory that another user could write are ignored (with a
+warning): such a user could make the supervisor adopt, and later signal, any
+process.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-import threading
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -29,7 +28,7 @@ import structlog
 import tomli_w
 import trio
 
-from . import _fs, _threads, _proc
+from . import _fs, _journal, _proc
 
 __all__ = ["REEXEC_ENV", "StateStore", "same_process", "write_atomic", "read_toml"]
 
@@ -77,103 +76,94 @@ def same_process(pid: int, start_ticks: int | None) -> bool:
 
 
 class StateStore:
-    """The per-service records under ``STATE_DIR/services``.
+    """The service records under ``STATE_DIR/services`` (see `_journal`).
 
     Written off the respawn path: `mark` only notes that a service changed;
-    the `run` task writes the records of the services that changed, in a
-    worker thread (changes made while a batch is written cost one write
-    more, not one per change).  `flush` writes what is pending at once (before
-    a re-exec, at shutdown).
+    the `run` task appends the records of the services that changed, all in
+    one write (changes made meanwhile cost one line more, not one write per
+    change).  `write_now` appends one at once (a new main process: crash
+    recovery adopts by it); `flush` writes what is pending and compacts
+    (before a re-exec, at shutdown).  Every write happens in the event
+    loop's thread: an append to the page cache is cheaper than a hand-over
+    to a worker thread, and the journal's order is the order of the changes.
     """
-
-    #: How long changes are gathered before they are written.
-    COALESCE: Final = 0.0
 
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir / "services"
         self.failed = False
         self._dirty: dict[str, Callable[[], dict[str, Any]]] = {}
         self._wake = trio.Event()
-        # Records are numbered as they are built; a write never replaces a
-        # newer one (the writer thread and `write_now` may overlap).
-        self._seq = 0
-        self._written: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._journal = _journal.Journal(self.dir)
 
     def mark(self, name: str, record: Callable[[], dict[str, Any]]) -> None:
         """`name` changed; its record (built by `record` when written) is due."""
         self._dirty[name] = record
         self._wake.set()
 
-    def _take(self) -> list[tuple[str, int, dict[str, Any]]]:
+    def _take(self) -> list[dict[str, Any]]:
         dirty, self._dirty = self._dirty, {}
         self._wake = trio.Event()
-        return [(name, self._next(), build()) for name, build in dirty.items()]
-
-    def _next(self) -> int:
-        self._seq += 1
-        return self._seq
+        return [build() for build in dirty.values()]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
             await self._wake.wait()
-            if self.COALESCE:
-                await trio.sleep(self.COALESCE)
-            batch = self._take()
-            await _threads.run_sync(self._write_all, batch)
+            self._write(self._take(), compact=False)
 
     def write_now(self, name: str, record: dict[str, Any]) -> None:
-        """Write this record now, in this thread (what crash recovery must find)."""
+        """Write this record now (what crash recovery must find)."""
         self._dirty.pop(name, None)
-        self._write_all([(name, self._next(), record)])
+        self._write([record], compact=False)
 
     def flush(self) -> None:
-        """Write every pending record now (in this thread)."""
-        self._write_all(self._take())
+        """Write every pending record now, and compact the journal."""
+        self._write(self._take(), compact=True)
 
-    def _write_all(self, batch: list[tuple[str, int, dict[str, Any]]]) -> None:
-        for name, seq, record in batch:
-            with self._lock:
-                if self._written.get(name, 0) > seq:
-                    continue  # a newer record of it is on disk already
-                self._written[name] = seq
-                self.save(name, record)
+    def _write(self, records: list[dict[str, Any]], *, compact: bool) -> None:
+        try:
+            if records:
+                self._journal.append(records)
+            if compact or self._journal.due():
+                self._journal.compact()
+            self.failed = False
+        except OSError as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        if not self.failed:  # say it once; the services run on regardless
+            self.failed = True
+            structlog.get_logger("supervisor.state").warning(
+                "cannot save service state", path=str(self.dir), error=str(exc))
 
     def load(self) -> dict[str, dict[str, Any]]:
-        records: dict[str, dict[str, Any]] = {}
+        """Every service's record, as the last supervisor left them (none when
+        another user could have written them: logged); then the journal is
+        opened (a torn last line cut off), to be appended to."""
+        records = self._read()
+        try:
+            self._journal.open()
+        except OSError as exc:
+            self._failed(exc)
+        return records
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        log = structlog.get_logger("supervisor.state")
         try:
             with _fs.opened_dir(self.dir) as dfd:
                 why = _fs.writable_by_others(os.fstat(dfd))
-            paths = sorted(self.dir.glob("*.toml"))
+                if why is not None:
+                    log.warning("service records ignored: another user could have written them",
+                                path=str(self.dir), why=why)
+                    return {}
+                records, legacy = _journal.read_records(self.dir, dfd)
         except OSError as exc:
             if not isinstance(exc, FileNotFoundError):
-                structlog.get_logger("supervisor.state").warning(
-                    "service records not read", path=str(self.dir), error=str(exc))
-            return records
-        if why is not None:
-            structlog.get_logger("supervisor.state").warning(
-                "service records ignored: another user could have written them", path=str(self.dir), why=why)
-            return records
-        for path in paths:
-            data = read_toml(path)
-            if data and isinstance(data.get("name"), str):
-                records[data["name"]] = data
+                log.warning("service records not read", path=str(self.dir), error=str(exc))
+            return {}
+        self._journal.take_over(records, legacy)
         return records
-
-    def save(self, name: str, record: dict[str, Any]) -> None:
-        try:
-            write_atomic(self.dir / f"{name}.toml", record)
-            self.failed = False
-        except OSError as exc:
-            if not self.failed:  # say it once; the service runs on regardless
-                self.failed = True
-                structlog.get_logger("supervisor.state").warning(
-                    "cannot save service state", service=name, error=str(exc))
 
     def forget(self, name: str) -> None:
         self._dirty.pop(name, None)
-        try:
-            _fs.unlink_file(self.dir / f"{name}.toml")
-        except OSError:
-            pass
+        self._write([{"name": name, "forgotten": True}], compact=False)

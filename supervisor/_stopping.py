@@ -151,34 +151,39 @@ async def _terminate_cgroup(child: _proc.Child | None, spec: ServiceSpec, note: 
                 await child.exited.wait()
         return
     assert containment.cgroup is not None
-    group: list[int] = []  # pidfds of the main process's group (process-group)
-    if child is not None and child.alive and mode == "process-group":
-        pgid = child.pgid()
-        if pgid is not None:
-            members = _proc.process_group_members(pgid, containment.pids())
-            group = [fd for fd in map(_proc.pidfd_or_none, members) if fd is not None]
+    # process-group: the main process's group first; the rest of the cgroup
+    # (setsid, a double fork) once the group is gone.  The group's members
+    # are looked up only if the cgroup is not empty once the main process
+    # is gone (the common case costs one read of cgroup.events, not one of
+    # cgroup.procs and a /proc/PID/stat per member).
+    pgid = child.pgid() if child is not None and child.alive and mode == "process-group" else None
+    if pgid is not None:
         _signal_all(child, mode, [], spec.stop_signal)
     else:  # tree (or nothing but left-overs): every process in the cgroup
-        containment.cgroup.signal(spec.stop_signal)
-        containment.cgroup.signal(signal.SIGCONT)
+        containment.cgroup.signal(spec.stop_signal, cont=True)
+    empty = False
+    group: list[int] = []  # pidfds of the group's members still there
     try:
         with trio.move_on_after(spec.stop_timeout) as scope:
             if child is not None:
                 await child.exited.wait()
-            if mode == "process-group" and child is not None:
-                await _proc.wait_pidfds_gone(group)
-                # the group is gone; others (setsid, a double fork) get the
-                # stop-signal too, within the same grace period
-                if containment.populated():
-                    containment.cgroup.signal(spec.stop_signal)
-                    containment.cgroup.signal(signal.SIGCONT)
-            await containment.wait_empty(math.inf)
+            if pgid is not None:
+                empty = not containment.populated()
+                if not empty:
+                    members = _proc.process_group_members(pgid, containment.pids())
+                    group = [fd for fd in map(_proc.pidfd_or_none, members) if fd is not None]
+                    await _proc.wait_pidfds_gone(group)
+                    # the group is gone; the others get the stop-signal too,
+                    # within the same grace period
+                    containment.cgroup.signal(spec.stop_signal, cont=True)
+            if not empty:
+                empty = await containment.wait_empty(math.inf)
     finally:
         for fd in group:
             os.close(fd)
     if scope.cancelled_caught:
         note(f"Grace period of {spec.stop_timeout:g} s is over; sending SIGKILL to {spec.name}.")
-    if containment.populated():
+    if not empty and containment.populated():
         # Grace over, or the group is gone but others (setsid, double fork) are
         # left: the stop is complete only when the cgroup is empty.
         if not await containment.kill_all():

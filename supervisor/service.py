@@ -755,7 +755,6 @@ class Service:
         self._nursery.start_soon(self._stop_worker, self._gen, self.child)
 
     async def _stop_worker(self, gen: int, child: _proc.Child | None) -> None:
-        leftovers = self.spec.kill_mode != "process" and self.containment.populated()
         with trio.CancelScope(shield=True):
             if child is not None and child.alive and self.spec.stop_hook is not None:
                 try:  # ask first (e.g. ACPI power-down); signal only if it does not go
@@ -768,7 +767,9 @@ class Service:
                 except Exception as exc:
                     log.warning("stop hook failed", error=str(exc))
                     self.output.note(f"Stop hook of {self.name} failed: {exc}")
-            if (child is not None and child.alive) or leftovers:
+            # with the main process gone, what is left in the cgroup (one read)
+            if (child is not None and child.alive) or (
+                    self.spec.kill_mode != "process" and self.containment.populated()):
                 await terminate(child, self.spec, self.output.note, self.containment)
             if self.spec.command is None and self._hook_ran and self.spec.stop_hook is not None:
                 try:

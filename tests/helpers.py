@@ -960,6 +960,58 @@ def restart(sup: Supervisor) -> None:
     sup.start(None)
 
 
+def read_records(state_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every service's record in ``STATE_DIR/services/``, read as
+    docs/configuration.md (`state-dir`) says: ``NAME.toml`` files, then the
+    ``snapshot``, then the ``journal`` (JSON lines; the last record of a name
+    wins; a line without its newline is torn, and ignored).  Read again
+    when the snapshot was replaced meanwhile (a live supervisor compacted)."""
+    import tomllib
+
+    where = state_dir / "services"
+    legacy: dict[str, dict[str, Any]] = {}
+    for path in sorted(where.glob("*.toml")):
+        rec = tomllib.loads(path.read_text())
+        legacy[rec["name"]] = rec
+
+    def inode() -> int | None:
+        try:
+            return (where / "snapshot").stat().st_ino
+        except FileNotFoundError:
+            return None
+
+    while True:
+        records, before = dict(legacy), inode()
+        for name in ("snapshot", "journal"):
+            try:
+                data = (where / name).read_bytes()
+            except FileNotFoundError:
+                continue
+            for line in data.split(b"\n")[:-1]:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if rec.get("forgotten") is True:
+                    records.pop(rec["name"], None)
+                else:
+                    records[rec["name"]] = rec
+        if inode() == before:
+            return records
+
+
+def read_record(state_dir: Path, name: str) -> dict[str, Any] | None:
+    """Service `name`'s record (see `read_records`), or None."""
+    return read_records(state_dir).get(name)
+
+
+def append_record(state_dir: Path, record: dict[str, Any]) -> None:
+    """Append `record` (with its "name") to the journal, as the supervisor
+    does: it is the service's record from now on (a forged or edited one)."""
+    with open(state_dir / "services" / "journal", "ab") as f:
+        f.write(json.dumps(record).encode() + b"\n")
+
+
 # --------------------------------------------------------------------------
 # Waiting for services
 

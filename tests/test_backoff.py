@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import re
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
-from helpers import Collector, Supervisor, check_config, crash, py_service, reexec, restart, wait_until
+from helpers import (Collector, Supervisor, append_record, check_config, crash, py_service, read_record, reexec,
+                     restart, wait_until)
 
 #: Exits with code 1 at once, unless DIR/up exists: then runs until DIR/crash
 #: appears, removes both and exits 1 (so the next run crashes at once again).
@@ -191,10 +189,10 @@ def test_a_garbled_pending_respawn_in_the_record_is_ignored(sup: Supervisor, tmp
     sup.start({"services": {"loop": crasher(tmp_path / "flags", {"initial": 60, "max": 100})}})
     pending(sup, "loop")
     crash(sup)
-    path = sup.state_dir / "services" / "loop.toml"
-    record = tomllib.loads(path.read_text())
+    record = read_record(sup.state_dir, "loop")
+    assert record is not None
     record["respawn-at"], record["respawn-wait"] = "soon", [1]
-    path.write_text(tomli_w.dumps(record))
+    append_record(sup.state_dir, record)
     restart(sup)
     # no pending attempt to honour: autostart starts it (it crashes at once, and waits again)
     svc = wait_until(lambda: (s := sup.rstatus("loop"))["next-respawn"] is not None and s, 15, "a fresh attempt")

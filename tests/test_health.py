@@ -15,17 +15,15 @@ import shutil
 import socket
 import subprocess
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
-
-import tomli_w
 
 from helpers import (
     PY,
     PY_SLEEP,
     Collector,
     Supervisor,
+    append_record,
     cgroup_of,
     check_config,
     crash,
@@ -34,6 +32,7 @@ from helpers import (
     nobody_python,
     pid_alive,
     py_service,
+    read_record,
     reexec,
     restart,
     wait_running,
@@ -88,10 +87,7 @@ def with_hung_check(sup: Supervisor, *, timeout: float, failures: int) -> tuple[
 
 def recorded_check(sup: Supervisor, name: str) -> int | None:
     """The exec check the service's record names (what a crash of ours leaves to the next one)."""
-    try:
-        record = tomllib.loads((sup.state_dir / "services" / f"{name}.toml").read_text())
-    except (OSError, tomllib.TOMLDecodeError):
-        return None
+    record = read_record(sup.state_dir, name) or {}
     return (record.get("health") or {}).get("check-pid")
 
 
@@ -326,10 +322,10 @@ def test_a_recorded_check_pid_that_names_another_process_is_not_killed(sup: Supe
     crash(sup)
     bystander = subprocess.Popen(["sleep", "1000"])
     try:
-        path = sup.state_dir / "services" / "svc.toml"
-        record = tomllib.loads(path.read_text())
+        record = read_record(sup.state_dir, "svc")
+        assert record is not None
         record["health"]["check-pid"] = bystander.pid  # the start time stays the check's
-        path.write_text(tomli_w.dumps(record))
+        append_record(sup.state_dir, record)
         restart(sup)
         wait_running(sup, ["svc"])
         wait_until(lambda: find_pids(sup.marker("hung-check")) - check, 10, "the checks to go on")

@@ -203,13 +203,33 @@ def test_state_records_are_not_written_through_a_planted_symlink(sup: Supervisor
     state.mkdir(mode=0o755)
     records = users_dir(state / "services")  # misconfigured: the service user owns it
     sup.start({"services": {"victim": sleeper(sup.marker("victim"))}}, args=state_args(sup, state))
-    # The temporary name the old code used, and any the user could guess, lead to root's file.
-    for name in (".victim.toml.tmp", "victim.toml"):
+    # Every name the records go to, or went to in older versions, leads to root's file.
+    for name in (".victim.toml.tmp", "victim.toml", "journal", "snapshot"):
         as_nobody("ln", "-sfn", str(secret), str(records / name))
 
     sup.herd("stop", "victim", check=True)  # the operator's intent is recorded
     sup.herd("start", "victim", check=True)
+    assert sup.stop() == 0  # a clean shutdown rewrites the snapshot
     assert secret.read_text() == ROOT_TEXT, "root's file was written through a planted symlink"
+
+
+@needs_root
+def test_a_journal_symlink_planted_before_the_start_is_refused(sup: Supervisor, arena: Path) -> None:
+    """The journal is opened once, at the first record: a symlink already
+    there (a service user's, in a misconfigured state directory) is refused,
+    with a warning, and the services run on."""
+    secret = roots_file(arena / "secret")
+    state = arena / "state"
+    state.mkdir(mode=0o755)
+    records = users_dir(state / "services")
+    as_nobody("ln", "-s", str(secret), str(records / "journal"))
+    sup.start({"services": {"victim": sleeper(sup.marker("victim"))}}, args=state_args(sup, state))
+    wait_until(lambda: sup.status("victim")["state"] == "running", 10, "victim to start")
+    sup.herd("stop", "victim", check=True)
+    assert sup.stop() == 0
+    assert secret.read_text() == ROOT_TEXT, "root's file was written through a planted symlink"
+    log = sup.stderr_path.read_text(errors="replace")
+    assert "cannot save service state" in log and "symlink" in log, log
 
 
 @needs_root

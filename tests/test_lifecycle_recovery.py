@@ -20,23 +20,23 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import tomllib
 
 import psutil
 import pytest
-import tomli_w
 
 from helpers import (  # crash, restart and wait_running: test_lifecycle_crash imports them from here
     MARKER_ENV,
     SLEEP,
     TOKEN_ENV,
     Supervisor,
+    append_record,
     assert_no_process,
     assert_one_process_each,
     crash,
     daemon_events,
     find_pids,
     pid_alive,
+    read_record,
     restart,
     sleeper,
     wait_respawned,
@@ -132,13 +132,12 @@ def test_reused_pid_is_never_adopted(sup: Supervisor) -> None:
         os.kill(pids["svc"], signal.SIGKILL)
         wait_until(lambda: not pid_alive(pids["svc"]), 5, "svc to die")
 
-        record_path = sup.state_dir / "services" / "svc.toml"
-        record = tomllib.loads(record_path.read_text())
-        assert record.get("pid") == pids["svc"], record
+        record = read_record(sup.state_dir, "svc")
+        assert record is not None and record.get("pid") == pids["svc"], record
         gap = psutil.Process(pids["other"]).create_time() - psutil.Process(decoy.pid).create_time()
         assert gap > 0.1, f"the decoy started only {gap:.3f} s before the services"
         record["pid"] = decoy.pid  # the PID number is alive again, as another process
-        record_path.write_text(tomli_w.dumps(record))
+        append_record(sup.state_dir, record)
 
         restart(sup)
         after = wait_running(sup, ["svc", "other"])
@@ -164,13 +163,12 @@ def test_process_spawned_just_before_a_crash_is_not_left_running(sup: Supervisor
     sup.start({"services": {"svc": sleeper(sup.marker("svc")), "other": sleeper(sup.marker("other"))}})
     pids = wait_running(sup, ["svc", "other"])
     crash(sup)
-    record_path = sup.state_dir / "services" / "svc.toml"
-    record = tomllib.loads(record_path.read_text())
-    assert record.get("pid") == pids["svc"], record
+    record = read_record(sup.state_dir, "svc")
+    assert record is not None and record.get("pid") == pids["svc"], record
     for key in ("pid", "pid-start"):
         record.pop(key, None)
     record.update({"state": "stopped", "intent": "down"})
-    record_path.write_text(tomli_w.dumps(record))
+    append_record(sup.state_dir, record)
 
     restart(sup)
     wait_until(lambda: not find_pids(sup.marker("svc")), 20, "the unrecorded process to be stopped")

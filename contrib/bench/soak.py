@@ -96,7 +96,6 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 from collections import Counter, defaultdict
 from datetime import datetime
 from pathlib import Path
@@ -107,8 +106,9 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 from herd.protocol import ERROR_CODES, MAX_REPLAY  # noqa: E402
-from supervisor._output import HUB_LINES  # noqa: E402
+from supervisor._journal import read_dir as read_records  # noqa: E402
 from supervisor._memdebug import smaps  # noqa: E402
+from supervisor._output import HUB_LINES  # noqa: E402
 
 SLEEP = shutil.which("sleep") or "/bin/sleep"
 MARKER_ENV = "SOAK_MARKER"
@@ -1107,13 +1107,8 @@ class Soak:
         (`intent = "down"`; docs/configuration.md, `state-dir`), the disabled ones
         that are stopped, and whatever requires them (it cannot start)."""
         down = {n for n, s in st.items() if s["state"] == "stopped" and not s.get("enabled", True)}
-        for name in self.services:
-            try:
-                rec = tomllib.loads((self.tmp / "state" / "services" / f"{name}.toml").read_text())
-            except (OSError, tomllib.TOMLDecodeError):
-                continue
-            if rec.get("intent") == "down":
-                down.add(name)
+        records = read_records(self.tmp / "state" / "services")
+        down |= {name for name in self.services if records.get(name, {}).get("intent") == "down"}
         changed = True
         while changed:
             changed = False
