@@ -263,6 +263,11 @@ class Service:
         if self.listeners:  # taken over from a previous image
             self._listeners_changed()
             return
+        if not self.spec.sockets:
+            # Nothing to put in the keeper (what it still held for this service
+            # is dropped by Engine.keep_all); telling it costs a scan of all it
+            # holds per service, quadratic at start and after a re-exec.
+            return
         for spec in self.spec.sockets:
             try:
                 self.listeners.append(_sockets.bind(spec))
