@@ -7,13 +7,13 @@ private ones from the actor's own workers (`_StartDone`, `_StopDone`,
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 import trio
 
 from . import _proc
 from .lifecycle import State
+from .respawn import Ring
 from .spec import ServiceSpec
 
 __all__ = ["State", "Outcome"]
@@ -162,7 +162,6 @@ class _HealthCheckRunning:  # private: an exec check was spawned (recorded: kill
 
 @dataclass(slots=True)
 class _History:
-    respawns: deque[float] = field(default_factory=lambda: deque(maxlen=20))
-    startup_failures: deque[float] = field(default_factory=lambda: deque(maxlen=20))
-    changes: deque[tuple[str, float]] = field(default_factory=lambda: deque(maxlen=30))
+    respawns: Ring = field(default_factory=lambda: Ring(20))
+    startup_failures: Ring = field(default_factory=lambda: Ring(20))
 
