@@ -23,7 +23,6 @@ import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import structlog
 import trio
@@ -31,6 +30,7 @@ import trio
 from . import _proc, _service_record, _sockets, health, lifecycle, respawn
 from ._containment import Containment
 from ._actor import (
+    Inbox,
     Outcome,
     State,
     _Exited,
@@ -96,7 +96,7 @@ class Service:
         "one_shot_done", "output", "pending_spec", "respawn_at", "respawn_history", "respawn_wait",
         "restored", "run_scope", "since", "spec", "state", "status_text", "store", "timer",
         "_activate", "_changed", "_crashed", "_failing", "_gen", "_health_restart", "_health_run",
-        "_health_scope", "_hook_ran", "_inbox", "_inbox_send", "_initiator", "_nursery",
+        "_health_scope", "_hook_ran", "_inbox", "_initiator", "_nursery",
         "_pending_start", "_publish", "_ready", "_respawn_scope", "_respawn_token", "_saved_pid",
         "_socket_error", "_start_waiters", "_stay_down", "_stayed_down", "_stop_initiator",
         "_stop_waiters", "_watchdog_deadline", "_watchdog_scope", "_work_scope",
@@ -167,7 +167,7 @@ class Service:
         self._health_scope: trio.CancelScope | None = None
         self._health_restart: str | None = None  # stopping because the checks failed: why
         self._nursery: trio.Nursery | None = None
-        self._inbox_send, self._inbox = trio.open_memory_channel[Any](math.inf)
+        self._inbox = Inbox()
 
     @property
     def name(self) -> str:
@@ -177,34 +177,34 @@ class Service:
 
     async def start(self, *, as_requirement: bool = False, operator: bool = False) -> Outcome:
         reply = _Reply()
-        self._inbox_send.send_nowait(_Start(reply, as_requirement, operator))
+        self._inbox.send_nowait(_Start(reply, as_requirement, operator))
         return await reply.wait()
 
     async def stop(self, *, operator: bool = False) -> Outcome:
         reply = _Reply()
-        self._inbox_send.send_nowait(_Stop(reply, operator))
+        self._inbox.send_nowait(_Stop(reply, operator))
         return await reply.wait()
 
     async def replace(self, spec: ServiceSpec) -> Outcome:
         """Install a new definition: now if stopped, else at the next (re)start."""
         reply = _Reply()
-        self._inbox_send.send_nowait(_Replace(reply, spec))
+        self._inbox.send_nowait(_Replace(reply, spec))
         return await reply.wait()
 
     async def trigger(self) -> Outcome:
         """Timers: run the command now (unless a run is in progress)."""
         reply = _Reply()
-        self._inbox_send.send_nowait(_Trigger(reply, scheduled=False))
+        self._inbox.send_nowait(_Trigger(reply, scheduled=False))
         return await reply.wait()
 
     async def set_enabled(self, enabled: bool) -> Outcome:
         reply = _Reply()
-        self._inbox_send.send_nowait(_SetEnabled(reply, enabled))
+        self._inbox.send_nowait(_SetEnabled(reply, enabled))
         return await reply.wait()
 
     def notify(self, pid: int, fields: dict[str, str]) -> None:
         """Deliver an sd_notify message (already checked to come from our processes)."""
-        self._inbox_send.send_nowait(_Notify(pid, fields))
+        self._inbox.send_nowait(_Notify(pid, fields))
 
     @property
     def stayed_down(self) -> str | None:
@@ -336,7 +336,7 @@ class Service:
                     drain(sock)
 
     def _post(self, msg: object) -> None:
-        self._inbox_send.send_nowait(msg)
+        self._inbox.send_nowait(msg)
 
     def _handle(self, msg: object) -> None:
         match msg:
