@@ -117,7 +117,7 @@ class Service:
         self._socket_error: str | None = None
         #: told whenever `listeners` changes (the keeper: see engine)
         self.on_listeners: Callable[[Service], None] | None = None
-        self._changed = trio.Event()  # set (and replaced) at every state change
+        self._changed: trio.Event | None = None  # set at the next state change (see _next_change)
         self.notify_socket = notify_socket
         self.state = State.STOPPED
         self.since = time.time()
@@ -132,7 +132,7 @@ class Service:
         self.respawn_history = respawn.History()  # what the respawn policy decides from
         self.output = ServiceOutput(spec.name, log_path, hub, max_size=spec.log_max_size,
                                     max_backups=spec.log_max_backups)
-        self._ready = trio.Event()  # set by READY=1 during the current start attempt
+        self._ready: trio.Event | None = None  # set by READY=1 during the current start attempt
         self._stay_down: str | None = None  # the attempt ended with a stay-down exit
         self._watchdog_deadline = math.inf
         self._watchdog_scope: trio.CancelScope | None = None
@@ -309,8 +309,19 @@ class Service:
             log.info("lazy service's sockets closed", enabled=self.enabled, intent=self.intent)
         elif not refuse and not self.listeners:
             self._bind_sockets()
-            self._changed.set()  # the activation watch listens on them
+            self._announce_change()  # the activation watch listens on them
+
+    def _next_change(self) -> trio.Event:
+        """The event set at the next state change: made when a task waits for
+        one (few services ever do: 0.9 KiB each saved)."""
+        if self._changed is None:
             self._changed = trio.Event()
+        return self._changed
+
+    def _announce_change(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     def _listeners_changed(self) -> None:
         if self.on_listeners is not None:
@@ -320,11 +331,11 @@ class Service:
         """Lazy activation: start on the first connection while stopped."""
         while True:
             while not (self.state is State.STOPPED and self.enabled and self.listeners):
-                await self._changed.wait()
+                await self._next_change().wait()
             async with trio.open_nursery() as race:
                 for sock in self.listeners:
                     race.start_soon(readable_then_cancel, sock, race.cancel_scope)
-                race.start_soon(event_then_cancel, self._changed, race.cancel_scope)
+                race.start_soon(event_then_cancel, self._next_change(), race.cancel_scope)
             if self.state is not State.STOPPED or not self.enabled:
                 continue
             if not any(has_pending(sock) for sock in self.listeners):
@@ -432,8 +443,7 @@ class Service:
         if new is not State.STOPPED:
             self._cancel_respawn(None)
         self.state = new
-        self._changed.set()
-        self._changed = trio.Event()
+        self._announce_change()
         self.since = time.time()
         if new is State.STOPPED:
             self.output.rest()  # a stopped service's log file is not held open
@@ -621,6 +631,8 @@ class Service:
             elif ready.type == "started":
                 pass
             elif ready.type == "notify":
+                if self._ready is None:  # made by _begin_start, dropped at its verdict
+                    self._ready = trio.Event()
                 await self._ready.wait()
             elif ready.type == "pid-file":
                 assert ready.path is not None
@@ -667,6 +679,7 @@ class Service:
 
     def _on_start_done(self, ok: bool, reason: str | None) -> None:
         self._work_scope = None
+        self._ready = None  # the attempt's worker is done with it
         if ok:
             self.history.startup_failures.clear()  # a good start clears the mark (Shepherd)
             if self.spec.one_shot:
@@ -978,7 +991,7 @@ class Service:
             self.output.note(f"Service {self.name} is stopping on its own.")
         if "MAINPID" in fields and fields["MAINPID"].isdigit():
             self._adopt_main(int(fields["MAINPID"]), sender=pid)
-        if fields.get("READY") == "1" and self.state is State.STARTING:
+        if fields.get("READY") == "1" and self.state is State.STARTING and self._ready is not None:
             self._ready.set()
         if fields.get("WATCHDOG") == "1":
             if self.spec.watchdog_sec:
