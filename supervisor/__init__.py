@@ -13,6 +13,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import _lazy
+
+_lazy.defer(*_lazy.UNUSED)  # before trio, structlog and psutil are imported (see _lazy)
+
 from herd.protocol import ProtocolError as ProtocolError
 
 from ._fs import chown_file as chown_file

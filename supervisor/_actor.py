@@ -7,16 +7,17 @@ private ones from the actor's own workers (`_StartDone`, `_StopDone`,
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
 from . import _proc
 from .lifecycle import State
+from .respawn import Ring
 from .spec import ServiceSpec
 
-__all__ = ["State", "Outcome"]
+__all__ = ["Inbox", "State", "Outcome"]
 
 
 
@@ -29,6 +30,56 @@ class Outcome:
     initiated: bool = False  # this request caused the transition
     code: str | None = None  # protocol error code when not ok
     message: str = ""
+
+
+class Inbox:
+    """An actor's mailbox: unbounded, first in first out, one reader (the
+    actor's loop, ``async for msg in inbox``), any number of senders in the
+    same thread (`send_nowait`).  What a memory channel does here, for 0.2
+    KiB instead of 3.4 KiB per service (its state holds a deque, two ordered
+    dicts and statistics, and its waiting reader more).  Like a channel's
+    receive, each message is a checkpoint."""
+
+    __slots__ = ("_items", "_reader")
+
+    def __init__(self) -> None:
+        self._items: list[Any] | None = None
+        self._reader: trio.lowlevel.Task | None = None
+
+    def send_nowait(self, msg: Any) -> None:
+        if self._items is None:
+            self._items = [msg]
+        else:
+            self._items.append(msg)
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            trio.lowlevel.reschedule(reader)
+
+    def _abort(self, _raise_cancel: Any) -> trio.lowlevel.Abort:
+        self._reader = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def __aiter__(self) -> Inbox:
+        return self
+
+    async def __anext__(self) -> Any:
+        """The next message, waiting for one.
+
+        Raises:
+            trio.Cancelled: the reader is cancelled (no message is lost).
+        """
+        if self._items is None:
+            self._reader = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        assert self._items is not None
+        msg = self._items.pop(0)
+        if not self._items:
+            self._items = None
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return msg
 
 
 class _Reply:
@@ -162,7 +213,6 @@ class _HealthCheckRunning:  # private: an exec check was spawned (recorded: kill
 
 @dataclass(slots=True)
 class _History:
-    respawns: deque[float] = field(default_factory=lambda: deque(maxlen=20))
-    startup_failures: deque[float] = field(default_factory=lambda: deque(maxlen=20))
-    changes: deque[tuple[str, float]] = field(default_factory=lambda: deque(maxlen=30))
+    respawns: Ring = field(default_factory=lambda: Ring(20))
+    startup_failures: Ring = field(default_factory=lambda: Ring(20))
 

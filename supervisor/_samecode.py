@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from types import ModuleType
 from typing import Final
 
 __all__ = ["remember", "unchanged"]
@@ -41,7 +42,8 @@ def _paths() -> set[str]:
     except OSError:
         pass
     for module in list(sys.modules.values()):
-        path = getattr(module, "__file__", None)
+        # a module's own dict, not getattr: that would import a deferred module (_lazy)
+        path = module.__dict__.get("__file__") if isinstance(module, ModuleType) else getattr(module, "__file__", None)
         if isinstance(path, str):
             paths.add(path)
     for package in _PACKAGES:

@@ -5,10 +5,11 @@
   (``herd stop``/``disable``) across a supervisor restart, and the main PID
   with its start time, so a supervisor started after a crash re-adopts
   running services and never mistakes a reused PID.
-* ``STATE_DIR/reexec.toml``: written just before a re-exec; the new image
-  reads it (its path arrives in ``SUPERVISOR_REEXEC_STATE``) to take over the
-  open descriptors (sockets, pipes, pidfds) and the runtime history.  TOML,
-  written with tomli-w and read with tomllib.
+* ``STATE_DIR/reexec.json``: written just before a re-exec (see `_reexec`);
+  the new image reads it (its path arrives in ``SUPERVISOR_REEXEC_STATE``)
+  to take over the open descriptors (sockets, pipes, pidfds), each
+  service's record and the runtime history.  (An older image's
+  ``reexec.toml`` is still read.)
 
 Records in a directory that another user could write are ignored (with a
 warning): such a user could make the supervisor adopt, and later signal, any

@@ -16,12 +16,11 @@ disables the service.
 from __future__ import annotations
 
 import enum
-from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Verdict", "Decision", "Exit", "History", "Policy", "Backoff", "decide"]
+__all__ = ["Verdict", "Decision", "Exit", "History", "Policy", "Backoff", "Ring", "decide"]
 
 
 class Verdict(enum.Enum):
@@ -29,6 +28,57 @@ class Verdict(enum.Enum):
     STAY_DOWN = "stay-down"  # an exit that means "not needed here"
     STOP = "stop"            # respawn is off (or the service is disabled)
     DISABLE = "disable"      # respawning too fast: disabled until enabled again
+
+
+class Ring:
+    """The last `maxlen` items, oldest first: a ``deque(maxlen=...)`` that
+    allocates nothing until its first item.  (An empty deque holds a block
+    of 64 slots, 760 bytes; every service keeps several, mostly empty.)"""
+
+    __slots__ = ("maxlen", "_items")
+
+    def __init__(self, maxlen: int, items: Iterable[Any] = ()) -> None:
+        self.maxlen = maxlen
+        self._items: list[Any] | None = None
+        self.extend(items)
+
+    def append(self, item: Any) -> None:
+        if self._items is None:
+            self._items = [item]
+            return
+        self._items.append(item)
+        if len(self._items) > self.maxlen:
+            del self._items[0]
+
+    def extend(self, items: Iterable[Any]) -> None:
+        for item in items:
+            self.append(item)
+
+    def clear(self) -> None:
+        self._items = None
+
+    def __len__(self) -> int:
+        return len(self._items) if self._items is not None else 0
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._items or ())
+
+    def __getitem__(self, index: int) -> Any:
+        """Raises:
+            IndexError: no item at `index`."""
+        if self._items is None:
+            raise IndexError("ring index out of range")
+        return self._items[index]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Ring):
+            return NotImplemented
+        return list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like a deque
+
+    def __repr__(self) -> str:
+        return f"Ring({self.maxlen}, {self._items or []!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +135,8 @@ class History:
     """What the policy remembers: recent exits and the respawns it ordered
     (monotonic times), bounded."""
 
-    exits: deque[Exit] = field(default_factory=lambda: deque(maxlen=64))
-    respawns: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    exits: Ring = field(default_factory=lambda: Ring(64))
+    respawns: Ring = field(default_factory=lambda: Ring(64))
     started: float | None = None  # monotonic time the current run began (backoff's reset)
 
     def clear(self) -> None:

@@ -2,14 +2,15 @@
 
 `restore` runs before the engine does: it reads each service's record and
 adopts what still runs.  After a re-exec, the old image handed over each
-service's open descriptors (`describe`, written into the handover file by
-`reexec.Reexec`); after a crash, a recorded PID is adopted only if it is
+service's open descriptors and its record (`describe`, written into the
+handover file by `reexec.Reexec`); after a crash, a recorded PID is adopted only if it is
 the same process, and the keeper gives back the pipes and listening sockets
 it held (docs/keeper.md).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,8 @@ def restore(engine: Engine, store: StateStore, handover: dict[str, Any] | None =
     `KeeperLink.open`) are taken back.
     """
     kept = dict(kept or {})
-    records = store.load()
+    handed: dict[str, Any] = (handover or {}).get("services", {})
+    records = _handed_records(handed, engine) or store.load()
     engine.store = store
     engine.resumed_by_reexec = handover is not None
     events = (handover or {}).get("events")
@@ -48,7 +50,6 @@ def restore(engine: Engine, store: StateStore, handover: dict[str, Any] | None =
         engine.events.take_over(events)
     else:  # a fresh start: a new epoch, remembered with the earlier ones
         engine.events.remember(store.dir.parent)
-    handed: dict[str, Any] = (handover or {}).get("services", {})
     for name, service in engine.services.items():
         service.store = store
         record, passed = records.get(name), handed.get(name)
@@ -101,7 +102,23 @@ def describe(engine: Engine) -> dict[str, Any]:
             "output": service.output.handover(),
             "listeners": [sock.fileno() for sock in service.listeners],
         }
+        record = _service_record.record(service)
+        try:
+            json.dumps(record)  # a service type's state could hold what only TOML writes
+        except (TypeError, ValueError):
+            continue  # the new image reads the records from disk (flushed before the exec)
+        out[name]["record"] = record
     return out
+
+
+def _handed_records(handed: dict[str, Any], engine: Engine) -> dict[str, dict[str, Any]] | None:
+    """Every service's record from a re-exec's hand-over, or None (then
+    they are read from disk).  Both are written by the previous image at the
+    exec; reading 1,000 TOML files took 0.3 s of a re-exec."""
+    records = {name: (handed.get(name) or {}).get("record") for name in engine.services}
+    if not handed or not all(isinstance(r, dict) for r in records.values()):
+        return None
+    return records  # type: ignore[return-value]
 
 
 def _take_kept(service: Service, kept: Held) -> None:
