@@ -46,7 +46,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     both = metafunc.module.__name__.startswith(BOTH_WAYS)
     if metafunc.definition.get_closest_marker("cgroup_only") is not None:
         both = False  # a case the fallback documents as out of its reach
-    metafunc.parametrize("containment", ["cgroup", "fallback"] if both else ["cgroup"], indirect=True)
+    containments = ["cgroup", "fallback"] if both else ["cgroup"]
+    if "way" in metafunc.fixturenames:  # test_core_spawn: born in the cgroup, or moved; no cgroup: moved only
+        pairs = [(c, w) for c in containments for w in ("born", "moved") if (c, w) != ("fallback", "born")]
+        metafunc.parametrize(("containment", "way"), pairs, indirect=True)
+        return
+    metafunc.parametrize("containment", containments, indirect=True)
 
 
 @pytest.fixture
