@@ -92,6 +92,7 @@ class Engine:
         service = Service(spec, log_path=path, hub=self.hub, publish=self._on_state,
                           notify_socket=self.notify_socket, activate=self._activate, containment=containment)
         service.on_change = self.status_cache.changed
+        service.store = self.store  # None until takeover.restore sets it (then for services a reload adds)
         if self.keeper is not None:
             service.output.on_pipe = self._keep_pipe
             service.on_listeners = self._keep_listeners

@@ -99,6 +99,25 @@ def test_crash_recovery_readopts_running_services(sup: Supervisor) -> None:
     assert_one_process_each(sup, after)
 
 
+def test_a_service_added_by_reload_is_remembered_through_a_crash(sup: Supervisor) -> None:
+    """A service a reload added has its record kept like the others: a crash
+    later, the next supervisor re-adopts its process (same PID, not a second
+    one), and an operator's stop of it is remembered."""
+    sup.start({"services": {"a": sleeper(sup.marker("a"))}})
+    wait_running(sup, ["a"])
+    sup.write_config({"services": {"a": sleeper(sup.marker("a")), "b": sleeper(sup.marker("b")),
+                                   "c": sleeper(sup.marker("c"))}})
+    sup.herd("reload", "root", check=True)
+    pids = wait_running(sup, ["a", "b", "c"])
+    sup.herd("stop", "c", check=True)
+    crash(sup)
+    restart(sup)
+    assert wait_running(sup, ["a", "b"]) == {"a": pids["a"], "b": pids["b"]}
+    assert_one_process_each(sup, {"a": pids["a"], "b": pids["b"]})
+    assert sup.status("c")["state"] == "stopped"
+    assert_no_process(sup, "c")
+
+
 def test_adopted_service_is_respawned_after_sigkill(sup: Supervisor) -> None:
     workers = [f"w{i}" for i in range(3)]
     sup.start({"services": {name: sleeper(sup.marker(name)) for name in workers}})
