@@ -8,8 +8,9 @@ SCM_RIGHTS) in the keeper as it is made, and dropped when it is closed.
 `run` watches the connection: a keeper that dies is started again and told
 everything anew.  `close` (the orderly shutdown) tells it to exit.
 
-Sending never blocks: a keeper that does not take a message at once is
-killed and replaced, so the keeper can never hold the supervisor up.
+Sending never blocks for long: a keeper that does not make room for a
+message within `LAG_TIMEOUT` (a second) is killed and replaced, so the
+keeper can never hold the supervisor up.
 
 A descriptor that does not reach the other side (a full descriptor table:
 the message comes with MSG_CTRUNC) is never lost silently: a `put` the
@@ -21,10 +22,12 @@ taken back at start.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final
@@ -46,6 +49,8 @@ SCRIPT: Final = str(Path(__file__).with_name("_keeper.py"))
 RESTART_DELAY: Final = 1.0
 #: How long the keeper may take to answer `take` or to exit after `bye`.
 ANSWER_TIMEOUT: Final = 5.0
+#: How long a message may wait for room in a keeper's full queue before the keeper is replaced (seconds).
+LAG_TIMEOUT: Final = 1.0
 
 #: key → (meta, descriptors)
 Held = dict[str, tuple[dict[str, Any], list[int]]]
@@ -271,15 +276,28 @@ class KeeperLink:
             self.put(key, {"kind": "socket", "service": service, "socket": key[len(prefix):]}, (fd,))
 
     def _send(self, msg: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
+        """Send at once; if the keeper's queue is full, wait for room up to
+        `LAG_TIMEOUT` (the socket's buffer holds a few hundred messages: a
+        burst of puts, a re-exec or a mass start of hundreds of services,
+        outruns a keeper that merely waits for a time slice), then replace it."""
         if self.sock is None:
             return  # told everything when it is back
-        try:
-            send(self.sock, msg, fds)
-        except BlockingIOError:
-            log.error("the keeper does not keep up; replacing it", keeper=self.pid)
-            self._kill()
-        except OSError:
-            pass  # gone: `run` sees the connection end
+        deadline: float | None = None
+        while True:
+            try:
+                send(self.sock, msg, fds)
+                return
+            except BlockingIOError:
+                now = time.monotonic()
+                deadline = now + LAG_TIMEOUT if deadline is None else deadline
+                if now < deadline and select.select([], [self.sock], [], deadline - now)[1]:
+                    continue
+                log.error("the keeper does not keep up; replacing it", keeper=self.pid,
+                          waited=LAG_TIMEOUT)
+                self._kill()
+                return
+            except OSError:
+                return  # gone: `run` sees the connection end
 
     def _answer(self, msg: dict[str, Any]) -> None:
         """A message from the keeper other than the one awaited."""

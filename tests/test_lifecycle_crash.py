@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from helpers import SLEEP, Supervisor, pid_alive, py_service, wait_until
+from helpers import SLEEP, Supervisor, pid_alive, py_service, reexec, sleeper, wait_until
 from test_lifecycle_recovery import crash, daemon_events, restart, wait_running
 
 #: Prints "N" (argv[2]: "line" → "N\n"; "partial" → "N " with a newline
@@ -345,3 +345,47 @@ def test_services_start_with_sigpipe_default_and_nothing_blocked(sup: Supervisor
                             and found, 10, "the masks in the log"))
     assert int(masks["SigBlk"], 16) == 0, masks
     assert not int(masks["SigIgn"], 16) & (1 << (13 - 1)), f"SIGPIPE ignored: {masks}"
+
+
+def test_a_reexec_of_three_hundred_services_keeps_its_keeper(sup: Supervisor) -> None:
+    """The socket to the keeper buffers about 280 messages: the burst a
+    re-exec sends (600 pipes put again) must wait for room, not replace the keeper."""
+    names = [f"s{i:03d}" for i in range(300)]
+    sup.start({"services": {n: sleeper(sup.marker(n)) for n in names}})
+    wait_running(sup, names, timeout=120)
+    (first,) = wait_until(lambda: keeper_pids(sup) or None, 10, "the keeper to run")
+    reexec(sup, timeout=120)
+    wait_running(sup, names, timeout=120)
+    assert keeper_pids(sup) == {first}
+    assert "does not keep up" not in sup.stderr_path.read_text()
+
+
+def test_a_stopped_keeper_is_replaced_and_the_new_one_holds_every_pipe(sup: Supervisor) -> None:
+    """A keeper that takes nothing (SIGSTOPped) is replaced within seconds
+    once its queue is full, the daemon answering all along; the new keeper
+    holds every pipe: a crash of the supervisor then loses no line."""
+    names = ["k1", "k2"]
+    extra = [f"x{i:03d}" for i in range(160)]  # 320 pipes put: more than the socket's buffer holds (~280)
+    sup.start({"services": {**{n: counter(sup, n) for n in names},
+                            **{x: sleeper(sup.marker(x), **{"auto-start": False}) for x in extra}}})
+    pids = wait_running(sup, names)
+    (first,) = wait_until(lambda: keeper_pids(sup) or None, 10, "the keeper to run")
+    os.kill(first, signal.SIGSTOP)
+    try:
+        conn = sup.connect()
+        for x in extra:
+            assert conn.call("start", x, timeout=30)["ok"]
+        assert conn.call("ping")["ok"]
+        second = wait_until(lambda: (k := keeper_pids(sup) - {first}) and k, 20, "a new keeper")
+    finally:
+        if pid_alive(first):
+            os.kill(first, signal.SIGCONT)
+    assert "does not keep up" in sup.stderr_path.read_text()
+    at_crash = last_numbers(sup, names)
+    crash(sup)
+    wait_printed(sup, names, {n: at_crash[n] + 30 for n in names})  # the new keeper writes meanwhile
+    restart(sup)
+    assert wait_running(sup, names) == pids
+    for name in names:
+        assert_every_number_once(sup, name)
+    assert keeper_pids(sup) == second
