@@ -20,10 +20,11 @@ its soft limit to it).
 At start the soft limit is raised to the hard limit and, as root, the hard
 limit too when the configuration needs more (up to ``fs.nr_open``).
 Children get the limit the supervisor was given (`child_nofile`), unless
-their ``resource-limits`` set ``nofile``: through their preexec step when
-they have one, else by running them through ``prlimit`` (a ``preexec_fn``
-would turn Popen's vfork into a full fork of the daemon: 30 ms instead of 4
-per spawn at a few thousand services).
+their ``resource-limits`` set ``nofile``: set by the spawn helper or by the
+supervisor (prlimit(2)) when the child is born in or moved into its cgroup
+(`_held`), else by running it through ``prlimit`` (`restore_wrapper`): a
+``preexec_fn`` would turn Popen's vfork into a full fork of the daemon
+(30 ms instead of 4 per spawn at a few thousand services).
 """
 
 from __future__ import annotations
