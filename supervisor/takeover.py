@@ -42,7 +42,11 @@ def restore(engine: Engine, store: StateStore, handover: dict[str, Any] | None =
     """
     kept = dict(kept or {})
     handed: dict[str, Any] = (handover or {}).get("services", {})
-    records = _handed_records(handed, engine) or store.load()
+    # Always load: it opens the journal and keeps every record for the next
+    # compaction (a snapshot of only what changed since would lose the rest);
+    # with the journal that is one snapshot and one short file to read.
+    on_disk = store.load()
+    records = _handed_records(handed, engine) or on_disk
     engine.store = store
     engine.resumed_by_reexec = handover is not None
     events = (handover or {}).get("events")

@@ -25,6 +25,7 @@ from helpers import (
     find_pids,
     read_record,
     read_records,
+    reexec,
     restart,
     sleeper,
     wait_running,
@@ -163,3 +164,19 @@ def test_a_crash_right_after_a_compaction_or_mid_snapshot_loses_nothing(sup: Sup
     assert sup.rstatus("held")["state"] == "stopped"
     assert_no_process(sup, "held")
     assert find_pids(sup.marker("svc")) == {pids["svc"]}
+
+
+def test_records_of_unchanged_services_survive_a_compaction_after_a_reexec(sup: Supervisor) -> None:
+    """A re-exec's new image keeps every record for its next compaction, not
+    only those that changed since: a crash after two re-execs (the second
+    compacts) still finds every running service's record."""
+    names = ["a", "b", "c"]
+    sup.start({"services": {n: sleeper(sup.marker(n)) for n in names}})
+    pids = wait_running(sup, names)
+    reexec(sup)
+    sup.herd("stop", "c", check=True)
+    reexec(sup)  # flushes and compacts: the snapshot must hold a and b too
+    crash(sup)
+    restart(sup)
+    assert wait_running(sup, ["a", "b"]) == {"a": pids["a"], "b": pids["b"]}
+    assert sup.status("c")["state"] == "stopped"
