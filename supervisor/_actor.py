@@ -55,6 +55,10 @@ class Inbox:
             reader, self._reader = self._reader, None
             trio.lowlevel.reschedule(reader)
 
+    def pending(self) -> tuple[Any, ...]:
+        """The messages not yet read (a look, for lookups; nothing is taken)."""
+        return tuple(self._items or ())
+
     def _abort(self, _raise_cancel: Any) -> trio.lowlevel.Abort:
         self._reader = None
         return trio.lowlevel.Abort.SUCCEEDED

@@ -260,9 +260,14 @@ class Engine:
             if name is None or name not in self.services:
                 return None
             return name if not notify_only or self.services[name].spec.ready.type == "notify" else None
-        mains = {s.child.pid: s.name for s in self.services.values()
-                 if s.child is not None and s.child.alive
-                 and (not notify_only or s.spec.ready.type == "notify")}
+        mains: dict[int, str] = {}
+        for s in self.services.values():
+            if notify_only and s.spec.ready.type != "notify":
+                continue
+            if s.child is not None and s.child.alive:
+                mains[s.child.pid] = s.name
+            if (unheard := s.spawned_unheard()) is not None:  # its actor has not run since the spawn
+                mains.setdefault(unheard.pid, s.name)
         found = mains.get(pid)
         if found is None:
             sid = session_of(pid)

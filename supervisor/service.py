@@ -202,6 +202,16 @@ class Service:
         self._inbox.send_nowait(_SetEnabled(reply, enabled))
         return await reply.wait()
 
+    def spawned_unheard(self) -> _proc.Child | None:
+        """A main process the start worker spawned that the actor has not heard
+        of yet (its `_Spawned` still in the inbox): without cgroups, its
+        READY=1 can come before the actor records it, and must not be taken
+        for a stranger's."""
+        for msg in self._inbox.pending():
+            if isinstance(msg, _Spawned) and msg.child.alive:
+                return msg.child
+        return None
+
     def notify(self, pid: int, fields: dict[str, str]) -> None:
         """Deliver an sd_notify message (already checked to come from our processes)."""
         self._inbox.send_nowait(_Notify(pid, fields))
