@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from helpers import PY_PROBE, REPO, Supervisor, base_env, find_pids, need, py_service, sleeper, wait_until
+from test_core_exec import needs_root  # the project's one marker for "switches user and group"
 from test_core_stop import test_stop_racing_start_leaves_no_stray_process as _racing
 
 
@@ -43,7 +44,8 @@ def _minor_faults(pid: int) -> int:
     return int(data[data.rfind(")") + 2:].split()[7])
 
 
-@pytest.mark.parametrize("keys", [{"resource-limits": {"core": 0}}, {"user": "nobody", "group": "nogroup"}],
+@pytest.mark.parametrize("keys", [{"resource-limits": {"core": 0}},
+                                  pytest.param({"user": "nobody", "group": "nogroup"}, marks=needs_root)],
                          ids=["limits", "user"])
 def test_spawn_does_not_fork_the_supervisor(sup: Supervisor, way: str, keys: dict[str, Any]) -> None:
     """A fork leaves every page of the daemon copy-on-write: it then takes a
@@ -51,8 +53,6 @@ def test_spawn_does_not_fork_the_supervisor(sup: Supervisor, way: str, keys: dic
     services, measured); a vfork+exec leaves it none.  (In its cgroup, with
     resource limits, or as another user.)"""
     if "user" in keys:
-        if os.geteuid() != 0:
-            pytest.skip("needs root (to switch user)")
         if shutil.which("setpriv") is None:
             need("setpriv (util-linux)")
     services = {f"s{i}": sleeper(sup.marker(f"s{i}")) for i in range(100)}
