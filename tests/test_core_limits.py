@@ -177,6 +177,13 @@ def test_a_keeper_that_cannot_take_a_pipe_says_so(sup: Supervisor) -> None:
     sup.start({"services": services})
     wait_until(lambda: running(sup) == 2, 20, "2 services running")
     (keeper,) = wait_until(lambda: keeper_pids(sup) or None, 10, "the keeper")
+
+    def pipes() -> int:
+        return sum(os.readlink(f"/proc/{keeper}/fd/{fd}").startswith("pipe:")
+                   for fd in os.listdir(f"/proc/{keeper}/fd"))
+
+    # every pipe of the two running services taken first: only extra's may be refused
+    wait_until(lambda: pipes() >= 4, 20, "the keeper to hold the running services' pipes")
     used = len(os.listdir(f"/proc/{keeper}/fd"))
     resource.prlimit(keeper, resource.RLIMIT_NOFILE, (used, used))  # its table is full
     sup.herd("start", "extra", check=True)  # the service runs all the same
