@@ -97,6 +97,19 @@ def connect(path):
     return c
 
 
+def reattached(name, timeout=60):
+    """Wait until libvirtd answers a QMP query through `name`'s monitor.
+
+    A new libvirtd lists a running guest as soon as it has read its status,
+    and only then reconnects to its monitor, holding the domain's job; a
+    monitor command waits for that job.  So a `running` answer means the
+    new libvirtd has the guest back.  (A destroy before that races the
+    reconnection: libvirt kills QEMU first and takes the job after.)"""
+    query = '{"execute":"query-status"}'
+    return wait_for(lambda: (q := virsh("qemu-monitor-command", name, query))["rc"] == 0
+                    and '"running"' in q["out"] and q, timeout, f"libvirtd back on {name}'s monitor")
+
+
 def alive(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -693,7 +706,7 @@ DOMAIN = """<domain type='qemu'>
 def test_restart_libvirtd_keeps_a_running_guest(tmp_path: Path, real: None) -> None:
     """A QEMU guest (TCG, 32 MiB, no disk: SeaBIOS finds nothing to boot and waits)
     started through libvirt survives `herd restart libvirtd`, and the new
-    libvirtd lists it."""
+    libvirtd lists it and gets its monitor back."""
     xml = tmp_path / "tiny.xml"
     xml.write_text(DOMAIN)
     r = drive(tmp_path, {"virtlog": {}, "libvirt": {**LOCAL, "unix-sock-dir": "/var/run/libvirt"}}, f"""
@@ -709,15 +722,12 @@ def test_restart_libvirtd_keeps_a_running_guest(tmp_path: Path, real: None) -> N
         S["after"] = status("libvirtd")
         S["list"] = wait_for(lambda: (l := virsh("list"))["rc"] == 0 and "svtest-tiny" in l["out"] and l, 60,
                              "the new libvirtd listing the guest")
+        S["monitor"] = reattached("svtest-tiny")
         S["qemu-alive"] = alive(qemu)
         S["qemu-start-after"] = open(f"/proc/{{qemu}}/stat").read().rsplit(")", 1)[1].split()[19]
         S["qemu-pid-after"] = int(open("/run/libvirt/qemu/svtest-tiny.pid").read())
         S["console-log"] = os.path.exists("/var/log/libvirt/qemu/svtest-tiny.log")
-        # (libvirtd reconnects to the guest's monitor after its restart; a
-        # destroy meanwhile may fail on libvirt's job lock: try again, keep each)
-        S["destroy-tries"] = []
-        S["destroy"] = wait_for(lambda: (d := virsh("destroy", "svtest-tiny"), S["destroy-tries"].append(d))[0]
-                                ["rc"] == 0 and d, 30, "virsh destroy after the restart")
+        S["destroy"] = virsh("destroy", "svtest-tiny")
         S["qemu-gone"] = wait_for(lambda: not alive(qemu), 10, "QEMU gone after destroy")
     """, setup=[["sh", "-c", "echo 'cgroup_controllers = [ ]' >> /etc/libvirt/qemu.conf"]])
     before, after = r["before"], r["after"]
@@ -761,6 +771,7 @@ def test_a_sigstopped_libvirtd_is_restarted_by_its_health_check_and_keeps_the_gu
         S["old-gone"] = not alive(before["pid"])
         S["list"] = wait_for(lambda: (l := virsh("list"))["rc"] == 0 and "svtest-tiny" in l["out"] and l, 60,
                              "the new libvirtd listing the guest")
+        S["monitor"] = reattached("svtest-tiny")
         S["qemu-alive"] = alive(qemu)
         S["qemu-start-after"] = open(f"/proc/{{qemu}}/stat").read().rsplit(")", 1)[1].split()[19]
         S["virtlogd"] = status("virtlogd")
