@@ -72,6 +72,9 @@ class KeeperLink:
         self.child: _proc.Child | None = None  # when the keeper is our child
         self.items: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {}
         self._stale: set[str] = set()  # taken back at start, not put again yet
+        # each service's socket keys, put or stale: `keep_sockets` runs at every
+        # actor's exit, and a scan of every item there made a shutdown O(N²)
+        self._socket_keys: dict[str, set[str]] = {}
         self.closing = False
         self._gone = trio.Event()  # set by `run` when the keeper has left after `close`
         self.refused = 0  # `put`s the current keeper could not take
@@ -118,6 +121,10 @@ class KeeperLink:
             except OSError as exc:
                 log.error("cannot start the keeper", error=str(exc))
         self._stale = set(taken)
+        for key in taken:
+            service, sep, _ = key.partition(socket_key("", ""))  # names hold no "/"
+            if sep:
+                self._socket_keys.setdefault(service, set()).add(key)
         return taken
 
     def _dir(self) -> Any:
@@ -270,10 +277,12 @@ class KeeperLink:
         """A service's listening sockets now are these (name, fd)."""
         now = {socket_key(service, what): fd for what, fd in sockets}
         prefix = socket_key(service, "")
-        for key in [k for k in [*self.items, *self._stale] if k.startswith(prefix) and k not in now]:
-            self.drop(key, wait=True)
+        for key in sorted(self._socket_keys.pop(service, set()) - now.keys()):
+            self.drop(key, wait=True)  # (nothing sent when it is held no more)
         for key, fd in now.items():
             self.put(key, {"kind": "socket", "service": service, "socket": key[len(prefix):]}, (fd,))
+        if now:
+            self._socket_keys[service] = set(now)
 
     def _send(self, msg: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
         """Send at once; if the keeper's queue is full, wait for room up to

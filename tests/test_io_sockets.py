@@ -28,9 +28,11 @@ import pytest
 from helpers import (
     Supervisor,
     base_env,
+    crash,
     find_pids,
     pid_alive,
     py_service,
+    restart,
     sleeper,
     wait_until,
 )
@@ -260,3 +262,46 @@ def test_connections_during_a_restart_are_served(sup: Supervisor, tmp_path: Path
     assert find_pids(marker) == {second}
     assert os.stat(path).st_ino == inode, "the Unix socket was re-created instead of kept open"
     assert ask(tcp) == (second, "tcp")
+
+
+def refused(where: str) -> bool:
+    host, port = where.rsplit(":", 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        try:
+            s.connect((host, int(port)))
+        except ConnectionRefusedError:
+            return True
+        return False
+
+
+def test_a_socket_taken_out_of_the_definition_is_closed_by_everyone_who_held_it(sup: Supervisor) -> None:
+    """A reload moves the service's socket to another port; at its restart the
+    old port is closed by the supervisor and by its keeper (which holds every
+    listening socket for crash recovery): a client there is refused, not left
+    waiting in a backlog nobody reads.  Still so after a SIGKILL of the
+    supervisor, when the keeper hands back what it holds."""
+    old, new = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    marker = sup.marker("svc")
+
+    def config(address: str) -> dict[str, Any]:
+        return {"services": {"svc": py_service(SERVE, marker, sockets=[{"address": address, "name": "tcp"}])}}
+
+    sup.start(config(old))
+    first = wait_until(lambda: (s := sup.rstatus("svc"))["state"] == "running" and s["pid"], 10, "svc to run")
+    assert ask(old) == (first, "tcp")
+
+    sup.write_config(config(new))
+    sup.herd("reload", "root", check=0)
+    sup.herd("restart", "svc", check=0)
+    second = wait_until(lambda: (s := sup.rstatus("svc"))["state"] == "running" and s["pid"] != first
+                        and s["pid"], 10, "svc to run again")
+    assert ask(new) == (second, "tcp")
+    assert refused(old), "the old port still accepts connections"
+
+    crash(sup)
+    restart(sup)
+    assert wait_until(lambda: (s := sup.rstatus("svc"))["state"] == "running" and s["pid"], 10,
+                      "svc adopted") == second
+    assert ask(new) == (second, "tcp")
+    assert refused(old), "the old port accepts connections after crash recovery"
