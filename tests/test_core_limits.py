@@ -34,9 +34,11 @@ from helpers import (
     PY_PROBE,
     SLEEP,
     Client,
+    ConnectionClosed,
     Supervisor,
     base_env,
     crash,
+    pid_alive,
     py_service,
     restart,
     wait_until,
@@ -254,19 +256,25 @@ class Pinger(threading.Thread):
         super().__init__(daemon=True)
         self.client = Client(sup.status_socket, timeout=60)
         self.latencies: list[float] = []
+        self.answered_at: list[float] = []  # monotonic time of each reply
         self.failure: BaseException | None = None
         self.stop = threading.Event()
+        self.ending = threading.Event()  # the supervisor is told to exit: its end closes the connection
 
     def run(self) -> None:
         try:
             while not self.stop.is_set():
                 t = time.monotonic()
                 reply = self.client.call("ping", timeout=60)
+                if reply is None and self.ending.is_set():
+                    return
                 assert reply["ok"] is True, reply
-                self.latencies.append(time.monotonic() - t)
+                self.answered_at.append(now := time.monotonic())
+                self.latencies.append(now - t)
                 time.sleep(0.01)
         except BaseException as exc:  # reported by the test
-            self.failure = exc
+            if not (self.ending.is_set() and isinstance(exc, (OSError, EOFError, ConnectionClosed))):
+                self.failure = exc
 
 
 @pytest.mark.slow
@@ -301,3 +309,22 @@ def test_ping_and_status_are_answered_throughout_a_mass_start(sup: Supervisor) -
     # Scale-free: however fast the machine, no ping waits for a good part of the start.
     assert worst < max(0.5, took / 4), f"the socket was silent for {worst:.1f} s of a {took:.1f} s mass start"
     assert max(status_latencies) < 10, f"a status took {max(status_latencies):.1f} s"
+
+    # And the socket is still answered while they are all stopped, and none is left.
+    pinger = Pinger(sup)
+    pinger.start()
+    wait_until(lambda: pinger.answered_at or pinger.failure, 30, "a first ping")
+    pinger.ending.set()
+    began = time.monotonic()
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait_exit(300) == 0, sup.stderr_tail()
+    took = time.monotonic() - began
+    pinger.join(70)
+    pinger.client.close()
+    assert pinger.failure is None, repr(pinger.failure)
+    during = [lat for at, lat in zip(pinger.answered_at, pinger.latencies) if at > began]
+    assert during, "no ping answered during the shutdown"
+    assert max(during) < max(0.5, took / 4), (
+        f"the socket was silent for {max(during):.1f} s of a {took:.1f} s shutdown")
+    left = [pid for pid in sup.descendants if pid_alive(pid)]
+    assert not left, f"processes left after the shutdown: {left}"
