@@ -186,9 +186,13 @@ class Engine:
         self._nursery.start_soon(fn, *args)
 
     def remove_service(self, name: str) -> None:
-        """A service gone from the configuration (a reload, after it stopped): its actor ends."""
+        """A service gone from the configuration (a reload, after it stopped) or an
+        ended transient: its actor ends, its record is forgotten."""
         service = self.services.pop(name)
         self.status_cache.changed(name)
+        if service.store is not None:  # its record goes too: names come and go (herd spawn)
+            service.store.forget(name)
+            service.store = None
         if service.run_scope is not None:
             service.run_scope.cancel()
 

@@ -28,6 +28,7 @@ from helpers import (
     daemon_events,
     find_pids,
     pids_of,
+    read_records,
     sleeper,
     wait_running,
     wait_until,
@@ -88,6 +89,9 @@ def test_reload_applies_a_diff(sup: Supervisor, tmp_path: Path) -> None:
     assert "old" not in status and "old-dep" not in status, sorted(status)
     cp = sup.herd("status", "old", check=2)
     assert "old" in cp.stderr
+    # ...and from the service records (names come and go: they must not pile up)
+    records = read_records(sup.state_dir)
+    assert "old" not in records and "old-dep" not in records and "chg" in records, sorted(records)
 
     # Added: the auto-start ones run (once), the others are registered only.
     added = wait_running(sup, ["new", "new-dep"])
