@@ -4,10 +4,15 @@ transient services, ``systemd-run``).
 A transient service is supervised like any other (its cgroup, its output
 captured in ``LOG_DIR/NAME.log``), but it is not in the configuration, is
 never respawned, and is forgotten once its process has ended: it leaves
-`status`, while its recent lines stay readable with ``herd log NAME``
-(`Transients.ended`, the last `KEEP_ENDED`).  It runs as the requesting user
-(SO_PEERCRED); only a root requester gets root.  Its environment is a clean
-one (PATH, HOME, USER, LOGNAME), its directory ``/``.
+`status` and the service records, while its recent lines stay readable
+with ``herd log NAME`` (`Transients.ended`, the last `KEEP_ENDED`).  It runs
+as the requesting user (SO_PEERCRED); only a root requester gets root.  Its
+environment is a clean one (PATH, HOME, USER, LOGNAME), its directory ``/``.
+
+Its record says it was spawned, by whom and with what command (`Spawned`,
+its type state), so that a re-exec or crash recovery takes a transient
+whose process still runs back under supervision (`revive`, from
+`takeover.restore`) instead of leaving it running unseen.
 """
 
 from __future__ import annotations
@@ -42,6 +47,32 @@ KEEP_ENDED: Final = 100
 DRAIN: Final = 2.0
 
 _PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class Spawned:
+    """A transient's type state: who spawned it and its command, in its record."""
+
+    __slots__ = ("uid", "argv")
+
+    def __init__(self, uid: int, argv: list[str]) -> None:
+        self.uid, self.argv = uid, argv
+
+    def to_record(self) -> dict[str, Any]:
+        return {"spawned-by": self.uid, "command": list(self.argv)}
+
+    def from_record(self, data: dict[str, Any]) -> None:
+        pass  # fixed at `spawn`; `revive` reads the record itself
+
+    @staticmethod
+    def parse(record: Any) -> tuple[int, list[str]] | None:
+        """(uid, argv) from a transient's record; None for any other record."""
+        state = record.get("type-state") if isinstance(record, dict) else None
+        if not isinstance(state, dict):
+            return None
+        uid, argv = state.get("spawned-by"), state.get("command")
+        if type(uid) is not int or not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+            return None
+        return uid, argv
 
 
 class Transients:
@@ -88,8 +119,28 @@ class Transients:
         return ServiceSpec(
             name=name, command=tuple(argv), documentation=f"Transient service, spawned by {pw.pw_name}.",
             auto_start=False, respawn=False, clear_environment=True, environment=env,
-            user=uid if me == 0 and uid != 0 else None,
+            user=uid if me == 0 and uid != 0 else None, type_state=Spawned(uid, list(argv)),
             source=f"spawn {name}")
+
+    def revive(self, name: str, record: dict[str, Any]) -> bool:
+        """Before the engine runs (a re-exec, crash recovery): put back the
+        transient whose record this is, its process still running, so that
+        `takeover.restore` adopts it.  False (and a warning) when it can no
+        longer be defined: a service of the configuration took the name, or
+        its user is gone."""
+        parsed = Spawned.parse(record)
+        if parsed is None:
+            return False
+        uid, argv = parsed
+        try:
+            spec = self._spec(name, argv, uid)
+        except ProtocolError as exc:
+            log.warning("a transient service's process is left alone", service=name, pid=record.get("pid"),
+                        reason=exc.message)
+            return False
+        self.engine.services[name] = self.engine._new_service(spec)
+        self.running.add(name)
+        return True
 
     async def spawn(self, name: str, argv: list[Any], uid: int) -> dict[str, Any]:
         """Start a transient service; reply once its process runs.

@@ -19,6 +19,7 @@ import structlog
 from . import _guard, _proc, _service_record, _sockets
 from ._keeper_link import Held, close_held, pipe_key, socket_key
 from ._state import StateStore, same_process
+from ._transient import Spawned
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -46,6 +47,7 @@ def restore(engine: Engine, store: StateStore, handover: dict[str, Any] | None =
     # compaction (a snapshot of only what changed since would lose the rest);
     # with the journal that is one snapshot and one short file to read.
     on_disk = store.load()
+    _revive_transients(engine, store, handed, on_disk)
     records = _handed_records(handed, engine) or on_disk
     engine.store = store
     engine.resumed_by_reexec = handover is not None
@@ -89,10 +91,38 @@ def restore(engine: Engine, store: StateStore, handover: dict[str, Any] | None =
         if name not in engine.services:  # dropped from the configuration meanwhile
             log.warning("service no longer configured; its process is left alone",
                         service=name, pid=passed.get("pid"))
-            for fd in [passed.get("pidfd"), *passed.get("listeners", []),
-                       *[f for pair in passed.get("output", {}).get("pipes", {}).values() for f in pair]]:
-                if isinstance(fd, int):
-                    os.close(fd)
+            _close_passed(passed)
+
+
+def _revive_transients(engine: Engine, store: StateStore, handed: dict[str, Any],
+                       on_disk: dict[str, dict[str, Any]]) -> None:
+    """Put back the transients (`herd spawn`) whose process still runs: handed
+    over by a re-exec (with its pidfd), or after a crash, the same process as
+    its record says.  Those that ended meanwhile are forgotten."""
+    for name in sorted({*handed, *on_disk} - engine.services.keys()):
+        passed = handed.get(name)
+        record = (passed or {}).get("record") or on_disk.get(name)
+        if not isinstance(record, dict) or Spawned.parse(record) is None:
+            continue
+        if passed is not None:
+            alive = passed.get("pidfd") is not None
+        else:
+            pid = record.get("pid")
+            alive = type(pid) is int and pid > 0 and same_process(pid, record.get("pid-start"))
+        if alive and engine.transients.revive(name, record):
+            continue
+        store.forget(name)
+        on_disk.pop(name, None)
+        if passed is not None and not alive:  # ended just before the re-exec: nothing to leave alone
+            _close_passed(handed.pop(name))
+
+
+def _close_passed(passed: dict[str, Any]) -> None:
+    """Close the descriptors a re-exec handed over for a service not taken over."""
+    for fd in [passed.get("pidfd"), *passed.get("listeners", []),
+               *[f for pair in passed.get("output", {}).get("pipes", {}).values() for f in pair]]:
+        if isinstance(fd, int):
+            os.close(fd)
 
 
 def describe(engine: Engine) -> dict[str, Any]:

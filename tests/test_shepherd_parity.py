@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 
 from helpers import (
     REPO,
@@ -27,6 +28,7 @@ from helpers import (
     open_gate,
     pid_alive,
     py_service,
+    read_records,
     reexec,
     restart,
     sleeper,
@@ -295,6 +297,55 @@ def test_spawn_runs_as_the_requesting_user(sup: Supervisor) -> None:
     assert uids == [str(pwd.getpwnam("nobody").pw_uid)], uids
     sup.herd("spawn", "root-job", "--", "/usr/bin/id", "-u", check=True)
     sup.wait_log("root-job", lambda text: text == "0")
+
+
+@pytest.mark.parametrize("how", ["reexec", "crash"])
+def test_a_transient_service_stays_supervised_across_a_reexec_or_a_crash(sup: Supervisor, tmp_path: Path,
+                                                                          how: str) -> None:
+    """`herd spawn`'s processes are taken back by the new image (re-exec) or
+    the next supervisor (SIGKILL): still in status with their PID, their later
+    output captured, their end seen, `herd stop` obeyed.  One that ended while
+    no supervisor ran is simply gone."""
+    sup.start({"services": {"web": sleeper(sup.marker("web"))}})
+    code = "import sys; print('hello', flush=True); open(sys.argv[1]).read(); print('bye')"
+    gates = {n: make_gate(tmp_path / n) for n in ("job", "brief")}
+    for name in ("job", "other", "brief"):
+        gate = gates.get(name, tmp_path / "never")
+        if name == "other":
+            gate = make_gate(gate)
+        sup.herd("spawn", name, "--", sys.executable, "-c", code, str(gate), check=True)
+        sup.wait_log(name, lambda text: text == "hello")
+    pids = {name: sup.status(name)["pid"] for name in ("job", "other", "brief")}
+
+    if how == "reexec":
+        reexec(sup)
+        open_gate(gates["brief"])  # ends under the new image
+    else:
+        crash(sup)
+        open_gate(gates["brief"])  # ends while no supervisor runs
+        wait_until(lambda: not pid_alive(pids["brief"]), 20, "brief to end")
+        restart(sup)
+
+    status = sup.status()
+    assert status["job"]["state"] == "running" and status["job"]["pid"] == pids["job"], status["job"]
+    assert status["other"]["state"] == "running" and status["other"]["pid"] == pids["other"]
+    assert " + job" in sup.herd("status", check=True).stdout
+    wait_until(lambda: "brief" not in sup.status(), 20, "the ended transient to leave status")
+
+    open_gate(gates["job"])
+    wait_until(lambda: "job" not in sup.status(), 20, "job to end and leave status")
+    log = sup.herd("log", "job", check=True).stdout
+    # (after a crash it is no child of the new supervisor: its exit status is not known)
+    assert "stdout: bye" in log and ("exited with code 0" if how == "reexec" else "exited") in log, log
+
+    sup.herd("stop", "other", check=True)
+    assert not pid_alive(pids["other"])
+    wait_until(lambda: "other" not in sup.status(), 20, "other to leave status")
+    # (after a re-exec, the ended one's last lines are still there)
+    if how == "reexec":
+        assert "stdout: bye" in sup.herd("log", "brief", check=True).stdout
+    # Ended transients leave the service records too: spawned names must not pile up there.
+    assert sorted(read_records(sup.state_dir)) == ["web"]
 
 
 # --------------------------------------------------------------------------
