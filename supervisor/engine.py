@@ -106,8 +106,9 @@ class Engine:
                 await nursery.start(self.watcher.run)
             if self.store is not None:
                 await nursery.start(self.store.run)
-            for service in self.services.values():
-                await nursery.start(self._run_actor, service)
+            for service in list(self.services.values()):  # (an ended transient may leave meanwhile)
+                if self.services.get(service.name) is service:
+                    await nursery.start(self._run_actor, service)
             task_status.started()
             await trio.sleep_forever()
 
@@ -529,7 +530,7 @@ class Engine:
                 if not self.graph.requirements(svc.name):
                     nursery.start_soon(self._stop, svc, stopped)
         # Anything left (not reachable from a root, e.g. inside a cycle): stop directly.
-        for svc in self.services.values():
+        for svc in list(self.services.values()):  # (an ended transient leaves meanwhile)
             if svc.state is not State.STOPPED or svc.respawn_at is not None:
                 await self._stop(svc, stopped)
         if self.cgroups is not None:

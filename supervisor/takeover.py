@@ -47,7 +47,7 @@ def restore(engine: Engine, store: StateStore, handover: dict[str, Any] | None =
     # compaction (a snapshot of only what changed since would lose the rest);
     # with the journal that is one snapshot and one short file to read.
     on_disk = store.load()
-    _revive_transients(engine, store, handed, on_disk)
+    revived = _revive_transients(engine, store, handed, on_disk)
     records = _handed_records(handed, engine) or on_disk
     engine.store = store
     engine.resumed_by_reexec = handover is not None
@@ -59,6 +59,13 @@ def restore(engine: Engine, store: StateStore, handover: dict[str, Any] | None =
     for name, service in engine.services.items():
         service.store = store
         record, passed = records.get(name), handed.get(name)
+        if (passed is None and record is not None and Spawned.parse(record) is not None
+                and not isinstance(service.spec.type_state, Spawned)):
+            # a transient's (herd spawn), before the configuration took its name
+            log.warning("a transient service's record is not taken over by the configured service "
+                        "of the same name, nor its process", service=name,
+                        pid=record.get("pid"))
+            record = None
         child = None
         if passed is not None:
             service.output.take_over(passed.get("output", {}))
@@ -86,6 +93,15 @@ def restore(engine: Engine, store: StateStore, handover: dict[str, Any] | None =
         if record is not None or child is not None:
             _service_record.restore(service, record or {}, child)
             service.output.reload_history()
+    for name in revived:
+        service = engine.services[name]
+        if service.child is None:  # not adopted after all (not in its cgroup, say): forget it again
+            log.info("transient service ended", service=name, pid=(records.get(name) or {}).get("pid"),
+                     why="its process was not found")
+            service.output.close()
+            del engine.services[name]
+            engine.transients.running.discard(name)
+            store.forget(name)
     close_held(kept)  # duplicates of what a re-exec handed over, or of what nothing uses
     for name, passed in handed.items():
         if name not in engine.services:  # dropped from the configuration meanwhile
@@ -95,10 +111,12 @@ def restore(engine: Engine, store: StateStore, handover: dict[str, Any] | None =
 
 
 def _revive_transients(engine: Engine, store: StateStore, handed: dict[str, Any],
-                       on_disk: dict[str, dict[str, Any]]) -> None:
+                       on_disk: dict[str, dict[str, Any]]) -> list[str]:
     """Put back the transients (`herd spawn`) whose process still runs: handed
     over by a re-exec (with its pidfd), or after a crash, the same process as
-    its record says.  Those that ended meanwhile are forgotten."""
+    its record says; return their names.  Those that ended meanwhile are
+    forgotten."""
+    revived = []
     for name in sorted({*handed, *on_disk} - engine.services.keys()):
         passed = handed.get(name)
         record = (passed or {}).get("record") or on_disk.get(name)
@@ -110,11 +128,13 @@ def _revive_transients(engine: Engine, store: StateStore, handed: dict[str, Any]
             pid = record.get("pid")
             alive = type(pid) is int and pid > 0 and same_process(pid, record.get("pid-start"))
         if alive and engine.transients.revive(name, record):
+            revived.append(name)
             continue
         store.forget(name)
         on_disk.pop(name, None)
         if passed is not None and not alive:  # ended just before the re-exec: nothing to leave alone
             _close_passed(handed.pop(name))
+    return revived
 
 
 def _close_passed(passed: dict[str, Any]) -> None:

@@ -19,10 +19,12 @@ import pytest
 
 from helpers import (
     REPO,
+    SLEEP,
     Supervisor,
     cgroup_of,
     check_config,
     crash,
+    find_pids,
     make_gate,
     nobody_python,
     open_gate,
@@ -346,6 +348,52 @@ def test_a_transient_service_stays_supervised_across_a_reexec_or_a_crash(sup: Su
         assert "stdout: bye" in sup.herd("log", "brief", check=True).stdout
     # Ended transients leave the service records too: spawned names must not pile up there.
     assert sorted(read_records(sup.state_dir)) == ["web"]
+
+
+def test_a_configured_service_does_not_adopt_a_transient_of_the_same_name(sup: Supervisor) -> None:
+    """A transient runs as "job"; the supervisor is SIGKILLed and the
+    configuration meanwhile defines a service "job": the next supervisor runs
+    the configured command, and does not take the transient's process (or its
+    record) for its own.  (A reload refuses such a name while the transient
+    runs; a crash is the way around that.)"""
+    sup.start({"services": {"web": sleeper(sup.marker("web"))}})
+    sup.herd("spawn", "job", "--", SLEEP, "1000", check=True)
+    transient = sup.status("job")["pid"]
+    crash(sup)
+    sup.write_config({"services": {"web": sleeper(sup.marker("web")), "job": sleeper(sup.marker("job"))}})
+    restart(sup)
+    job = wait_until(lambda: (s := sup.status("job"))["state"] == "running" and s, 20, "the configured job")
+    assert job["pid"] != transient, job
+    assert find_pids(sup.marker("job")) == {job["pid"]}
+    adopted = [line for line in sup.stderr_path.read_text().splitlines()
+               if "adopted a running service" in line and '"job"' in line]
+    assert not adopted, adopted
+    # it ran in the configured service's cgroup, which is its own now: stopped there
+    wait_until(lambda: not pid_alive(transient), 20, "the transient's process stopped")
+
+
+def test_a_transient_not_found_where_it_ran_is_forgotten(sup: Supervisor, tmp_path: Path) -> None:
+    """After a SIGKILL of the supervisor, a transient's process was moved out
+    of its cgroup: the next supervisor does not adopt it, and does not keep a
+    stopped "job" either (the name is free for a new spawn)."""
+    sup.start({"services": {"web": sleeper(sup.marker("web"))}})
+    sup.herd("spawn", "job", "--", SLEEP, "1000", check=True)
+    pid = sup.status("job")["pid"]
+    crash(sup)
+    elsewhere = Path("/sys/fs/cgroup/unified" + cgroup_of(pid)).parent.parent / f"svt-elsewhere-{os.getpid()}"
+    elsewhere.mkdir()
+    try:
+        (elsewhere / "cgroup.procs").write_text(str(pid))
+        restart(sup)
+        wait_running(sup, ["web"])
+        assert "job" not in sup.status()
+        assert sup.herd("spawn", "job", "--", SLEEP, "1000", check=True).returncode == 0
+        assert sup.status("job")["pid"] != pid
+        assert pid_alive(pid)  # not ours any more: left alone
+    finally:
+        os.kill(pid, 9)
+        wait_until(lambda: not pid_alive(pid), 10, "the moved process gone")
+        elsewhere.rmdir()
 
 
 # --------------------------------------------------------------------------
