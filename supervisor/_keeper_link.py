@@ -75,6 +75,7 @@ class KeeperLink:
         # each service's socket keys, put or stale: `keep_sockets` runs at every
         # actor's exit, and a scan of every item there made a shutdown O(N²)
         self._socket_keys: dict[str, set[str]] = {}
+        self._lost_keys: set[str] = set()  # held by the keeper, not taken back (no room for the fds)
         self.closing = False
         self._gone = trio.Event()  # set by `run` when the keeper has left after `close`
         self.refused = 0  # `put`s the current keeper could not take
@@ -120,8 +121,8 @@ class KeeperLink:
                 self._start()
             except OSError as exc:
                 log.error("cannot start the keeper", error=str(exc))
-        self._stale = set(taken)
-        for key in taken:
+        self._stale = set(taken) | self._lost_keys
+        for key in self._stale:
             service, sep, _ = key.partition(socket_key("", ""))  # names hold no "/"
             if sep:
                 self._socket_keys.setdefault(service, set()).add(key)
@@ -151,12 +152,15 @@ class KeeperLink:
         send(self.sock, {"op": "take"})
         taken: Held = {}
         lost = 0
+        self._lost_keys = set()
         try:
             while True:
                 try:
                     msg, fds = receive(self.sock)
                 except DescriptorsLost as exc:
                     lost += 1
+                    if isinstance(key := (exc.msg or {}).get("key"), str):
+                        self._lost_keys.add(key)  # the keeper still holds it: dropped with the stale ones
                     if loud(lost):
                         log.error("cannot take back what the keeper held: a pipe is taken from the service's "
                                   "guard, a socket bound anew; raise the hard open-files limit",
