@@ -97,17 +97,27 @@ def find_procs(marker: str) -> list[psutil.Process]:
 
     A process carries a marker when one of its command-line arguments equals
     it exactly, or when its ``SVTEST_MARKER`` environment variable equals it.
+    The spawn helper (`launcher`) is not one: it carries the service's
+    command line and environment only until the service runs.
     """
     found = []
     for p in psutil.process_iter(["pid", "cmdline", "environ", "status"]):
         info = p.info
-        if info.get("status") == psutil.STATUS_ZOMBIE:
+        if info.get("status") == psutil.STATUS_ZOMBIE or launcher(info):
             continue
         cmdline = info.get("cmdline") or []
         environ = info.get("environ") or {}
         if marker in cmdline or environ.get(MARKER_ENV) == marker:
             found.append(p)
     return found
+
+
+def launcher(info: dict[str, Any]) -> bool:
+    """Whether a process (psutil's `info`, with its cmdline) is the supervisor's
+    spawn helper, ``supervisor/_cgspawn``: it starts the service's process
+    (clone3) and exits once that has executed the service's command."""
+    cmdline = info.get("cmdline") or []
+    return bool(cmdline) and os.path.basename(cmdline[0]) == "_cgspawn"
 
 
 def find_pids(marker: str) -> set[int]:

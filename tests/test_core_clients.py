@@ -23,6 +23,7 @@ from helpers import (
     Deadline,
     Supervisor,
     find_procs,
+    launcher,
     run_herd,
     sleeper,
     wait_until,
@@ -160,9 +161,9 @@ def test_concurrent_clients_keep_states_consistent(sup: Supervisor) -> None:
 def find_procs_any(markers: dict[str, str]) -> list[tuple[str, int]]:
     """(marker, pid) for every live process carrying one of ``markers``."""
     out = []
-    for p in psutil.process_iter(["pid", "environ", "status"]):
-        if p.info.get("status") == psutil.STATUS_ZOMBIE:
-            continue
+    for p in psutil.process_iter(["pid", "cmdline", "environ", "status"]):
+        if p.info.get("status") == psutil.STATUS_ZOMBIE or launcher(p.info):
+            continue  # (the spawn helper carries the service's environment until the service runs)
         m = (p.info.get("environ") or {}).get(MARKER_ENV)
         if m in markers:
             out.append((m, p.pid))
