@@ -144,6 +144,18 @@ class NotifyServer:
             except OSError:
                 pass
 
+    def drain(self) -> None:
+        """Read now what the kernel holds (up to a batch), outside the reading
+        pace: a main process that exited while starting may have sent READY=1
+        just before, and it must be heard before the exit is judged."""
+        raw, space, now = self.sock._sock, socket.CMSG_SPACE(_CRED.size), trio.current_time()
+        for _ in range(_BATCH):
+            try:
+                data, ancdata, _flags, _addr = raw.recvmsg(MAX_DATAGRAM, space)
+            except (BlockingIOError, InterruptedError):
+                return
+            self._receive(data, ancdata, now)
+
     def _receive(self, data: bytes, ancdata: list[tuple[int, int, bytes]], now: float) -> None:
         pid = uid = None
         for level, kind, payload in ancdata:

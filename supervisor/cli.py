@@ -257,6 +257,7 @@ async def _run(config: Config, settings: Settings, overrides: dict[str, Any], cg
         except OSError as exc:
             log.error("cannot create the notify socket", path=str(notify_path), error=str(exc))
             return 1
+        engine.hear_notify = notify.drain
         takeover.restore(engine, StateStore(settings.state_dir), handover, kept)
         if handover is not None:
             log.info("resumed after re-exec", pid=os.getpid(),

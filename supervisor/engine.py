@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,8 @@ class Engine:
         self.store: StateStore | None = None  # the service records (set by takeover.restore)
         self.overrides = overrides or {}
         self.notify_socket = notify_socket
+        #: reads the notify messages the kernel holds now (`NotifyServer.drain`; set by cli)
+        self.hear_notify: Callable[[], None] | None = None
         self.graph: Graph = config.graph
         self.log_dir = log_dir
         self.hub = LogHub()
@@ -92,6 +94,7 @@ class Engine:
         service = Service(spec, log_path=path, hub=self.hub, publish=self._on_state,
                           notify_socket=self.notify_socket, activate=self._activate, containment=containment)
         service.on_change = self.status_cache.changed
+        service.hear_notify = self._hear_notify
         service.store = self.store  # None until takeover.restore sets it (then for services a reload adds)
         if self.keeper is not None:
             service.output.on_pipe = self._keep_pipe
@@ -280,6 +283,10 @@ class Engine:
         if found is None:
             found = next((mains[a] for a in ancestors(pid) if a in mains), None)
         return found
+
+    def _hear_notify(self) -> None:
+        if self.hear_notify is not None:
+            self.hear_notify()
 
     def route_notify(self, pid: int, fields: dict[str, str]) -> bool:
         """Hand a notify message to the service the *sender* belongs to.

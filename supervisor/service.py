@@ -91,8 +91,8 @@ class Service:
 
     # slots: a service's object without a __dict__ (60 fields) is 1.7 KiB smaller
     __slots__ = (
-        "child", "containment", "disabled_reason", "enabled", "guards", "health", "history", "inetd",
-        "intent", "last_exit", "last_failure", "listeners", "notify_socket", "on_change", "on_listeners",
+        "child", "containment", "disabled_reason", "enabled", "guards", "health", "hear_notify", "history",
+        "inetd", "intent", "last_exit", "last_failure", "listeners", "notify_socket", "on_change", "on_listeners",
         "one_shot_done", "output", "pending_spec", "respawn_at", "respawn_history", "respawn_wait",
         "restored", "run_scope", "since", "spec", "state", "status_text", "store", "timer",
         "_activate", "_changed", "_crashed", "_failing", "_gen", "_health_restart", "_health_run",
@@ -133,6 +133,7 @@ class Service:
         self.output = ServiceOutput(spec.name, log_path, hub, max_size=spec.log_max_size,
                                     max_backups=spec.log_max_backups)
         self._ready: trio.Event | None = None  # set by READY=1 during the current start attempt
+        self.hear_notify: Callable[[], None] | None = None  # the engine's: read the notify messages now
         self._stay_down: str | None = None  # the attempt ended with a stay-down exit
         self._watchdog_deadline = math.inf
         self._watchdog_scope: trio.CancelScope | None = None
@@ -668,18 +669,36 @@ class Service:
             cancel.cancel()
 
         async def died(cancel: trio.CancelScope) -> None:
-            await child.exited.wait()
-            assert child.status is not None
-            if ready.type == "pid-file" and child.status.code == 0:
+            main = child
+            while True:
+                await main.exited.wait()
+                if ready.type != "notify":
+                    break
+                # A wrapper's `systemd-notify --ready --pid=$!` then `exit 0`: READY=1
+                # (and MAINPID=) was sent before the exit, but may still wait in the
+                # kernel, or in this actor's inbox: hear it before judging the exit.
+                if self.hear_notify is not None:
+                    self.hear_notify()
+                for _ in range(100):  # (the actor takes one message per pass, in order)
+                    if not any(isinstance(m, _Notify) for m in self._inbox.pending()):
+                        break
+                    await trio.lowlevel.checkpoint()
+                if self._ready is not None and self._ready.is_set():
+                    return
+                if self.child is None or self.child is main or self.child.exited.is_set():
+                    break
+                main = self.child  # MAINPID= handed the service over: its exit is what counts now
+            assert main.status is not None
+            if ready.type == "pid-file" and main.status.code == 0:
                 if strays is not None:
                     strays.scan()  # its orphans were just re-parented to us
                 return  # the usual daemon fork: the parent exits 0, the pid file tells the rest
-            stay_down = dict(self.spec.stay_down_exits).get(child.status.code)  # type: ignore[arg-type]
+            stay_down = dict(self.spec.stay_down_exits).get(main.status.code)  # type: ignore[arg-type]
             if stay_down is not None:  # "not needed here" is an answer, not a failure
                 self._stay_down = stay_down
                 result.append((False, stay_down))
             else:
-                result.append((False, f"{child.status.describe()} before it was ready"))
+                result.append((False, f"{main.status.describe()} before it was ready"))
             cancel.cancel()
 
         async with trio.open_nursery() as nursery:

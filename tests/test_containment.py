@@ -232,6 +232,44 @@ def test_mainpid_hand_off_from_a_helper_is_followed(sup: Supervisor) -> None:
                20, "the wrapped daemon respawned")
 
 
+#: READY=1, then exit at once: the datagram may still be unread when the exit is seen.
+READY_AND_GONE = r"""
+import os, socket
+socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
+"""
+
+def test_ready_sent_just_before_the_main_process_exits_counts(sup: Supervisor) -> None:
+    """A notify service whose main process says READY=1 and exits at once has
+    started (and then ended): the message is heard before the exit is judged,
+    every time (it was a race: "exited with code 0 before it was ready")."""
+    sup.start({"services": {"quick": py_service(READY_AND_GONE, ready={"type": "notify"}, respawn=False,
+                                                **{"auto-start": False})}})
+    for i in range(15):
+        cp = sup.herd("start", "quick")
+        assert cp.returncode == 0, f"start {i + 1}: {cp.stdout}{cp.stderr}"
+        wait_until(lambda: sup.rstatus("quick")["state"] == "stopped", 10, "quick to end")
+        assert sup.rstatus("quick")["last-exit"]["code"] == 0
+
+
+@pytest.mark.cgroup_only
+def test_a_handoff_is_followed_every_time(sup: Supervisor) -> None:
+    """``systemd-notify --ready --pid=$!`` then ``exit 0``, ten times: the wrapper's
+    exit and its READY=1 (heard just before) may reach the start in the same
+    pass of the loop, and the readiness counts (it was a race: "exited with
+    code 0 before it was ready", once in a CI run)."""
+    assert shutil.which("systemd-notify"), "systemd-notify is needed (Debian package systemd)"
+    m = sup.marker("daemon")
+    sup.start({"services": {"wrapped": {"command": [SH, "-c", HANDOFF, PY, m], "ready": {"type": "notify"},
+                                        "auto-start": False}}})
+    for i in range(10):
+        cp = sup.herd("start", "wrapped")
+        assert cp.returncode == 0, f"start {i + 1}: {cp.stdout}{cp.stderr}"
+        st = sup.rstatus("wrapped")
+        assert st["state"] == "running" and st["pid"] in find_pids(m), st
+        sup.herd("stop", "wrapped", check=0)
+        assert find_pids(m) == set()
+
+
 DOUBLE_FORK_READY = r"""
 import os, socket, sys, time
 if os.fork():
